@@ -1,0 +1,127 @@
+"""The LoRACLR objective for one layer, exact in both storage forms.
+
+For concepts i = 1..N with inputs X_i and LoRA outputs Y_i, and the merged weight W = W0 + ΔW,
+pred_i = X_i Wᵀ (flattened), d(i,j) = ||pred_i − Y_j||₂ and
+
+    L = λ_con · mean_i [ d(i,i)² + max(0, m − min_{j≠i} d(i,j))² ]
+      + λ_mse · mean over all elements of (pred_i − Y_i)²
+      + λ_reg · ||ΔW||_F
+
+Distances are computed relative to the base weight: pred_i − Y_j = X_iΔWᵀ − (Y_j − X_iW0ᵀ), so
+the terms are of the size of the LoRA deltas rather than of the full outputs, which keeps float32
+accurate (the official code computes them in float16, where they overflow). With ``normalize``
+the distances in the contrastive term are divided by the layer's output scale
+sqrt(mean_j ||Y_j||²), so one margin suits layers of any width or magnitude.
+"""
+from __future__ import annotations
+
+import torch
+
+from .stats import LayerStats
+
+_TINY = 1e-30
+
+
+def as_matrix(w: torch.Tensor) -> torch.Tensor:
+    """(out, in) view of a linear weight or a 1×1 (or any) convolution kernel."""
+    return w.reshape(w.shape[0], -1)
+
+
+class Problem:
+    """Everything the objective needs for one layer, precomputed once relative to W0."""
+
+    def __init__(self, stats: LayerStats, W0: torch.Tensor, compute_dtype: torch.dtype | None = None):
+        dt = compute_dtype or (torch.float64 if stats.dtype == torch.float64 else torch.float32)
+        # the large products run in ``dt`` (bfloat16 allowed); sums and distances never below float32
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        self.dtype = acc
+        self.matmul_dtype = dt
+        self.form = stats.form
+        self.N = stats.n_concepts
+        self.rows = stats.rows
+        self.out_features = stats.out_features
+        self.in_features = stats.in_features
+        W0 = as_matrix(W0).to(torch.float64)
+        if W0.shape != (stats.out_features, stats.in_features):
+            raise ValueError(f"W0 has shape {tuple(W0.shape)}, the activations need "
+                             f"({stats.out_features}, {stats.in_features})")
+        if stats.form == "rows":
+            X, Y = stats.X.to(torch.float64), stats.Y.to(torch.float64)
+            B = X @ W0.T  # base outputs X_i W0ᵀ
+            R = Y - B  # each concept's own residual target
+            bb, yy = B.pow(2).sum((1, 2)), Y.pow(2).sum((1, 2))
+            tt = bb[:, None] + yy[None, :] - 2 * torch.einsum("iro,jro->ij", B, Y)
+            tt.diagonal().copy_(R.pow(2).sum((1, 2)))
+            self.X = X.to(dt)
+            self.Y, self.B, self.R = Y.to(acc), B.to(acc), R.to(acc)
+            self.yy = yy
+            self.G_sum = X.transpose(1, 2).matmul(X).sum(0)
+            self.E_diag_sum = (X.transpose(1, 2) @ R).sum(0)  # Σ_i X_iᵀ (Y_i − X_i W0ᵀ)
+        else:
+            G, C = stats.G.to(torch.float64), stats.C.to(torch.float64)
+            GW = G @ W0.T  # (N, in, out)
+            E = C - GW[:, None]  # X_iᵀ (Y_j − X_i W0ᵀ)
+            w0gw0 = torch.einsum("io,nio->n", W0.T, GW)  # ||X_i W0ᵀ||²
+            yy = stats.yy.to(torch.float64)
+            tt = yy[None, :] - 2 * torch.einsum("io,njio->nj", W0.T, C) + w0gw0[:, None]
+            self.G, self.E = G.to(dt), E.to(acc)
+            self.yy = yy
+            self.G_sum = G.sum(0)
+            idx = torch.arange(self.N)
+            self.E_diag_sum = E[idx, idx].sum(0)
+        self.tt = tt.clamp_min(0).to(acc)  # ||Y_j − X_i W0ᵀ||²
+        self.scale = float(torch.sqrt(self.yy.mean()).clamp_min(_TINY))
+
+    def squared_distances(self, dW: torch.Tensor) -> torch.Tensor:
+        """D2[i, j] = d(i, j)² for W = W0 + ΔW (differentiable in ΔW)."""
+        dW = dW.to(self.dtype)
+        low = dW.to(self.matmul_dtype)
+        if self.form == "rows":
+            Q = (self.X @ low.T).to(self.dtype)  # (N, n, out)
+            qq = Q.pow(2).sum((1, 2))
+            qb = (Q * self.B).sum((1, 2))
+            qy = torch.einsum("iro,jro->ij", Q, self.Y)
+            D2 = qq[:, None] + 2 * (qb[:, None] - qy) + self.tt
+            own = (Q - self.R).pow(2).sum((1, 2))  # the diagonal, computed directly for precision
+            eye = torch.eye(self.N, dtype=torch.bool)
+            return torch.where(eye, torch.diag_embed(own), D2)
+        q = ((low[None] @ self.G).to(self.dtype) * dW[None]).sum((1, 2))  # tr(ΔW G_i ΔWᵀ)
+        lin = torch.einsum("oi,njio->nj", dW, self.E)
+        return q[:, None] - 2 * lin + self.tt
+
+    def loss(self, dW, margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001, normalize=False):
+        D2 = self.squared_distances(dW).clamp_min(0)
+        scale2 = self.scale ** 2 if normalize else 1.0
+        pos = torch.diagonal(D2) / scale2
+        if self.N > 1:
+            eye = torch.eye(self.N, dtype=torch.bool)
+            dist = torch.sqrt((D2 / scale2).clamp_min(_TINY))
+            nearest = dist.masked_fill(eye, float("inf")).min(dim=1).values
+            hinge = torch.relu(margin - nearest).pow(2)
+        else:
+            hinge = torch.zeros_like(pos)
+        positive, hinge_m = pos.mean(), hinge.mean()
+        mse = torch.diagonal(D2).sum() / (self.N * self.rows * self.out_features)
+        reg = torch.sqrt(dW.to(self.dtype).pow(2).sum().clamp_min(_TINY))
+        total = lambda_con * (positive + hinge_m) + lambda_mse * mse + lambda_reg * reg
+        parts = {"positive": positive, "hinge": hinge_m, "mse": mse, "reg": reg, "total": total}
+        return total, parts
+
+    def distance_matrix(self, dW) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.sqrt(self.squared_distances(dW).clamp_min(0)).to(torch.float64)
+
+
+def loraclr_objective(W, stats: LayerStats, W0, margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001,
+                      normalize=False, problem: Problem | None = None):
+    """Objective value (differentiable in W, the full merged weight) and its parts as floats."""
+    problem = problem or Problem(stats, W0)
+    dW = as_matrix(W).to(problem.dtype) - as_matrix(W0).to(problem.dtype)
+    total, parts = problem.loss(dW, margin, lambda_con, lambda_mse, lambda_reg, normalize)
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def distance_matrix(W, stats: LayerStats, W0) -> torch.Tensor:
+    """D[i, j] = d(i, j) for the full merged weight W."""
+    problem = Problem(stats, W0)
+    return problem.distance_matrix(as_matrix(W).to(problem.dtype) - as_matrix(W0).to(problem.dtype))

@@ -1,0 +1,173 @@
+"""Per-layer merge methods: the LoRACLR optimisation and the closed-form baselines.
+
+Every method returns a ΔW in W0's shape and is scored with the same LoRACLR objective, so the
+methods can be compared layer by layer.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .objective import Problem, as_matrix
+from .stats import LayerStats
+
+METHODS = ("loraclr", "sum", "average", "least_squares")
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class MergeConfig:
+    method: str = "loraclr"
+    margin: float = 0.5
+    lambda_con: float = 1.0
+    lambda_mse: float = 0.1
+    lambda_reg: float = 0.001
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    iterations: int = 50
+    warm_start: bool = True  # least-squares start; False starts at ΔW = 0 like the official code
+    ridge: float = 1e-4  # relative to the mean diagonal of Σ G_i
+    normalize: bool = False
+    seed: int = 0
+    compute_dtype: str = "float32"
+    tolerance: float = 0.0  # stop early once the best loss improved less than this (relative) in 10 iterations
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MergeResult:
+    delta: torch.Tensor
+    method: str
+    objective: float
+    start_objective: float
+    history: list = field(default_factory=list)
+    converged: bool = True
+    iterations_run: int = 0
+    report: list = field(default_factory=list)
+    parts: dict = field(default_factory=dict)
+
+
+def sum_merge(deltas) -> torch.Tensor:
+    """Σ_i ΔW_i: what loading every LoRA at once does."""
+    if not deltas:
+        raise ValueError("sum needs at least one concept delta")
+    return torch.stack([d.to(torch.float32) for d in deltas]).sum(0)
+
+
+def average_merge(deltas) -> torch.Tensor:
+    """(1/N) Σ_i ΔW_i."""
+    if not deltas:
+        raise ValueError("average needs at least one concept delta")
+    return torch.stack([d.to(torch.float32) for d in deltas]).mean(0)
+
+
+def _least_squares(problem: Problem, ridge: float) -> torch.Tensor:
+    G = problem.G_sum.to(torch.float64)
+    eps = ridge * float(torch.diagonal(G).mean().clamp_min(1e-30))
+    A = G + eps * torch.eye(G.shape[0], dtype=torch.float64)
+    rhs = problem.E_diag_sum.to(torch.float64)  # (in, out)
+    L, info = torch.linalg.cholesky_ex(A)
+    Z = torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution
+    return Z.T  # (out, in)
+
+
+def least_squares_merge(W0, stats: LayerStats, ridge: float = 1e-4, problem: Problem | None = None) -> torch.Tensor:
+    """Closed-form minimiser of Σ_i ||X_i (W0 + ΔW)ᵀ − Y_i||² + ε||ΔW||²:
+    ΔW = (Σ_i (C_iiᵀ − W0 G_i)) (Σ_i G_i + εI)⁻¹ with ε = ridge · mean diag(Σ G_i).
+    Regularised toward ΔW = 0, so the base weight is kept outside the span of the concept inputs."""
+    problem = problem or Problem(stats, W0)
+    return _least_squares(problem, ridge).to(torch.float32).reshape(W0.shape)
+
+
+def _report(problem: Problem, dW: torch.Tensor) -> list:
+    D = problem.distance_matrix(dW)
+    base = torch.sqrt(torch.diagonal(problem.tt).to(torch.float64))
+    out = []
+    for i in range(problem.N):
+        neg = None
+        if problem.N > 1:
+            neg = float(torch.cat([D[i, :i], D[i, i + 1:]]).min())
+        denom = float(base[i])
+        out.append({"concept": i, "positive": float(D[i, i]), "nearest_negative": neg,
+                    "relative_error": float(D[i, i]) / denom if denom > 0 else (0.0 if float(D[i, i]) == 0 else None)})
+    return out
+
+
+def _optimise(problem: Problem, start: torch.Tensor, cfg: MergeConfig):
+    kw = dict(margin=cfg.margin, lambda_con=cfg.lambda_con, lambda_mse=cfg.lambda_mse, lambda_reg=cfg.lambda_reg,
+              normalize=cfg.normalize)
+    torch.manual_seed(cfg.seed)
+    dW = torch.nn.Parameter(start.to(torch.float32).clone())
+    opt = torch.optim.AdamW([dW], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best, best_dW, history = float("inf"), start.to(torch.float32).clone(), []
+    window = 10
+    it = 0
+    for it in range(cfg.iterations + 1):
+        opt.zero_grad(set_to_none=True)
+        loss, _ = problem.loss(dW, **kw)
+        value = loss.item()
+        history.append(value)
+        if value < best:
+            best, best_dW = value, dW.detach().clone()
+        if it == cfg.iterations:
+            break  # the last iterate is evaluated, not stepped from
+        loss.backward()
+        opt.step()
+        if cfg.tolerance > 0 and it >= window:
+            past = min(history[: -window])
+            if past - best <= cfg.tolerance * abs(past):
+                break
+    converged = len(history) > window and (min(history[:-window]) - best) <= max(cfg.tolerance, 1e-4) * abs(best)
+    return best_dW, history, converged, it
+
+
+def merge_layer(W0: torch.Tensor, stats: LayerStats, config: MergeConfig | None = None, deltas=None) -> MergeResult:
+    """Merge one layer with ``config.method``. Safe to call under ``torch.inference_mode()`` (as
+    ComfyUI runs nodes): the optimisation runs with autograd enabled on fresh tensors."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _merge_layer(W0, stats, config or MergeConfig(), deltas)
+
+
+def _merge_layer(W0, stats, cfg, deltas):
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown merge method {cfg.method!r}; choose one of {METHODS}")
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {list(COMPUTE_DTYPES)}")
+    shape = W0.shape
+    problem = Problem(stats, W0, compute_dtype=COMPUTE_DTYPES[cfg.compute_dtype]
+                      if stats.dtype != torch.float64 else torch.float64)
+    scoring = problem if problem.matmul_dtype != torch.bfloat16 else Problem(stats, W0)
+    kw = dict(margin=cfg.margin, lambda_con=cfg.lambda_con, lambda_mse=cfg.lambda_mse, lambda_reg=cfg.lambda_reg,
+              normalize=cfg.normalize)
+
+    def score(dW):
+        with torch.no_grad():
+            total, parts = scoring.loss(dW, **kw)
+        return float(total), {k: float(v) for k, v in parts.items()}
+
+    history, converged, iterations = [], True, 0
+    if cfg.method in ("sum", "average"):
+        if deltas is None:
+            raise ValueError(f"method {cfg.method!r} needs the concepts' deltas")
+        if len(deltas) != stats.n_concepts:
+            raise ValueError(f"got {len(deltas)} deltas for {stats.n_concepts} concepts")
+        flat = [as_matrix(d) for d in deltas]
+        dW = sum_merge(flat) if cfg.method == "sum" else average_merge(flat)
+        start_value = score(torch.zeros_like(dW))[0]
+    else:
+        zero = torch.zeros(stats.out_features, stats.in_features)
+        if cfg.method == "least_squares" or cfg.warm_start:
+            start = _least_squares(problem, cfg.ridge).to(torch.float32)
+        else:
+            start = zero
+        start_value = score(start)[0]
+        dW = start
+        if cfg.method == "loraclr" and cfg.iterations > 0:
+            dW, history, converged, iterations = _optimise(problem, start, cfg)
+    value, parts = score(dW)
+    return MergeResult(delta=dW.to(torch.float32).reshape(shape).contiguous(), method=cfg.method, objective=value,
+                       start_objective=start_value, history=history, converged=converged,
+                       iterations_run=iterations, report=_report(scoring, dW), parts=parts)

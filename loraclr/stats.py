@@ -1,0 +1,99 @@
+"""Per-layer activation data for N concepts, in the smaller of two exact forms.
+
+* ``rows``: the raw rows X_i (n × in) and Y_i (n × out), all concepts with the same n.
+* ``gram``: sufficient statistics G_i = X_iᵀX_i (in × in), the cross terms C_ij = X_iᵀY_j for
+  every pair (in × out), and ||Y_j||². Every quantity the LoRACLR objective needs is a function
+  of these, so the objective is exact in either form.
+
+Tensors are stored in float32 (float64 inputs stay float64, for reference checks).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+class LayerStats:
+    def __init__(self, form, rows, in_features, out_features, X=None, Y=None, G=None, C=None, yy=None):
+        self.form = form
+        self.rows = rows
+        self.in_features = in_features
+        self.out_features = out_features
+        self.X, self.Y = X, Y  # rows form: (N, n, in), (N, n, out)
+        self.G, self.C, self.yy = G, C, yy  # gram form: (N, in, in), (N, N, in, out), (N,)
+
+    @property
+    def n_concepts(self) -> int:
+        return (self.X if self.form == "rows" else self.G).shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.X if self.form == "rows" else self.G).dtype
+
+    def nbytes(self) -> int:
+        ts = (self.X, self.Y) if self.form == "rows" else (self.G, self.C, self.yy)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    @staticmethod
+    def _check(X, Y):
+        if len(X) == 0 or len(X) != len(Y):
+            raise ValueError(f"need one X and one Y per concept, got {len(X)} and {len(Y)}")
+        n = {x.shape[0] for x in X} | {y.shape[0] for y in Y}
+        if len(n) != 1:
+            raise ValueError(f"every concept must have the same number of rows (pairing d(i,j) needs it), "
+                             f"got {sorted(n)}")
+        ins, outs = {x.shape[1] for x in X}, {y.shape[1] for y in Y}
+        if len(ins) != 1 or len(outs) != 1 or any(x.ndim != 2 for x in X) or any(y.ndim != 2 for y in Y):
+            raise ValueError(f"X must be (n, in) and Y (n, out) with one width for all concepts, got widths "
+                             f"{sorted(ins)} and {sorted(outs)}")
+        return n.pop(), ins.pop(), outs.pop()
+
+    @classmethod
+    def from_rows(cls, X, Y, force: str = "auto") -> "LayerStats":
+        n, d_in, d_out = cls._check(X, Y)
+        if force not in ("auto", "rows", "gram"):
+            raise ValueError(f"force must be auto, rows or gram, got {force!r}")
+        form = force if force != "auto" else ("rows" if n <= d_in else "gram")
+        dt = _dtype(*X, *Y)
+        if form == "rows":
+            return cls("rows", n, d_in, d_out, X=torch.stack([x.to(dt) for x in X]),
+                       Y=torch.stack([y.to(dt) for y in Y]))
+        acc = StatsAccumulator(len(X), d_in, d_out, dtype=dt)
+        acc.add(X, Y)
+        return acc.finish()
+
+
+class StatsAccumulator:
+    """Gram-form statistics accumulated chunk by chunk: memory does not grow with the number of
+    chunks. The i-th chunk of every concept must cover the same rows."""
+
+    def __init__(self, n_concepts: int, in_features: int, out_features: int, dtype=torch.float32):
+        self.n, self.d_in, self.d_out = n_concepts, in_features, out_features
+        self.dtype = dtype
+        self.G = torch.zeros(n_concepts, in_features, in_features, dtype=dtype)
+        self.C = torch.zeros(n_concepts, n_concepts, in_features, out_features, dtype=dtype)
+        self.yy = torch.zeros(n_concepts, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, X, Y):
+        n, d_in, d_out = LayerStats._check(X, Y)
+        if len(X) != self.n or d_in != self.d_in or d_out != self.d_out:
+            raise ValueError(f"chunk shape ({len(X)} concepts, {d_in}→{d_out}) does not match the accumulator "
+                             f"({self.n} concepts, {self.d_in}→{self.d_out})")
+        Xs = torch.stack([x.to(self.dtype) for x in X])  # (N, n, in)
+        Ys = torch.stack([y.to(self.dtype) for y in Y])  # (N, n, out)
+        self.G += Xs.transpose(1, 2) @ Xs
+        # C_ij = X_iᵀ Y_j for all pairs: one (in × n) @ (n × N·out) product per concept
+        Ycat = Ys.permute(1, 0, 2).reshape(n, self.n * self.d_out)
+        for i in range(self.n):
+            self.C[i] += (Xs[i].T @ Ycat).reshape(self.d_in, self.n, self.d_out).permute(1, 0, 2)
+        self.yy += Ys.double().pow(2).sum(dim=(1, 2))
+        self.rows += n
+
+    def finish(self) -> LayerStats:
+        if self.rows == 0:
+            raise ValueError("no rows were added")
+        return LayerStats("gram", self.rows, self.d_in, self.d_out, G=self.G, C=self.C, yy=self.yy.to(self.dtype))

@@ -1,0 +1,7 @@
+"""Thin ComfyUI nodes: widgets in, one library call, outputs out."""
+from .apply import LoRACLRApply, LoRACLRSave
+from .collect import LoRACLRCollect, LoRACLRConcept
+from .merge import LoRACLRMerge, LoRACLRMergeAllStages, LoRACLRSweepValues
+
+NODE_CLASSES = [LoRACLRConcept, LoRACLRCollect, LoRACLRMerge, LoRACLRApply, LoRACLRSave, LoRACLRMergeAllStages,
+                LoRACLRSweepValues]

@@ -1,0 +1,354 @@
+"""The one place that touches ComfyUI internals.
+
+Everything here is a small adapter over APIs present in both ComfyUI 0.3.75 and current
+releases: ``comfy.lora`` key maps and ``load_lora``, ``comfy.lora.calculate_weight`` (each
+adapter's own weight calculation), ``ModelPatcher.add_patches`` / ``get_key_patches``,
+``folder_paths``, ``comfy.utils.ProgressBar`` and ``PromptServer.send_sync``. If upstream moves
+one of them, this file is where it is mended.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import torch
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+log = logging.getLogger("comfyui-loraclr")
+
+
+class NodeError(ValueError):
+    """An error shown to the user, naming the node and the offending file or field."""
+
+    def __init__(self, node: str, message: str):
+        super().__init__(f"[{node}] {message}")
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def lora_names() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_path(node: str, name: str) -> str:
+    path = folder_paths.get_full_path("loras", name)
+    if path is None or not os.path.isfile(path):
+        raise NodeError(node, f"LoRA file '{name}' was not found in the loras folder(s) "
+                              f"{folder_paths.get_folder_paths('loras')}")
+    return path
+
+
+def read_lora(node: str, name: str) -> tuple[dict, str]:
+    path = lora_path(node, name)
+    try:
+        sd = comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as e:  # corrupt or not a tensor file
+        raise NodeError(node, f"could not read LoRA file '{name}' ({path}): {e}") from e
+    return sd, path
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def loras_output_dir() -> str:
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+def resolve_output_file(node: str, filename: str, if_exists: str) -> tuple[str, str]:
+    """Turn a user file name (may contain sub-folders) into an absolute path inside the first
+    loras folder. Refuses names that escape the folder. ``if_exists``: error | increment |
+    overwrite. Returns (absolute path, name as the LoRA loaders list it)."""
+    base = os.path.realpath(loras_output_dir())
+    name = filename.strip().replace("\\", "/")
+    if not name:
+        raise NodeError(node, "field 'filename' is empty")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    if os.path.isabs(name) or any(part in ("..", "") for part in name.split("/")[:-1]):
+        raise NodeError(node, f"field 'filename' must be a relative name inside the loras folder, got '{filename}'")
+    path = os.path.realpath(os.path.join(base, name))
+    if os.path.commonpath([base, path]) != base:
+        raise NodeError(node, f"field 'filename' escapes the loras folder: '{filename}'")
+    if os.path.exists(path):
+        if if_exists == "overwrite":
+            pass
+        elif if_exists == "increment":
+            stem = path[: -len(".safetensors")]
+            i = 1
+            while os.path.exists(f"{stem}_{i:05d}.safetensors"):
+                i += 1
+            path = f"{stem}_{i:05d}.safetensors"
+        else:
+            raise NodeError(node, f"'{os.path.relpath(path, base)}' already exists in {base}; "
+                                  "choose another filename or set if_exists to overwrite/increment")
+    return path, os.path.relpath(path, base).replace(os.sep, "/")
+
+
+def atomic_save_safetensors(tensors: dict, path: str, metadata: dict):
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------------
+# key maps and weights
+
+
+def _clip_patcher(clip):
+    return clip.patcher
+
+
+def lora_key_map(model=None, clip=None) -> dict:
+    key_map = {}
+    if model is not None:
+        key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    return key_map
+
+
+def load_lora_patches(node: str, name: str, model, clip) -> tuple[dict, dict, str]:
+    """Read a LoRA of any format ComfyUI understands and split its patches into UNet keys and
+    CLIP keys (model state-dict keys). Raises if nothing in it matches the model."""
+    sd, path = read_lora(node, name)
+    key_map = lora_key_map(model, clip)
+    sd = comfy.lora_convert.convert_lora(sd)
+    patches = comfy.lora.load_lora(sd, key_map, log_missing=False)
+    model_keys = set(model.model.state_dict().keys()) if model is not None else set()
+    clip_keys = set(clip.cond_stage_model.state_dict().keys()) if clip is not None else set()
+    unet, te = {}, {}
+    for k, p in patches.items():
+        key = k[0] if isinstance(k, tuple) else k
+        if key in model_keys:
+            unet[k] = p
+        elif key in clip_keys:
+            te[k] = p
+    if not unet and not te:
+        raise NodeError(node, f"LoRA '{name}' has no key that matches this model/CLIP "
+                              "(is it for another base model?)")
+    return unet, te, path
+
+
+def base_weight(patcher, key: str) -> torch.Tensor:
+    """The weight of ``key`` as this patcher's model computes it (original weight plus the
+    patches already on this patcher), float32 on the CPU."""
+    kp = patcher.get_key_patches(filter_prefix=key)
+    entry = kp.get(key)
+    if entry is None:
+        raise KeyError(key)
+    w, convert = entry[0]
+    w = convert(w.detach().to("cpu", torch.float32).clone(), inplace=True)
+    if len(entry) > 1:
+        w = comfy.lora.calculate_weight(entry[1:], w, key, intermediate_dtype=torch.float32)
+    return w
+
+
+def patch_delta(patch, base: torch.Tensor, key: str, strength: float) -> torch.Tensor:
+    """ΔW of one loaded LoRA patch on ``base`` at ``strength``, computed with the adapter's own
+    weight calculation (LoRA, LoHa, LoKr, DoRA, diff, ...)."""
+    out = comfy.lora.calculate_weight([(strength, patch, 1.0, None, None)], base.clone(), key,
+                                      intermediate_dtype=torch.float32)
+    return (out.to(torch.float32) - base)
+
+
+def state_keys(patcher) -> list[str]:
+    return list(patcher.model.state_dict().keys())
+
+
+def patch_model(model, deltas: dict, strength: float):
+    m = model.clone()
+    if deltas:
+        m.add_patches({k: ("diff", (v,)) for k, v in deltas.items()}, strength)
+    return m
+
+
+def patch_clip(clip, deltas: dict, strength: float):
+    c = clip.clone()
+    if deltas:
+        c.add_patches({k: ("diff", (v,)) for k, v in deltas.items()}, strength)
+    return c
+
+
+def clip_with_patches(clip, patches: dict, strength: float):
+    c = clip.clone()
+    if patches:
+        c.add_patches(patches, strength)
+    return c
+
+
+def encode_prompt(clip, text: str) -> torch.Tensor:
+    """The conditioning tensor the UNet receives for ``text`` (batch 1, tokens × width)."""
+    tokens = clip.tokenize(text)
+    cond = clip.encode_from_tokens(tokens)
+    return cond.detach().to("cpu", torch.float32)
+
+
+def inverse_key_map(model=None, clip=None, style: str = "kohya") -> dict:
+    """model state-dict key → LoRA key stem in the requested style, from ComfyUI's own maps."""
+    key_map = lora_key_map(model, clip)
+    prefer = {
+        "kohya": ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"),
+        "comfy": ("diffusion_model.", "text_encoders."),
+    }[style]
+    inv = {}
+    for lora_key, target in key_map.items():
+        if not isinstance(target, str):
+            continue
+        rank = next((i for i, p in enumerate(prefer) if lora_key.startswith(p)), None)
+        if rank is None:
+            continue
+        # kohya files from most trainers name UNet layers the diffusers way: prefer those stems
+        diffusers_named = any(s in lora_key for s in ("down_blocks", "up_blocks", "mid_block"))
+        rank = 2 * rank + (0 if diffusers_named or style != "kohya" else 1)
+        cur = inv.get(target)
+        if cur is None or rank < cur[0]:
+            inv[target] = (rank, lora_key)
+    return {t: v[1] for t, v in inv.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# progress, cancel, messages
+
+
+class Progress:
+    def __init__(self, total: int, node_id: str | None = None):
+        self.bar = comfy.utils.ProgressBar(max(1, total), node_id=node_id)
+
+    def step(self, n: int = 1):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.bar.update(n)
+
+
+def check_cancel():
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def node_id(node_cls):
+    """The executing node's id (V3 hidden input), or None when called outside a prompt."""
+    return getattr(getattr(node_cls, "hidden", None), "unique_id", None)
+
+
+def send_message(event: str, data: dict):
+    try:
+        from server import PromptServer
+
+        inst = getattr(PromptServer, "instance", None)
+        if inst is not None:
+            inst.send_sync(event, data)
+    except Exception:  # no server (scripts, in-process tests): messages are optional
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# running models with input hooks (activation collection)
+
+
+def load_patched(patcher):
+    """Make ``patcher``'s weights (with its patches) the ones in its shared nn.Module."""
+    comfy.model_management.load_models_gpu([patcher])
+
+
+def unet_modules(model) -> dict:
+    """state-dict key of each UNet weight → its module (the module that owns ``key``)."""
+    root = model.model
+    return {f"{name}.weight": m for name, m in root.named_modules() if getattr(m, "weight", None) is not None
+            and isinstance(getattr(m, "weight"), torch.nn.Parameter)}
+
+
+def clip_modules(clip) -> dict:
+    root = clip.cond_stage_model
+    return {f"{name}.weight": m for name, m in root.named_modules() if getattr(m, "weight", None) is not None
+            and isinstance(getattr(m, "weight"), torch.nn.Parameter)}
+
+
+def rows_of(x: torch.Tensor, conv: bool) -> torch.Tensor:
+    """Layer input as rows (positions × in_features), float32 on the CPU."""
+    x = x.detach()
+    if conv:  # (B, C, H, W) → (B·H·W, C)
+        x = x.movedim(1, -1)
+    return x.reshape(-1, x.shape[-1]).to("cpu", torch.float32)
+
+
+class InputRecorder:
+    """Forward pre-hooks that store each watched layer's input rows while ``active``.
+    Removed on exit, so an error or a cancel leaves the model clean."""
+
+    def __init__(self, modules: dict, first_sequence_only: bool = False):
+        self.modules = modules
+        self.first_sequence_only = first_sequence_only
+        self.rows = {k: [] for k in modules}
+        self.active = True
+        self._handles = []
+
+    def __enter__(self):
+        for key, m in self.modules.items():
+            conv = isinstance(m, torch.nn.Conv2d)
+
+            def hook(module, args, key=key, conv=conv):
+                if self.active:
+                    x = args[0][:1] if self.first_sequence_only else args[0]
+                    self.rows[key].append(rows_of(x, conv))
+
+            self._handles.append(m.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def take(self) -> dict:
+        out = {k: (torch.cat(v) if v else None) for k, v in self.rows.items()}
+        self.rows = {k: [] for k in self.modules}
+        return out
+
+
+def sampling_sigmas(model, steps: int, scheduler: str = "normal") -> torch.Tensor:
+    import comfy.samplers
+
+    ms = model.get_model_object("model_sampling")
+    return comfy.samplers.calculate_sigmas(ms, scheduler, steps).to(torch.float32)
+
+
+def initial_latent(model, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    ms = model.get_model_object("model_sampling")
+    return ms.noise_scaling(sigma.reshape(1), noise, torch.zeros_like(noise), max_denoise=True)
+
+
+@torch.no_grad()
+def denoise(model, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """One conditional model evaluation (no CFG) of ``model`` (patches must be loaded):
+    the denoised estimate at ``sigma``."""
+    dev = comfy.model_management.get_torch_device()
+    dtype = model.model.get_dtype()
+    inner = model.model
+    s = sigma.reshape(1).expand(x.shape[0]).to(dev)
+    out = inner.apply_model(x.to(dev), s, c_crossattn=cond.to(dev, dtype))
+    return out.to("cpu", torch.float32)
+
+
+def latent_channels(model) -> int:
+    return model.model.latent_format.latent_channels

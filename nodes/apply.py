@@ -1,0 +1,143 @@
+"""Apply Merged ΔW and Save Merged LoRA nodes."""
+from __future__ import annotations
+
+import json
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..loraclr import low_rank_factors
+from ..loraclr.bundle import MergedDelta
+from . import _comfy
+from .merge import MERGED
+
+PACK_VERSION = "0.1.0"
+SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class LoRACLRApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRACLRApplyDelta",
+            display_name="Apply Merged ΔW",
+            category="LoRACLR/merge",
+            description="Patches MODEL and CLIP with a merged delta through ComfyUI's patching system (exact, full rank).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch (the base the concepts were merged on)."),
+                io.Clip.Input("clip", tooltip="The text encoder to patch."),
+                MERGED.Input("merged", tooltip="From LoRACLR Merge."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Multiplier of the merged delta on the UNet."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Multiplier of the merged delta on the text encoder."),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, merged, strength_model, strength_clip):
+        return io.NodeOutput(_comfy.patch_model(model, merged.model, strength_model),
+                             _comfy.patch_clip(clip, merged.clip, strength_clip))
+
+
+def build_lora_tensors(merged: MergedDelta, rank: int, key_style: str, dtype: torch.dtype, node: str):
+    """Truncated SVD of every merged delta into LoRA up/down factors with ``alpha = rank`` (scale 1).
+    Returns (tensors, per-key retained energy)."""
+    names = merged.info.get("lora_keys", {})
+    tensors, energy = {}, {}
+    for key, delta in list(merged.model.items()) + list(merged.clip.items()):
+        stem = (names.get(key) or {}).get(key_style)
+        if stem is None:
+            raise _comfy.NodeError(node, f"no {key_style} LoRA key is known for layer '{key}'")
+        up, down, e = low_rank_factors(delta, rank)
+        tensors[f"{stem}.lora_up.weight"] = up.to(dtype)
+        tensors[f"{stem}.lora_down.weight"] = down.to(dtype)
+        tensors[f"{stem}.alpha"] = torch.tensor(float(up.shape[1]))
+        energy[key] = e
+    return tensors, energy
+
+
+def build_metadata(merged: MergedDelta, rank: int, key_style: str, energy: dict) -> dict:
+    ranks_text = "full" if rank <= 0 else str(rank)
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": ranks_text,
+        "ss_network_alpha": ranks_text,
+        "ss_base_model_version": merged.info.get("base_model", ""),
+        "modelspec.title": f"LoRACLR merge of {len(merged.concepts)} concepts",
+        "modelspec.architecture": "stable-diffusion-v1/lora" if merged.info.get("base_model") == "SD15" else "lora",
+        "modelspec.implementation": "comfyui-loraclr",
+        "loraclr_version": PACK_VERSION,
+        "loraclr_stage": merged.stage,
+        "loraclr_method": merged.method,
+        "loraclr_key_style": key_style,
+        "loraclr_concepts": json.dumps([{"lora": c.lora, "trigger": c.trigger, "strength_model": c.strength_model,
+                                         "strength_clip": c.strength_clip, "prompts": list(c.prompts)}
+                                        for c in merged.concepts]),
+        "loraclr_settings": json.dumps(merged.settings, default=str),
+        "loraclr_input_sha256": json.dumps(merged.info.get("lora_sha256", {})),
+        "loraclr_report": json.dumps(merged.report, default=str),
+        "loraclr_retained_energy": json.dumps(energy),
+    }
+    return meta
+
+
+def fill_filename(node: str, template: str, merged: MergedDelta) -> str:
+    """Replace {method}, {stage} and any merge setting ({margin}, {lambda_con}, {iterations}, ...)
+    in a file name, so each result of a sweep gets its own name."""
+    fields = {"method": merged.method, "stage": merged.stage}
+    settings = merged.settings
+    for v in ([settings] if "method" in settings else list(settings.values())):
+        if isinstance(v, dict):
+            fields.update({k: val for k, val in v.items() if k not in fields})
+    try:
+        return template.format(**{k: (f"{v:g}" if isinstance(v, float) else v) for k, v in fields.items()})
+    except (KeyError, IndexError, ValueError) as e:
+        raise _comfy.NodeError(node, f"field 'filename': unknown placeholder {e} (known: {sorted(fields)})") from e
+
+
+class LoRACLRSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRACLRSaveLoRA",
+            display_name="Save Merged LoRA",
+            category="LoRACLR/merge",
+            is_output_node=True,
+            description="Saves merged deltas as a standard LoRA file in the loras folder (truncated SVD to the chosen rank).",
+            inputs=[
+                MERGED.Input("merged", tooltip="From LoRACLR Merge."),
+                io.String.Input("filename", default="loraclr/merged_{method}",
+                                tooltip="File name inside the loras folder (sub-folders allowed, '.safetensors' added). "
+                                        "Placeholders {method}, {stage}, {margin}, {lambda_con}, {iterations}, ... are "
+                                        "filled from the merge settings, so each result of a sweep gets its own name."),
+                io.Int.Input("rank", default=0, min=0, max=4096,
+                             tooltip="Rank of the saved factors per layer; 0 keeps full rank (exact). "
+                                     "The retained energy per layer is reported."),
+                io.Combo.Input("key_style", options=["kohya", "comfy"], default="kohya",
+                               tooltip="kohya: lora_unet_/lora_te_ keys with .alpha (read by most tools). "
+                                       "comfy: ComfyUI-native diffusion_model./text_encoders. stems."),
+                io.Combo.Input("dtype", options=list(SAVE_DTYPES), default="float16",
+                               tooltip="Storage precision of the factors."),
+                io.Combo.Input("if_exists", options=["increment", "error", "overwrite"], default="increment",
+                               tooltip="What to do when the file exists: add a counter, stop with an error, or replace it."),
+                MERGED.Input("merged_2", optional=True, tooltip="Another stage's merged delta to save in the same file."),
+                MERGED.Input("merged_3", optional=True, tooltip="A third stage's merged delta to save in the same file."),
+            ],
+            outputs=[io.String.Output(display_name="lora_name"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, merged, filename, rank, key_style, dtype, if_exists, merged_2=None, merged_3=None):
+        node = "Save Merged LoRA"
+        combined = merged.combined_with(merged_2).combined_with(merged_3)
+        if not combined.model and not combined.clip:
+            raise _comfy.NodeError(node, "input 'merged' holds no layer")
+        path, name = _comfy.resolve_output_file(node, fill_filename(node, filename, combined), if_exists)
+        tensors, energy = build_lora_tensors(combined, rank, key_style, SAVE_DTYPES[dtype], node)
+        _comfy.atomic_save_safetensors(tensors, path, build_metadata(combined, rank, key_style, energy))
+        worst = min(energy.values())
+        text = (f"saved {name} ({len(energy)} layers, rank {'full' if rank <= 0 else rank}, {key_style} keys)\n"
+                f"retained energy: min {worst:.4f}, mean {sum(energy.values()) / len(energy):.4f}\nfile: {path}")
+        return io.NodeOutput(name, text, ui=ui.PreviewText(text))

@@ -1,0 +1,363 @@
+"""LoRACLR Concept and Collect LoRA Activations nodes.
+
+Three stages, in the order a full merge runs them, each recording per concept i the inputs X_i
+of the layers to merge and their LoRA-applied outputs Y_i = X_i (W0 + ΔW_i)ᵀ (bias removed):
+
+* ``text_encoder``: the CLIP linear layers (q/k/v/out_proj, fc1/fc2) while encoding the concept's
+  prompts with the concept's CLIP LoRA applied.
+* ``cross_attention``: the UNet's cross-attention to_k/to_v. Their input is the conditioning the
+  UNet receives, so no UNet forward is needed.
+* ``spatial``: attn1 q/k/v/out, attn2 q/out, feed-forward, proj_in/proj_out (1×1 convs included),
+  recorded while sampling the concept's prompts with its LoRA. All concepts are sampled in
+  lockstep from the same initial noise, so row r of step s pairs across concepts, and the rows of
+  each recorded step are folded into bounded statistics at once.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..loraclr import LayerStats
+from ..loraclr.bundle import ActivationSet, Concept, LayerData
+from ..loraclr.streaming import AdaptiveLayerStats
+from . import _comfy
+
+CONCEPTS = io.Custom("LORACLR_CONCEPTS")
+ACTIVATIONS = io.Custom("LORACLR_ACTIVATIONS")
+
+NODE = "Collect LoRA Activations"
+STAGE_PATTERNS = {
+    "text_encoder": re.compile(r"\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])\.weight$"),
+    "cross_attention": re.compile(r"^diffusion_model\..*\.attn2\.to_[kv]\.weight$"),
+    "spatial": re.compile(r"^diffusion_model\..*(\.attn1\.to_(q|k|v|out\.0)|\.attn2\.to_(q|out\.0)"
+                          r"|\.ff\.net\.(0\.proj|2)|\.\d+\.proj_in|\.\d+\.proj_out)\.weight$"),
+}
+INPUTS_FROM = ("concept_lora", "wired")
+
+
+def parse_prompts(node: str, template: str, trigger: str) -> tuple[str, ...]:
+    lines = [ln.strip() for ln in template.splitlines() if ln.strip()]
+    if not lines:
+        raise _comfy.NodeError(node, "field 'prompts' is empty: give at least one prompt, e.g. 'photo of a {}'")
+    if any("{}" in ln for ln in lines) and not trigger.strip():
+        raise _comfy.NodeError(node, "field 'trigger' is empty but the prompts contain '{}'")
+    return tuple(ln.replace("{}", trigger.strip()) for ln in lines)
+
+
+class LoRACLRConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRACLRConcept",
+            display_name="LoRACLR Concept",
+            category="LoRACLR/merge",
+            description="Adds one concept LoRA (any format ComfyUI reads) with its prompts to a list of concepts to merge.",
+            inputs=[
+                io.Combo.Input("lora_name", options=_comfy.lora_names(),
+                               tooltip="The concept's LoRA file from the loras folder."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Strength of the concept LoRA on the UNet, as in LoraLoader."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Strength of the concept LoRA on the text encoder, as in LoraLoader."),
+                io.String.Input("trigger", default="",
+                                tooltip="The concept's trigger word(s); replaces '{}' in the prompts."),
+                io.String.Input("prompts", default="photo of a {}", multiline=True,
+                                tooltip="One prompt per line describing the concept; '{}' is replaced by the trigger. "
+                                        "Every concept should use the same template so activations pair row by row."),
+                CONCEPTS.Input("concepts", optional=True,
+                               tooltip="Concepts added so far; this node appends one."),
+            ],
+            outputs=[CONCEPTS.Output(display_name="concepts")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name, strength_model, strength_clip, trigger, prompts, concepts=None):
+        node = "LoRACLR Concept"
+        _comfy.lora_path(node, lora_name)  # fail early with a clear message
+        concept = Concept(lora=lora_name, strength_model=float(strength_model),
+                          strength_clip=float(strength_clip), trigger=trigger.strip(),
+                          prompts=parse_prompts(node, prompts, trigger))
+        return io.NodeOutput(tuple(concepts or ()) + (concept,))
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _align_prompt_counts(concepts) -> tuple[int, list[str]]:
+    """Rows are paired across concepts, so every concept contributes the same number of
+    prompts: the smallest count; extra prompts are left out and reported."""
+    n = min(len(c.prompts) for c in concepts)
+    notes = [f"{c.label}: used the first {n} of {len(c.prompts)} prompts" for c in concepts if len(c.prompts) > n]
+    return n, notes
+
+
+class _Loaded:
+    """Each concept's LoRA read once: patches split into UNet and CLIP keys, and file hashes."""
+
+    def __init__(self, model, clip, concepts):
+        self.unet, self.te, self.sha256 = [], [], {}
+        for c in concepts:
+            unet, te, path = _comfy.load_lora_patches(NODE, c.lora, model, clip)
+            self.unet.append(unet)
+            self.te.append(te)
+            self.sha256[c.lora] = _comfy.file_sha256(path)
+
+
+def _select_keys(stage, all_keys, patch_sets, layer_filter, only_lora_layers):
+    pattern = re.compile(layer_filter) if layer_filter.strip() else None
+    keys = [k for k in all_keys if STAGE_PATTERNS[stage].search(k) and (pattern is None or pattern.search(k))]
+    if only_lora_layers:
+        keys = [k for k in keys if any(k in p for p in patch_sets)]
+    if not keys:
+        raise _comfy.NodeError(NODE, f"no {stage} layer to merge: none matches layer_filter '{layer_filter}'"
+                                     + (" among the layers the concept LoRAs touch" if only_lora_layers else ""))
+    return keys
+
+
+def _deltas(patcher, key, patch_sets, strengths):
+    w0 = _comfy.base_weight(patcher, key)
+    deltas = [(_comfy.patch_delta(p[key], w0, key, s) if key in p else None) for p, s in zip(patch_sets, strengths)]
+    return w0, deltas
+
+
+def _outputs(x, w0, delta):
+    w = w0 if delta is None else w0 + delta
+    return x @ w.reshape(w.shape[0], -1).T
+
+
+def _concept_clip(clip, loaded, i, concept, inputs_from):
+    if inputs_from == "concept_lora":
+        return _comfy.clip_with_patches(clip, loaded.te[i], concept.strength_clip)
+    return clip
+
+
+def _info(model, clip, keys, loaded, notes, n_prompts, **extra):
+    info = {"lora_sha256": loaded.sha256, "notes": notes, "prompts_per_concept": n_prompts,
+            "lora_keys": lora_key_names(model, clip, keys)}
+    if model is not None:
+        info["base_model"] = type(model.model.model_config).__name__
+    info.update(extra)
+    return info
+
+
+def lora_key_names(model, clip, keys) -> dict:
+    """For each collected layer, the LoRA key stems ComfyUI maps onto it (kohya and native),
+    so the save node can write files the stock loaders read without seeing the model."""
+    kohya = _comfy.inverse_key_map(model, clip, "kohya")
+    native = _comfy.inverse_key_map(model, clip, "comfy")
+    return {k: {"kohya": kohya.get(k), "comfy": native.get(k)} for k in keys}
+
+
+def _check_concepts(concepts):
+    if not concepts:
+        raise _comfy.NodeError(NODE, "input 'concepts' is empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+def collect_text_encoder(clip, concepts, layer_filter="", only_lora_layers=True, progress=None,
+                         model=None) -> ActivationSet:
+    _check_concepts(concepts)
+    n_prompts, notes = _align_prompt_counts(concepts)
+    loaded = _Loaded(None, clip, concepts)
+    keys = _select_keys("text_encoder", _comfy.state_keys(clip.patcher), loaded.te, layer_filter, only_lora_layers)
+    modules = {k: m for k, m in _comfy.clip_modules(clip).items() if k in keys}
+    xs = []  # per concept: {key: rows}
+    for i, c in enumerate(concepts):
+        clip_i = _comfy.clip_with_patches(clip, loaded.te[i], c.strength_clip)
+        per_prompt = []
+        with _comfy.InputRecorder(modules, first_sequence_only=True) as rec:
+            for p in c.prompts[:n_prompts]:
+                _comfy.encode_prompt(clip_i, p)
+                per_prompt.append(rec.take())
+        xs.append({k: torch.cat([pp[k] for pp in per_prompt]) for k in keys if all(pp[k] is not None for pp in per_prompt)})
+        if progress:
+            progress.step()
+    missing = [k for k in keys if any(k not in x for x in xs)]
+    if missing:  # e.g. layers after a CLIP skip never run
+        notes.append(f"{len(missing)} layers did not run while encoding (CLIP skip?) and are left out")
+        keys = [k for k in keys if k not in missing]
+    layers = []
+    for key in keys:
+        w0, deltas = _deltas(clip.patcher, key, loaded.te, [c.strength_clip for c in concepts])
+        X = [x[key] for x in xs]
+        layers.append(LayerData(key=key, target="clip", base=w0, deltas=deltas,
+                                stats=LayerStats.from_rows(X, [_outputs(x, w0, d) for x, d in zip(X, deltas)])))
+        if progress:
+            progress.step()
+    return ActivationSet("text_encoder", list(concepts), layers,
+                         _info(model, clip, keys, loaded, notes, n_prompts))
+
+
+def collect_cross_attention(model, clip, concepts, layer_filter="", only_lora_layers=True,
+                            inputs_from="concept_lora", progress=None) -> ActivationSet:
+    """X_i is the conditioning the UNet receives for the concept's prompts (``inputs_from``:
+    the wired CLIP with the concept's CLIP LoRA on it, or the wired CLIP as it is, e.g. the
+    text encoder merged by the previous stage); Y_i = X_i (W0 + ΔW_i)ᵀ from the layer weights."""
+    _check_concepts(concepts)
+    n_prompts, notes = _align_prompt_counts(concepts)
+    loaded = _Loaded(model, clip, concepts)
+    keys = _select_keys("cross_attention", _comfy.state_keys(model), loaded.unet, layer_filter, only_lora_layers)
+    xs = []
+    for i, c in enumerate(concepts):
+        clip_i = _concept_clip(clip, loaded, i, c, inputs_from)
+        xs.append(torch.cat([_comfy.encode_prompt(clip_i, p)[0] for p in c.prompts[:n_prompts]]))
+        if progress:
+            progress.step()
+    layers = []
+    for key in keys:
+        w0, deltas = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts])
+        layers.append(LayerData(key=key, target="model", base=w0, deltas=deltas,
+                                stats=LayerStats.from_rows(xs, [_outputs(x, w0, d) for x, d in zip(xs, deltas)])))
+        if progress:
+            progress.step()
+    return ActivationSet("cross_attention", list(concepts), layers,
+                         _info(model, clip, keys, loaded, notes, n_prompts, inputs_from=inputs_from))
+
+
+def record_schedule(steps: int, record_steps: int) -> list[int]:
+    """Indices of the sampling steps whose activations are recorded: ``record_steps`` of them,
+    evenly spread from the first step."""
+    record_steps = max(1, min(record_steps, steps))
+    return sorted({round(i * steps / record_steps) for i in range(record_steps)})
+
+
+def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=True, inputs_from="concept_lora",
+                    steps=20, record_steps=20, width=512, height=512, seed=0, progress=None) -> ActivationSet:
+    """Samples every concept's prompts with its LoRA (Euler, conditional prediction only, the
+    same initial noise for all concepts) and records the spatial layers' inputs at the recorded
+    steps. The concept's LoRA is applied to this stage's layers, and with ``inputs_from`` =
+    concept_lora also to the rest of the UNet and to CLIP; with ``wired`` the rest of the model
+    is as wired (e.g. with the earlier stages' merged deltas applied)."""
+    _check_concepts(concepts)
+    n_prompts, notes = _align_prompt_counts(concepts)
+    loaded = _Loaded(model, clip, concepts)
+    keys = _select_keys("spatial", _comfy.state_keys(model), loaded.unet, layer_filter, only_lora_layers)
+    modules = {k: m for k, m in _comfy.unet_modules(model).items() if k in keys}
+    key_set = set(keys)
+    clones, conds = [], []
+    for i, c in enumerate(concepts):
+        patches = loaded.unet[i] if inputs_from == "concept_lora" else {
+            k: v for k, v in loaded.unet[i].items() if k in key_set}
+        m = model.clone()
+        if patches:
+            m.add_patches(patches, c.strength_model)
+        clones.append(m)
+        clip_i = _concept_clip(clip, loaded, i, c, inputs_from)
+        conds.append(torch.cat([_comfy.encode_prompt(clip_i, p) for p in c.prompts[:n_prompts]]))
+    weights = {}
+    for key in keys:
+        weights[key] = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts])
+    acc = {}
+    for key in keys:
+        w0 = weights[key][0]
+        acc[key] = AdaptiveLayerStats(len(concepts), w0[0].numel(), w0.shape[0])
+
+    sigmas = _comfy.sampling_sigmas(model, steps)
+    record = set(record_schedule(steps, record_steps))
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n_prompts, _comfy.latent_channels(model), height // 8, width // 8), generator=g)
+    xs = [_comfy.initial_latent(model, noise, sigmas[0]) for _ in concepts]
+    for s in range(steps):
+        step_rows = []
+        for i in range(len(concepts)):
+            _comfy.load_patched(clones[i])
+            with _comfy.InputRecorder(modules) as rec:
+                rec.active = s in record
+                den = _comfy.denoise(clones[i], xs[i], sigmas[s], conds[i])
+                step_rows.append(rec.take() if s in record else None)
+            xs[i] = xs[i] + (xs[i] - den) / sigmas[s] * (sigmas[s + 1] - sigmas[s])
+        if s in record:
+            for key in keys:
+                w0, deltas = weights[key]
+                X = [r[key] for r in step_rows]
+                acc[key].add(X, [_outputs(x, w0, d) for x, d in zip(X, deltas)])
+        if progress:
+            progress.step()
+    _comfy.load_patched(model)  # leave the shared module with the wired model's own weights
+    layers = [LayerData(key=k, target="model", base=weights[k][0], deltas=weights[k][1], stats=acc[k].finish())
+              for k in keys]
+    return ActivationSet("spatial", list(concepts), layers,
+                         _info(model, clip, keys, loaded, notes, n_prompts, inputs_from=inputs_from,
+                               steps=steps, recorded_steps=sorted(record), width=width, height=height, seed=seed))
+
+
+def describe(acts: ActivationSet) -> str:
+    mib = acts.nbytes() / 2**20
+    forms = sorted({layer.stats.form for layer in acts.layers})
+    touched = [sum(d is not None for d in layer.deltas) for layer in acts.layers]
+    lines = [f"stage: {acts.stage}", f"concepts: {len(acts.concepts)} ({', '.join(c.label for c in acts.concepts)})",
+             f"layers: {len(acts.layers)}; rows per concept: {acts.layers[0].stats.rows} (first layer); "
+             f"storage: {', '.join(forms)}", f"memory held: {mib:.1f} MiB",
+             f"concepts whose LoRA touches a layer: min {min(touched)}, max {max(touched)} of {len(acts.concepts)}"]
+    lines += acts.info.get("notes", [])
+    return "\n".join(lines)
+
+
+class LoRACLRCollect(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRACLRCollectActivations",
+            display_name="Collect LoRA Activations",
+            category="LoRACLR/merge",
+            description="Records, for each concept, the inputs and LoRA-applied outputs of the layers to merge.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the concept LoRAs were trained on "
+                                                "(for later stages: with the earlier stages' merge applied)."),
+                io.Clip.Input("clip", tooltip="The base text encoder (for later stages: the merged one)."),
+                CONCEPTS.Input("concepts", tooltip="The concepts to merge, from LoRACLR Concept nodes."),
+                io.Combo.Input("stage", options=list(STAGE_PATTERNS), default="cross_attention",
+                               tooltip="text_encoder: CLIP q/k/v/out_proj and fc1/fc2. cross_attention: the UNet's "
+                                       "cross-attention to_k/to_v. spatial: attn1 q/k/v/out, attn2 q/out, feed-forward "
+                                       "and proj_in/out, recorded while sampling. A full merge runs them in this order."),
+                io.Combo.Input("inputs_from", options=list(INPUTS_FROM), default="concept_lora",
+                               tooltip="What feeds the layers being merged. concept_lora: the wired model/CLIP with the "
+                                       "concept's whole LoRA. wired: the model/CLIP as wired (use this after applying "
+                                       "an earlier stage's merge); the concept's LoRA then touches only this stage's layers."),
+                io.String.Input("layer_filter", default="",
+                                tooltip="Optional regular expression: only layers whose key matches are merged."),
+                io.Boolean.Input("only_lora_layers", default=True,
+                                 tooltip="Merge only layers that at least one concept's LoRA changes."),
+                io.Int.Input("steps", default=20, min=1, max=1000,
+                             tooltip="spatial stage: sampling steps per concept."),
+                io.Int.Input("record_steps", default=20, min=1, max=1000,
+                             tooltip="spatial stage: how many of the steps are recorded (evenly spread)."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="spatial stage: image width."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="spatial stage: image height."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="spatial stage: seed of the initial noise (shared by all concepts)."),
+            ],
+            outputs=[ACTIVATIONS.Output(display_name="activations"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concepts, stage, inputs_from="concept_lora", layer_filter="", only_lora_layers=True,
+                steps=20, record_steps=20, width=512, height=512, seed=0):
+        acts = collect_stage(model, clip, concepts, stage, inputs_from=inputs_from, layer_filter=layer_filter or "",
+                             only_lora_layers=only_lora_layers, steps=steps, record_steps=record_steps,
+                             width=width, height=height, seed=seed)
+        text = describe(acts)
+        return io.NodeOutput(acts, text, ui=ui.PreviewText(text))
+
+
+def collect_stage(model, clip, concepts, stage, inputs_from="concept_lora", layer_filter="", only_lora_layers=True,
+                  steps=20, record_steps=20, width=512, height=512, seed=0) -> ActivationSet:
+    if stage not in STAGE_PATTERNS:
+        raise _comfy.NodeError(NODE, f"field 'stage' must be one of {list(STAGE_PATTERNS)}, got '{stage}'")
+    if inputs_from not in INPUTS_FROM:
+        raise _comfy.NodeError(NODE, f"field 'inputs_from' must be one of {list(INPUTS_FROM)}, got '{inputs_from}'")
+    n = len(concepts or ())
+    if stage == "text_encoder":
+        progress = _comfy.Progress(2 * n + 1)
+        return collect_text_encoder(clip, concepts, layer_filter, only_lora_layers, progress, model=model)
+    if stage == "cross_attention":
+        progress = _comfy.Progress(n + 16)
+        return collect_cross_attention(model, clip, concepts, layer_filter, only_lora_layers, inputs_from, progress)
+    return collect_spatial(model, clip, concepts, layer_filter, only_lora_layers, inputs_from, steps, record_steps,
+                           width, height, seed, _comfy.Progress(steps))

@@ -1,0 +1,204 @@
+"""LoRACLR Merge node: one merged ΔW per layer from collected activations."""
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from ..loraclr import METHODS, MergeConfig, merge_layer
+from ..loraclr.bundle import ActivationSet, MergedDelta
+from . import _comfy
+from .collect import ACTIVATIONS, CONCEPTS
+
+MERGED = io.Custom("LORACLR_DELTA")
+
+
+def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None) -> MergedDelta:
+    model, clip, report = {}, {}, []
+    for layer in acts.layers:
+        deltas = layer.delta_list() if config.method in ("sum", "average") else None
+        res = merge_layer(layer.base, layer.stats, config, deltas=deltas)
+        (model if layer.target == "model" else clip)[layer.key] = res.delta
+        report.append({
+            "layer": layer.key, "target": layer.target, "objective": res.objective,
+            "start_objective": res.start_objective, "iterations": res.iterations_run,
+            "converged": res.converged,
+            "concepts": [dict(r, concept=acts.concepts[r["concept"]].label) for r in res.report],
+        })
+        if progress:
+            progress.step()
+    settings = {k: getattr(config, k) for k in config.__dataclass_fields__}
+    return MergedDelta(stage=acts.stage, method=config.method, concepts=acts.concepts, model=model, clip=clip,
+                       settings=settings, report=report, info=dict(acts.info))
+
+
+def format_report(merged: MergedDelta) -> str:
+    def f(x):
+        return "-" if x is None else f"{x:.4g}"
+
+    lines = [f"{merged.stage} merge, method {merged.method}, {len(merged.report)} layers"]
+    for r in merged.report:
+        short = r["layer"].replace("diffusion_model.", "").replace(".weight", "")
+        lines.append(f"{short}: objective {f(r['objective'])} (start {f(r['start_objective'])}, "
+                     f"{r['iterations']} it{', converged' if r['converged'] else ''})")
+        for c in r["concepts"]:
+            lines.append(f"  {c['concept']}: pos {f(c['positive'])}  nearest neg {f(c['nearest_negative'])}  "
+                         f"rel err {f(c['relative_error'])}")
+    return "\n".join(lines)
+
+
+class LoRACLRMerge(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        d = MergeConfig()
+        return io.Schema(
+            node_id="LoRACLRMerge",
+            display_name="LoRACLR Merge",
+            category="LoRACLR/merge",
+            description="Finds one weight delta per layer that keeps every concept's output apart "
+                        "(contrastive LoRACLR objective), or a simple baseline for comparison.",
+            inputs=[
+                ACTIVATIONS.Input("activations", tooltip="From Collect LoRA Activations."),
+                io.Combo.Input("method", options=list(METHODS), default="loraclr",
+                               tooltip="loraclr: contrastive objective. sum / average: of the concepts' deltas. "
+                                       "least_squares: closed-form fit of every concept's outputs (Mix-of-Show's fusion)."),
+                io.Float.Input("margin", default=d.margin, min=0.0, max=1e4, step=0.01,
+                               tooltip="Hinge margin: each concept's merged output is pushed at least this far "
+                                       "from the other concepts' outputs."),
+                io.Float.Input("lambda_con", default=d.lambda_con, min=0.0, max=1e4, step=0.01,
+                               tooltip="Weight of the contrastive (positive + hinge) term."),
+                io.Float.Input("lambda_mse", default=d.lambda_mse, min=0.0, max=1e4, step=0.01,
+                               tooltip="Weight of the mean squared error to each concept's own outputs."),
+                io.Float.Input("lambda_reg", default=d.lambda_reg, min=0.0, max=1e4, step=0.0001,
+                               tooltip="Weight of the Frobenius norm of the merged delta."),
+                io.Float.Input("learning_rate", default=d.lr, min=0.0, max=10.0, step=1e-5,
+                               tooltip="AdamW learning rate of the contrastive optimisation."),
+                io.Int.Input("iterations", default=d.iterations, min=0, max=100000,
+                             tooltip="AdamW iterations per layer; the best iterate is kept."),
+                io.Boolean.Input("warm_start", default=d.warm_start,
+                                 tooltip="Start from the least-squares solution (recommended); off starts at "
+                                         "ΔW = 0 as the original implementation does."),
+                io.Boolean.Input("normalize", default=d.normalize,
+                                 tooltip="Divide distances by the layer's output scale so one margin fits every layer."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed for anything random in the solver (results are deterministic)."),
+            ],
+            outputs=[MERGED.Output(display_name="merged"), io.String.Output(display_name="report")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, activations, method, margin, lambda_con, lambda_mse, lambda_reg, learning_rate,
+                iterations, warm_start, normalize, seed):
+        config = MergeConfig(method=method, margin=margin, lambda_con=lambda_con, lambda_mse=lambda_mse,
+                             lambda_reg=lambda_reg, lr=learning_rate, iterations=iterations,
+                             warm_start=warm_start, normalize=normalize, seed=seed)
+        merged = merge_activations(activations, config, _comfy.Progress(len(activations.layers)))
+        text = format_report(merged)
+        _comfy.send_message("loraclr.merge", {
+            "node": _comfy.node_id(cls), "stage": merged.stage, "method": method,
+            "layers": [{"layer": r["layer"], "objective": r["objective"], "start_objective": r["start_objective"]}
+                       for r in merged.report]})
+        return io.NodeOutput(merged, text, ui=ui.PreviewText(text))
+
+
+PRESETS = {
+    "cross_attention": ("cross_attention",),
+    "text_encoder+cross_attention": ("text_encoder", "cross_attention"),
+    "all": ("text_encoder", "cross_attention", "spatial"),
+}
+
+
+def merge_all_stages(model, clip, concepts, preset: str, config: MergeConfig, layer_filter="",
+                     steps=20, record_steps=20, width=512, height=512, seed=0):
+    """The stages of ``preset`` in order, each collected on the model/CLIP with the previous
+    stages' merged deltas applied (the first stage reads the concepts' own LoRAs throughout)."""
+    from .collect import collect_stage
+
+    if preset not in PRESETS:
+        raise _comfy.NodeError("LoRACLR Merge (all stages)", f"field 'preset' must be one of {list(PRESETS)}")
+    merged_all, texts = None, []
+    for n, stage in enumerate(PRESETS[preset]):
+        acts = collect_stage(model, clip, concepts, stage, inputs_from="concept_lora" if n == 0 else "wired",
+                             layer_filter=layer_filter, steps=steps, record_steps=record_steps,
+                             width=width, height=height, seed=seed)
+        merged = merge_activations(acts, config, _comfy.Progress(len(acts.layers)))
+        model = _comfy.patch_model(model, merged.model, 1.0)
+        clip = _comfy.patch_clip(clip, merged.clip, 1.0)
+        merged_all = merged if merged_all is None else merged_all.combined_with(merged)
+        texts.append(format_report(merged))
+    return model, clip, merged_all, "\n\n".join(texts)
+
+
+class LoRACLRMergeAllStages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        d = MergeConfig()
+        merge_inputs = [i for i in LoRACLRMerge.define_schema().inputs if i.id != "activations"]
+        return io.Schema(
+            node_id="LoRACLRMergeAllStages",
+            display_name="LoRACLR Merge (all stages)",
+            category="LoRACLR/merge",
+            description="Collect → Merge → Apply for each stage of a preset, in order, in one node. "
+                        "Use the separate nodes to cache stages and sweep merge settings cheaply.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the concept LoRAs were trained on."),
+                io.Clip.Input("clip", tooltip="The base text encoder."),
+                CONCEPTS.Input("concepts", tooltip="The concepts to merge, from LoRACLR Concept nodes."),
+                io.Combo.Input("preset", options=list(PRESETS), default="all",
+                               tooltip="Which layers to merge: cross-attention to_k/to_v only; plus the text encoder; "
+                                       "or everything (plus the spatial layers)."),
+                io.String.Input("layer_filter", default="",
+                                tooltip="Optional regular expression: only layers whose key matches are merged."),
+                *merge_inputs,
+                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="spatial stage: sampling steps per concept."),
+                io.Int.Input("record_steps", default=20, min=1, max=1000,
+                             tooltip="spatial stage: how many of the steps are recorded."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="spatial stage: image width."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="spatial stage: image height."),
+                io.Int.Input("sample_seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="spatial stage: seed of the initial noise."),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output(), MERGED.Output(display_name="merged"),
+                     io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concepts, preset, layer_filter, method, margin, lambda_con, lambda_mse, lambda_reg,
+                learning_rate, iterations, warm_start, normalize, seed, steps, record_steps, width, height,
+                sample_seed):
+        config = MergeConfig(method=method, margin=margin, lambda_con=lambda_con, lambda_mse=lambda_mse,
+                             lambda_reg=lambda_reg, lr=learning_rate, iterations=iterations,
+                             warm_start=warm_start, normalize=normalize, seed=seed)
+        m, c, merged, text = merge_all_stages(model, clip, concepts, preset, config, layer_filter or "", steps,
+                                              record_steps, width, height, sample_seed)
+        return io.NodeOutput(m, c, merged, text, ui=ui.PreviewText(text))
+
+
+def parse_values(node: str, text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(";", ",").replace("\n", ",").split(",") if v.strip()]
+    except ValueError as e:
+        raise _comfy.NodeError(node, f"field 'values' must be numbers separated by commas: {e}") from e
+    if not values:
+        raise _comfy.NodeError(node, "field 'values' is empty")
+    return values
+
+
+class LoRACLRSweepValues(io.ComfyNode):
+    """A list of numbers: wired into a widget input, ComfyUI runs the downstream nodes once per
+    value, so one queued prompt performs a whole sweep (e.g. over the merge margin)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRACLRSweepValues",
+            display_name="LoRACLR Sweep Values",
+            category="LoRACLR/utils",
+            description="Outputs a list of numbers; downstream nodes run once per value (a sweep in one queued prompt).",
+            inputs=[io.String.Input("values", default="0.25, 0.5, 1.0",
+                                    tooltip="Numbers separated by commas, e.g. margins to try.")],
+            outputs=[io.Float.Output(display_name="value", is_output_list=True)],
+        )
+
+    @classmethod
+    def execute(cls, values):
+        return io.NodeOutput(parse_values("LoRACLR Sweep Values", values))

@@ -1,0 +1,185 @@
+"""A real ComfyUI server (main.py --cpu) with the pack in custom_nodes, driven over HTTP."""
+import json
+import os
+import sys
+
+import pytest
+from safetensors import safe_open
+
+from _harness import COMFY, ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import comfy_client  # noqa: E402
+import make_workflows  # noqa: E402
+
+PACK_NODES = ["LoRACLRConcept", "LoRACLRCollectActivations", "LoRACLRMerge", "LoRACLRApplyDelta", "LoRACLRSaveLoRA",
+              "LoRACLRMergeAllStages", "LoRACLRSweepValues"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    out = tmp_path_factory.mktemp("comfy_out")
+    log = str(out / "server.log")
+    with comfy_client.ComfyServer(str(COMFY), output_dir=str(out), log_path=log) as s:
+        s.out_dir = str(out)
+        s.log = log
+        yield s
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+def test_object_info_lists_every_pack_node_with_tooltips(server, object_info):
+    for name in PACK_NODES:
+        assert name in object_info, f"{name} missing; server log: {server.log}"
+        info = object_info[name]
+        assert info["category"].startswith("LoRACLR/")
+        for section in ("required", "optional"):
+            for inp, spec in info["input"].get(section, {}).items():
+                opts = spec[1] if len(spec) > 1 else {}
+                assert opts.get("tooltip"), f"{name}.{inp} has no tooltip"
+    # Concept node offers the test LoRAs in its file list
+    files = object_info["LoRACLRConcept"]["input"]["required"]["lora_name"]
+    files = files[1]["options"] if files[0] == "COMBO" else files[0]
+    assert "loraclr_test/concept_a_kohya.safetensors" in files
+
+
+def test_example_workflows_are_generated_from_code():
+    for name in make_workflows.WORKFLOWS:
+        with open(os.path.join(make_workflows.OUT_DIR, name)) as f:
+            assert f.read() == make_workflows.render(name), f"{name} is stale: run scripts/make_workflows.py"
+
+
+def test_ui_to_api_maps_widgets_in_schema_order(object_info):
+    wf = comfy_client.load_workflow(os.path.join(make_workflows.OUT_DIR, "loraclr_merge_two_concepts.json"))
+    api = comfy_client.ui_to_api(wf, object_info)
+    by_type = {v["class_type"]: v["inputs"] for v in api.values()}
+    ks = by_type["KSampler"]
+    assert (ks["seed"], ks["steps"], ks["cfg"], ks["sampler_name"], ks["scheduler"], ks["denoise"]) == \
+        (42, 8, 5.0, "euler", "normal", 1.0)  # the seed's "fixed" control value is skipped
+    merge = by_type["LoRACLRMerge"]
+    assert merge["method"] == "loraclr" and merge["margin"] == 0.5 and merge["iterations"] == 50
+    assert merge["warm_start"] is True and merge["activations"][1] == 0
+
+
+def _errors(hist):
+    return [m for kind, m in hist["status"].get("messages", []) if kind == "execution_error"]
+
+
+def test_example_merge_workflow_runs_and_stock_loader_samples_the_saved_lora(server, object_info):
+    import shutil
+
+    sub = "loraclr_pytest_server"
+    lora_dir = COMFY / "models" / "loras" / sub
+    shutil.rmtree(lora_dir, ignore_errors=True)
+    try:
+        wf = comfy_client.load_workflow(os.path.join(make_workflows.OUT_DIR, "loraclr_merge_two_concepts.json"))
+        api = comfy_client.ui_to_api(wf, object_info)
+        save_id = next(k for k, v in api.items() if v["class_type"] == "LoRACLRSaveLoRA")
+        api[save_id]["inputs"]["filename"] = f"{sub}/merged"
+        hist = comfy_client.run_prompt(server.url, api)
+        assert hist["status"]["status_str"] == "success", (_errors(hist), server.log)
+
+        images = [img for out in hist["outputs"].values() for img in out.get("images", [])]
+        assert len(images) == 1
+        img_path = os.path.join(server.out_dir, images[0]["subfolder"], images[0]["filename"])
+        assert os.path.getsize(img_path) > 1000
+
+        lora_path = lora_dir / "merged.safetensors"
+        with safe_open(str(lora_path), "pt") as f:
+            meta, keys = f.metadata(), list(f.keys())
+        assert meta["loraclr_method"] == "loraclr" and meta["loraclr_stage"] == "cross_attention"
+        assert len(keys) == 8 * 3 and all(k.startswith("lora_unet_") for k in keys)
+        assert "concept_a_kohya" in meta["loraclr_concepts"] and "concept_b_peft" in meta["loraclr_concepts"]
+        assert not [p for p in os.listdir(lora_dir) if p.endswith(".tmp")]
+
+        # The stock LoraLoader reads the saved file and the model samples with it.
+        prompt = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "loraclr_micro_sd15.safetensors"}},
+            "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                  "lora_name": f"{sub}/merged.safetensors", "strength_model": 1.0, "strength_clip": 1.0}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "photo of a sks"}},
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": ""}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0],
+                  "latent_image": ["5", 0], "seed": 1, "steps": 2, "cfg": 4.0, "sampler_name": "euler",
+                  "scheduler": "normal", "denoise": 1.0}},
+            "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+            "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "loraclr_pytest/reload"}},
+        }
+        hist = comfy_client.run_prompt(server.url, prompt)
+        assert hist["status"]["status_str"] == "success", (_errors(hist), server.log)
+        with open(server.log) as f:
+            log = f.read()
+        assert "lora key not loaded" not in log
+    finally:
+        shutil.rmtree(lora_dir, ignore_errors=True)
+
+
+def _run_example(server, object_info, name, edit):
+    wf = comfy_client.load_workflow(os.path.join(make_workflows.OUT_DIR, name))
+    api = comfy_client.ui_to_api(wf, object_info)
+    for node in api.values():
+        edit(node)
+    hist = comfy_client.run_prompt(server.url, api)
+    assert hist["status"]["status_str"] == "success", (_errors(hist), server.log)
+    return hist
+
+
+def test_three_stage_example_runs_every_stage_on_the_server(server, object_info):
+    import shutil
+
+    sub = "loraclr_pytest_stages"
+    shutil.rmtree(COMFY / "models" / "loras" / sub, ignore_errors=True)
+
+    def small(node):
+        inp = node["inputs"]
+        if node["class_type"] == "LoRACLRCollectActivations":
+            inp.update(steps=3, record_steps=3, width=64, height=64)
+        if node["class_type"] == "LoRACLRMerge":
+            inp.update(iterations=10)
+        if node["class_type"] == "EmptyLatentImage":
+            inp.update(width=64, height=64)
+        if node["class_type"] == "LoRACLRSaveLoRA":
+            inp.update(filename=f"{sub}/three_{{method}}")
+
+    try:
+        hist = _run_example(server, object_info, "loraclr_merge_three_concepts_all_stages.json", small)
+        texts = "\n".join(str(t) for out in hist["outputs"].values() for t in out.get("text", []))
+        for stage in ("text_encoder", "cross_attention", "spatial"):
+            assert f"{stage} merge, method loraclr" in texts
+        with safe_open(str(COMFY / "models" / "loras" / sub / "three_loraclr.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        assert sum(k.startswith("lora_te_") for k in keys) == 12 * 3
+        assert sum(k.startswith("lora_unet_") for k in keys) == (8 + 12) * 3
+    finally:
+        shutil.rmtree(COMFY / "models" / "loras" / sub, ignore_errors=True)
+
+
+def test_margin_sweep_saves_one_file_per_value(server, object_info):
+    import shutil
+
+    sub = "loraclr_pytest_sweep"
+    lora_dir = COMFY / "models" / "loras" / sub
+    shutil.rmtree(lora_dir, ignore_errors=True)
+
+    def edit(node):
+        if node["class_type"] == "LoRACLRSaveLoRA":
+            node["inputs"]["filename"] = f"{sub}/margin_{{margin}}"
+        if node["class_type"] == "LoRACLRMerge":
+            node["inputs"]["iterations"] = 10
+
+    try:
+        _run_example(server, object_info, "loraclr_margin_sweep.json", edit)
+        files = sorted(os.listdir(lora_dir))
+        assert files == ["margin_0.25.safetensors", "margin_0.5.safetensors", "margin_1.safetensors",
+                         "margin_2.safetensors"]
+        margins = []
+        for f in files:
+            with safe_open(str(lora_dir / f), "pt") as fh:
+                margins.append(json.loads(fh.metadata()["loraclr_settings"])["margin"])
+        assert sorted(margins) == [0.25, 0.5, 1.0, 2.0]
+    finally:
+        shutil.rmtree(lora_dir, ignore_errors=True)

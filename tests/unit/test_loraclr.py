@@ -1,0 +1,186 @@
+"""loraclr/ on random problems, against references written here from stacked raw activations."""
+import pytest
+import torch
+
+from comfyui_loraclr.loraclr import (LayerStats, MergeConfig, StatsAccumulator, average_merge, least_squares_merge,
+                                     loraclr_objective, low_rank_factors, merge_layer, sum_merge)
+from comfyui_loraclr.loraclr.streaming import AdaptiveLayerStats
+
+
+def make_problem(N=3, n=20, d_in=12, d_out=7, seed=0, dtype=torch.float64, delta_scale=0.3, spread=1.0):
+    """Random layer; ``spread`` < 1 makes the concepts' inputs share most of their content, as
+    prompts from one template do, so their outputs are close and the hinge is active."""
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(d_out, d_in, generator=g, dtype=dtype) / d_in ** 0.5
+    deltas = [delta_scale * torch.randn(d_out, 2, generator=g, dtype=dtype) @ torch.randn(2, d_in, generator=g, dtype=dtype)
+              / d_in ** 0.5 for _ in range(N)]
+    common = torch.randn(n, d_in, generator=g, dtype=dtype)
+    X = [(1 - spread) * common + spread * torch.randn(n, d_in, generator=g, dtype=dtype) for _ in range(N)]
+    Y = [x @ (W0 + d).T for x, d in zip(X, deltas)]
+    return W0, deltas, X, Y
+
+
+def reference_objective(W, W0, X, Y, margin, lc, lm, lr, normalize=False):
+    """The objective straight from its definition, with loops and plain norms."""
+    N = len(X)
+    preds = [(x @ W.T).flatten() for x in X]
+    targets = [y.flatten() for y in Y]
+    scale = torch.sqrt(torch.stack([t.pow(2).sum() for t in targets]).mean()) if normalize else 1.0
+    d = [[torch.linalg.norm(preds[i] - targets[j]) / scale for j in range(N)] for i in range(N)]
+    con = 0
+    for i in range(N):
+        neg = min((d[i][j] for j in range(N) if j != i), default=None)
+        hinge = torch.clamp(margin - neg, min=0) ** 2 if neg is not None else 0
+        con = con + d[i][i] ** 2 + hinge
+    con = con / N
+    mse = torch.mean((torch.cat(preds) - torch.cat(targets)) ** 2)
+    return lc * con + lm * mse + lr * torch.linalg.norm(W - W0)
+
+
+@pytest.mark.parametrize("N", [1, 2, 5])
+@pytest.mark.parametrize("form", ["rows", "gram"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_objective_value_and_gradient_match_reference(N, form, normalize):
+    W0, deltas, X, Y = make_problem(N=N, n=15 if form == "rows" else 40, d_in=12 if form == "rows" else 6)
+    stats = LayerStats.from_rows(X, Y, force=form)
+    assert stats.form == form
+    # a point where some hinges are active and some are not
+    W = (W0 + 0.5 * deltas[0] + 0.01 * torch.randn(W0.shape, generator=torch.Generator().manual_seed(3),
+                                                   dtype=torch.float64)).requires_grad_(True)
+    margin = 5.0 if not normalize else 0.3
+    ours, _ = loraclr_objective(W, stats, W0, margin=margin, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001,
+                                normalize=normalize)
+    (g_ours,) = torch.autograd.grad(ours, W)
+    Wr = W.detach().clone().requires_grad_(True)
+    ref = reference_objective(Wr, W0, X, Y, margin, 1.0, 0.1, 0.001, normalize)
+    (g_ref,) = torch.autograd.grad(ref, Wr)
+    assert ours.dtype == torch.float64
+    assert abs(ours.item() - ref.item()) <= 1e-6 * abs(ref.item())
+    assert torch.allclose(g_ours, g_ref, rtol=1e-6, atol=1e-9 * g_ref.abs().max().item())
+
+
+def test_objective_in_float32_from_float16_inputs_does_not_overflow():
+    W0, deltas, X, Y = make_problem(N=3, n=30, d_in=12, dtype=torch.float32)
+    big = [y * 3000 for y in Y]  # distances² far above the float16 range
+    stats = LayerStats.from_rows([x.half() * 3000 for x in X], [b.half() for b in big])
+    value, parts = loraclr_objective(W0.clone(), stats, W0)
+    assert torch.isfinite(value) and value.dtype == torch.float32 and parts["positive"] > 65504
+
+
+def test_gram_equals_rows_and_streaming_equals_batch():
+    W0, deltas, X, Y = make_problem(N=4, n=60, d_in=8, d_out=5, dtype=torch.float32)
+    rows = LayerStats.from_rows(X, Y, force="rows")
+    gram = LayerStats.from_rows(X, Y, force="gram")
+    W = W0 + deltas[1]
+    a, _ = loraclr_objective(W, rows, W0)
+    b, _ = loraclr_objective(W, gram, W0)
+    assert abs(a.item() - b.item()) <= 1e-4 * abs(a.item())
+    acc = StatsAccumulator(4, 8, 5)
+    for k in range(0, 60, 15):
+        acc.add([x[k:k + 15] for x in X], [y[k:k + 15] for y in Y])
+    chunked = acc.finish()
+    assert chunked.rows == 60
+    torch.testing.assert_close(chunked.G, gram.G)
+    torch.testing.assert_close(chunked.C, gram.C)
+    torch.testing.assert_close(chunked.yy, gram.yy)
+
+
+def test_adaptive_stats_fold_to_gram_and_stop_growing():
+    W0, deltas, X, Y = make_problem(N=3, n=80, d_in=8, d_out=4, dtype=torch.float32)
+    acc = AdaptiveLayerStats(3, 8, 4)
+    sizes = []
+    for k in range(0, 80, 10):
+        acc.add([x[k:k + 10] for x in X], [y[k:k + 10] for y in Y])
+        sizes.append(acc.nbytes())
+    assert acc.form == "gram" and sizes[-1] == sizes[-2] == sizes[-3]
+    assert max(sizes) <= sizes[-1]
+    out = acc.finish()
+    ref = LayerStats.from_rows(X, Y, force="gram")
+    torch.testing.assert_close(out.C, ref.C)
+
+
+def test_least_squares_overdetermined_matches_lstsq():
+    W0, deltas, X, Y = make_problem(N=3, n=40, d_in=10, d_out=6)
+    stats = LayerStats.from_rows(X, Y)
+    dW = least_squares_merge(W0, stats, ridge=1e-12).double()
+    sol = torch.linalg.lstsq(torch.cat(X), torch.cat(Y)).solution.T
+    torch.testing.assert_close(W0 + dW, sol, rtol=1e-5, atol=1e-6)
+
+
+def test_least_squares_underdetermined_is_the_minimum_norm_change():
+    W0, deltas, X, Y = make_problem(N=2, n=4, d_in=20, d_out=5)
+    stats = LayerStats.from_rows(X, Y)
+    assert stats.form == "rows"
+    dW = least_squares_merge(W0, stats, ridge=1e-9).double()
+    Xs = torch.cat(X)
+    target = torch.cat(Y) - Xs @ W0.T
+    sol = torch.linalg.lstsq(Xs, target, driver="gelsd").solution.T
+    torch.testing.assert_close(dW, sol, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_loraclr_beats_its_start_and_is_deterministic(warm_start):
+    # concepts whose outputs are close together: the hinge is active at the start
+    W0, deltas, X, Y = make_problem(N=4, n=30, d_in=16, d_out=8, dtype=torch.float32, delta_scale=0.3, spread=0.05)
+    stats = LayerStats.from_rows(X, Y)
+    cfg = MergeConfig(margin=5.0, lr=1e-3, iterations=50, warm_start=warm_start)
+    res = merge_layer(W0, stats, cfg)
+    assert res.objective < res.start_objective
+    assert min(res.history) == pytest.approx(res.objective, rel=1e-5)
+    again = merge_layer(W0, stats, cfg)
+    assert torch.equal(res.delta, again.delta)
+    # the official defaults (lr 1e-4, 50 iterations) from ΔW = 0 keep the best iterate too
+    off = merge_layer(W0, stats, MergeConfig(warm_start=False))
+    assert off.objective <= off.start_objective and len(off.history) == 51
+
+
+def test_report_and_baselines():
+    W0, deltas, X, Y = make_problem(N=3, n=30, d_in=16, d_out=8, dtype=torch.float32)
+    stats = LayerStats.from_rows(X, Y)
+    torch.testing.assert_close(sum_merge(deltas), deltas[0] + deltas[1] + deltas[2])
+    torch.testing.assert_close(average_merge(deltas), (deltas[0] + deltas[1] + deltas[2]) / 3)
+    res = merge_layer(W0, stats, MergeConfig(method="sum"), deltas=deltas)
+    torch.testing.assert_close(res.delta, sum_merge(deltas))
+    zero = merge_layer(W0, stats, MergeConfig(method="average"), deltas=[torch.zeros_like(d) for d in deltas])
+    for r in zero.report:  # ΔW = 0: the relative error is exactly 1
+        assert r["relative_error"] == pytest.approx(1.0, rel=1e-5)
+    own = merge_layer(W0, LayerStats.from_rows(X[:1], Y[:1]), MergeConfig(method="sum"), deltas=deltas[:1])
+    assert own.report[0]["relative_error"] < 1e-3 and own.report[0]["nearest_negative"] is None
+    with pytest.raises(ValueError, match="deltas"):
+        merge_layer(W0, stats, MergeConfig(method="sum"))
+    with pytest.raises(ValueError, match="same number of rows"):
+        LayerStats.from_rows([X[0], X[1][:5]], [Y[0], Y[1][:5]])
+
+
+def test_conv_1x1_round_trip():
+    W0, deltas, X, Y = make_problem(N=2, n=30, d_in=16, d_out=8, dtype=torch.float32)
+    stats = LayerStats.from_rows(X, Y)
+    res = merge_layer(W0.reshape(8, 16, 1, 1), stats, MergeConfig(method="least_squares"))
+    assert res.delta.shape == (8, 16, 1, 1)
+    flat = merge_layer(W0, stats, MergeConfig(method="least_squares")).delta
+    torch.testing.assert_close(res.delta.reshape(8, 16), flat)
+
+
+def test_low_rank_factors():
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(12, 20, generator=g)
+    up, down, e = low_rank_factors(d, 0)
+    torch.testing.assert_close(up @ down, d, atol=1e-5, rtol=1e-5)
+    assert e == pytest.approx(1.0)
+    s = torch.linalg.svdvals(d.double())
+    up, down, e = low_rank_factors(d, 3)
+    assert up.shape == (12, 3) and down.shape == (3, 20)
+    assert e == pytest.approx(float(s[:3].pow(2).sum() / s.pow(2).sum()), rel=1e-6)
+    conv = torch.randn(8, 4, 3, 3, generator=g)
+    up, down, e = low_rank_factors(conv, "full")
+    assert up.shape == (8, 8, 1, 1) and down.shape == (8, 4, 3, 3)
+    torch.testing.assert_close((up.reshape(8, 8) @ down.reshape(8, -1)).reshape(conv.shape), conv, atol=1e-5, rtol=1e-5)
+    assert low_rank_factors(torch.zeros(3, 4), 2)[2] == 1.0
+
+
+def test_merge_runs_under_inference_mode():
+    W0, deltas, X, Y = make_problem(N=2, n=30, d_in=16, d_out=8, dtype=torch.float32, spread=0.05)
+    with torch.inference_mode():
+        stats = LayerStats.from_rows([x.clone() for x in X], [y.clone() for y in Y])
+        res = merge_layer(W0.clone(), stats, MergeConfig(margin=5.0, lr=1e-3, iterations=5))
+    assert res.iterations_run == 5 and torch.isfinite(res.delta).all()
