@@ -68,17 +68,50 @@ class LayerStats:
 
 class StatsAccumulator:
     """Gram-form statistics accumulated chunk by chunk: memory does not grow with the number of
-    chunks. The i-th chunk of every concept must cover the same rows."""
+    chunks. The i-th chunk of every concept must cover the same rows.
 
-    def __init__(self, n_concepts: int, in_features: int, out_features: int, dtype=torch.float32):
+    Two ways to feed it:
+
+    * ``add(X, Y)`` with recorded outputs: accumulates G_i and C_ij = X_iᵀY_j directly
+      (N² · rows · in · out multiply-adds per chunk).
+    * ``weights=[W_i]`` at construction and ``add(X)``: when Y_j = X_j W_jᵀ (a linear layer), only the
+      input cross-Grams H_ij = X_iᵀX_j for i ≤ j are accumulated (N(N+1)/2 · rows · in²) and
+      C_ij = H_ij W_jᵀ is formed once at the end, independent of the number of rows.
+    """
+
+    def __init__(self, n_concepts: int, in_features: int, out_features: int, dtype=torch.float32, weights=None):
         self.n, self.d_in, self.d_out = n_concepts, in_features, out_features
         self.dtype = dtype
+        self.rows = 0
+        self.weights = None
+        if weights is not None:
+            if len(weights) != n_concepts:
+                raise ValueError(f"need one weight per concept, got {len(weights)} for {n_concepts}")
+            self.weights = [w.reshape(w.shape[0], -1).to(dtype) for w in weights]
+            if any(w.shape != (out_features, in_features) for w in self.weights):
+                raise ValueError(f"weights must be ({out_features}, {in_features})")
+            # block row i holds H_ij for j >= i, side by side: (in, (N - i) · in)
+            self.H = [torch.zeros(in_features, (n_concepts - i) * in_features, dtype=dtype) for i in range(n_concepts)]
+            return
         self.G = torch.zeros(n_concepts, in_features, in_features, dtype=dtype)
         self.C = torch.zeros(n_concepts, n_concepts, in_features, out_features, dtype=dtype)
         self.yy = torch.zeros(n_concepts, dtype=torch.float64)
-        self.rows = 0
 
-    def add(self, X, Y):
+    def add(self, X, Y=None):
+        if self.weights is not None:
+            if Y is not None:
+                raise ValueError("this accumulator computes outputs from its weights: call add(X)")
+            n, d_in, _ = LayerStats._check(X, [x[:, :1] for x in X])
+            if len(X) != self.n or d_in != self.d_in:
+                raise ValueError(f"chunk shape ({len(X)} concepts, {d_in} wide) does not match the accumulator "
+                                 f"({self.n} concepts, {self.d_in} wide)")
+            Xcat = torch.cat([x.to(self.dtype) for x in X], dim=1)  # (n, N · in)
+            for i in range(self.n):
+                self.H[i] += Xcat[:, i * self.d_in:(i + 1) * self.d_in].T @ Xcat[:, i * self.d_in:]
+            self.rows += n
+            return
+        if Y is None:
+            raise ValueError("add(X, Y) needs the outputs (or construct the accumulator with weights)")
         n, d_in, d_out = LayerStats._check(X, Y)
         if len(X) != self.n or d_in != self.d_in or d_out != self.d_out:
             raise ValueError(f"chunk shape ({len(X)} concepts, {d_in}→{d_out}) does not match the accumulator "
@@ -96,4 +129,15 @@ class StatsAccumulator:
     def finish(self) -> LayerStats:
         if self.rows == 0:
             raise ValueError("no rows were added")
-        return LayerStats("gram", self.rows, self.d_in, self.d_out, G=self.G, C=self.C, yy=self.yy.to(self.dtype))
+        if self.weights is None:
+            return LayerStats("gram", self.rows, self.d_in, self.d_out, G=self.G, C=self.C, yy=self.yy.to(self.dtype))
+        N, d = self.n, self.d_in
+        G = torch.stack([self.H[i][:, :d] for i in range(N)])
+        C = torch.empty(N, N, d, self.d_out, dtype=self.dtype)
+        for i in range(N):
+            for j in range(N):
+                H_ij = self.H[i][:, (j - i) * d:(j - i + 1) * d] if j >= i else self.H[j][:, (i - j) * d:(i - j + 1) * d].T
+                C[i, j] = H_ij @ self.weights[j].T
+        yy = torch.stack([((self.weights[j].double() @ G[j].double()) * self.weights[j].double()).sum()
+                          for j in range(N)])
+        return LayerStats("gram", self.rows, d, self.d_out, G=G, C=C, yy=yy.to(self.dtype))

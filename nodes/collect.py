@@ -255,8 +255,10 @@ def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=Tru
         weights[key] = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts])
     acc = {}
     for key in keys:
-        w0 = weights[key][0]
-        acc[key] = AdaptiveLayerStats(len(concepts), w0[0].numel(), w0.shape[0])
+        w0, deltas = weights[key]
+        # outputs are X_i (W0 + ΔW_i)ᵀ: only inputs are kept, folded into cross-Grams when larger
+        acc[key] = AdaptiveLayerStats(len(concepts), w0[0].numel(), w0.shape[0],
+                                      weights=[w0 if d is None else w0 + d for d in deltas])
 
     sigmas = _comfy.sampling_sigmas(model, steps)
     record = set(record_schedule(steps, record_steps))
@@ -274,9 +276,7 @@ def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=Tru
             xs[i] = xs[i] + (xs[i] - den) / sigmas[s] * (sigmas[s + 1] - sigmas[s])
         if s in record:
             for key in keys:
-                w0, deltas = weights[key]
-                X = [r[key] for r in step_rows]
-                acc[key].add(X, [_outputs(x, w0, d) for x, d in zip(X, deltas)])
+                acc[key].add([r[key] for r in step_rows])
         if progress:
             progress.step()
     _comfy.load_patched(model)  # leave the shared module with the wired model's own weights

@@ -71,10 +71,10 @@ def test_spatial_stage_samples_in_lockstep_with_bounded_memory(micro, pack):
     assert acts.info["recorded_steps"] == [0, 1, 2]
 
     # more recorded steps: gram statistics, memory independent of the number of steps
-    more = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", steps=8, record_steps=8, width=64,
+    more = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", steps=24, record_steps=24, width=64,
                                        height=64, seed=7).result[0]
-    assert more.layers[0].stats.form == "gram" and more.layers[0].stats.rows == 2 * 64 * 8
-    twice = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", steps=16, record_steps=16, width=64,
+    assert more.layers[0].stats.form == "gram" and more.layers[0].stats.rows == 2 * 64 * 24
+    twice = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", steps=48, record_steps=48, width=64,
                                         height=64, seed=7).result[0]
     assert twice.nbytes() == more.nbytes()
 

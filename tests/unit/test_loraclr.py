@@ -184,3 +184,25 @@ def test_merge_runs_under_inference_mode():
         stats = LayerStats.from_rows([x.clone() for x in X], [y.clone() for y in Y])
         res = merge_layer(W0.clone(), stats, MergeConfig(margin=5.0, lr=1e-3, iterations=5))
     assert res.iterations_run == 5 and torch.isfinite(res.delta).all()
+
+
+def test_cross_gram_accumulation_from_weights_equals_direct():
+    W0, deltas, X, Y = make_problem(N=4, n=90, d_in=8, d_out=5, dtype=torch.float32)
+    direct = LayerStats.from_rows(X, Y, force="gram")
+    acc = StatsAccumulator(4, 8, 5, weights=[W0 + d for d in deltas])
+    for k in range(0, 90, 30):
+        acc.add([x[k:k + 30] for x in X])
+    via_h = acc.finish()
+    torch.testing.assert_close(via_h.G, direct.G, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(via_h.C, direct.C, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(via_h.yy, direct.yy, rtol=1e-5, atol=1e-3)
+    ad = AdaptiveLayerStats(4, 8, 5, weights=[W0 + d for d in deltas])
+    for k in range(0, 90, 10):
+        ad.add([x[k:k + 10] for x in X])
+    assert ad.form == "gram"
+    torch.testing.assert_close(ad.finish().C, direct.C, rtol=1e-5, atol=1e-4)
+    few = AdaptiveLayerStats(4, 8, 5, weights=[W0 + d for d in deltas])
+    few.add([x[:6] for x in X])
+    out = few.finish()
+    assert out.form == "rows"
+    torch.testing.assert_close(out.Y[2], Y[2][:6])
