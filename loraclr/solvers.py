@@ -26,7 +26,7 @@ class MergeConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     iterations: int = 50
-    warm_start: bool = True  # least-squares start; False starts at ΔW = 0 like the official code
+    warm_start: bool = True  # start at the exact hinge-free minimiser; False starts at ΔW = 0 like the official code
     ridge: float = 1e-4  # relative to the mean diagonal of Σ G_i
     normalize: bool = False
     seed: int = 0
@@ -74,6 +74,50 @@ def _least_squares(problem: Problem, ridge: float) -> torch.Tensor:
     return Z.T  # (out, in)
 
 
+def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
+    """Exact minimiser of the objective without its hinge term.
+
+    Without the hinge, the objective is a·Σ_i d(i,i)² + b·||ΔW||_F with a = λ_con/(N·s²) + λ_mse/(N·n·out)
+    (s = the normalisation scale, or 1) and b = λ_reg. Its stationary point solves
+    ΔW (ΣG_i + μI) = Σ_i E_iiᵀ with μ = b / (2a ||ΔW||), a ridge solution whose ridge is fixed by a
+    one-dimensional equation: μ·||ΔW(μ)|| increases monotonically in μ, so it is found by bisection
+    on the eigen-decomposition of ΣG_i (one decomposition, then O(in) work per trial μ).
+    The configured ``ridge`` (relative to the mean diagonal of ΣG_i) is a floor on μ.
+    When no hinge is active at this point, it is the global minimum of the full objective (the
+    hinge terms are non-negative and vanish there)."""
+    G = problem.G_sum.to(torch.float64)
+    E = problem.E_diag_sum.to(torch.float64)  # (in, out)
+    s2 = problem.scale ** 2 if cfg.normalize else 1.0
+    a = cfg.lambda_con / (problem.N * s2) + cfg.lambda_mse / (problem.N * problem.rows * problem.out_features)
+    b = cfg.lambda_reg
+    if a <= 0:
+        return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
+    lam, V = torch.linalg.eigh(G)
+    lam = lam.clamp_min(0)
+    M = E.T @ V  # (out, in) in the eigenbasis
+    cn = M.pow(2).sum(0)
+    floor = cfg.ridge * float(torch.diagonal(G).mean().clamp_min(1e-30))
+
+    def norm(mu):
+        return float(torch.sqrt((cn / (lam + mu).pow(2)).sum()))
+
+    target = b / (2 * a)
+    mu = floor
+    if target > 0 and floor * norm(floor) < target:
+        if float(torch.sqrt(cn.sum())) <= target:  # the norm penalty wins: ΔW = 0
+            return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
+        lo, hi = floor, max(floor, 1.0)
+        while hi * norm(hi) < target:
+            hi *= 4.0
+        for _ in range(100):
+            mid = (lo * hi) ** 0.5 if lo > 0 else hi / 2
+            lo, hi = (mid, hi) if mid * norm(mid) < target else (lo, mid)
+            if hi - lo <= 1e-12 * hi:
+                break
+        mu = hi
+    return (M / (lam + mu)) @ V.T
+
+
 def least_squares_merge(W0, stats: LayerStats, ridge: float = 1e-4, problem: Problem | None = None) -> torch.Tensor:
     """Closed-form minimiser of Σ_i ||X_i (W0 + ΔW)ᵀ − Y_i||² + ε||ΔW||²:
     ΔW = (Σ_i (C_iiᵀ − W0 G_i)) (Σ_i G_i + εI)⁻¹ with ε = ridge · mean diag(Σ G_i).
@@ -94,6 +138,18 @@ def _report(problem: Problem, dW: torch.Tensor) -> list:
         out.append({"concept": i, "positive": float(D[i, i]), "nearest_negative": neg,
                     "relative_error": float(D[i, i]) / denom if denom > 0 else (0.0 if float(D[i, i]) == 0 else None)})
     return out
+
+
+def _hinges_inactive(problem: Problem, dW: torch.Tensor, cfg: MergeConfig) -> bool:
+    """True when every concept's nearest other concept is at least the margin away: then the
+    hinge-free minimiser is the global minimum and no iteration can improve it."""
+    if problem.N < 2:
+        return True
+    D = problem.distance_matrix(dW)
+    if cfg.normalize:
+        D = D / problem.scale
+    D.fill_diagonal_(float("inf"))
+    return bool((D.min(dim=1).values >= cfg.margin).all())
 
 
 def _optimise(problem: Problem, start: torch.Tensor, cfg: MergeConfig):
@@ -158,14 +214,16 @@ def _merge_layer(W0, stats, cfg, deltas):
         dW = sum_merge(flat) if cfg.method == "sum" else average_merge(flat)
         start_value = score(torch.zeros_like(dW))[0]
     else:
-        zero = torch.zeros(stats.out_features, stats.in_features)
-        if cfg.method == "least_squares" or cfg.warm_start:
+        if cfg.method == "least_squares":
             start = _least_squares(problem, cfg.ridge).to(torch.float32)
+        elif cfg.warm_start:
+            start = smooth_minimiser(problem, cfg).to(torch.float32)
         else:
-            start = zero
+            start = torch.zeros(stats.out_features, stats.in_features)
         start_value = score(start)[0]
         dW = start
-        if cfg.method == "loraclr" and cfg.iterations > 0:
+        certified = cfg.warm_start and _hinges_inactive(scoring, start, cfg)
+        if cfg.method == "loraclr" and cfg.iterations > 0 and not certified:
             dW, history, converged, iterations = _optimise(problem, start, cfg)
     value, parts = score(dW)
     return MergeResult(delta=dW.to(torch.float32).reshape(shape).contiguous(), method=cfg.method, objective=value,

@@ -176,4 +176,5 @@ def test_baselines_in_the_same_node(pack, merged_two):
     # contrastive result (best iterate from the least-squares start) is never worse than its
     # start and beats simply adding the LoRAs on every layer
     for r_l, r_ls, r_sum in zip(loraclr.report, out["least_squares"].report, out["sum"].report):
-        assert r_l["objective"] <= r_ls["objective"] < r_sum["objective"]
+        # (float32 scoring: equal up to rounding when the least-squares point is already optimal)
+        assert r_l["objective"] <= r_ls["objective"] * (1 + 1e-6) and r_ls["objective"] < r_sum["objective"]

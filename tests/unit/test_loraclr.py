@@ -206,3 +206,33 @@ def test_cross_gram_accumulation_from_weights_equals_direct():
     out = few.finish()
     assert out.form == "rows"
     torch.testing.assert_close(out.Y[2], Y[2][:6])
+
+
+@pytest.mark.parametrize("form", ["rows", "gram"])
+def test_smooth_minimiser_is_the_exact_optimum_without_hinge(form):
+    from comfyui_loraclr.loraclr import Problem, smooth_minimiser
+
+    W0, deltas, X, Y = make_problem(N=3, n=10 if form == "rows" else 60, d_in=16, d_out=6)
+    stats = LayerStats.from_rows(X, Y, force=form)
+    cfg = MergeConfig(margin=0.0, lambda_reg=0.05, ridge=1e-12)  # margin 0: the hinge never acts
+    problem = Problem(stats, W0)
+    dW = smooth_minimiser(problem, cfg).requires_grad_(True)
+    loss, _ = problem.loss(dW, margin=0.0, lambda_reg=0.05)
+    (grad,) = torch.autograd.grad(loss, dW)
+    assert grad.norm() < 1e-6 * (1 + loss.item())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        other, _ = problem.loss(dW.detach() + 1e-3 * torch.randn(dW.shape, generator=g, dtype=dW.dtype),
+                                margin=0.0, lambda_reg=0.05)
+        assert other.item() > loss.item()
+
+
+def test_separated_concepts_are_certified_without_iterations():
+    W0, deltas, X, Y = make_problem(N=4, n=30, d_in=16, d_out=8, dtype=torch.float32)
+    stats = LayerStats.from_rows(X, Y)
+    res = merge_layer(W0, stats, MergeConfig(margin=0.5))
+    assert res.iterations_run == 0 and res.converged and not res.history
+    assert all(r["nearest_negative"] >= 0.5 for r in res.report)
+    # no optimiser run from that point finds anything lower
+    longer = merge_layer(W0, stats, MergeConfig(margin=0.5, warm_start=False, lr=1e-3, iterations=300))
+    assert res.objective <= longer.objective
