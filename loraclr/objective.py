@@ -41,31 +41,32 @@ class Problem:
         self.rows = stats.rows
         self.out_features = stats.out_features
         self.in_features = stats.in_features
-        W0 = as_matrix(W0).to(torch.float64)
+        W0 = as_matrix(W0).to(acc)
         if W0.shape != (stats.out_features, stats.in_features):
             raise ValueError(f"W0 has shape {tuple(W0.shape)}, the activations need "
                              f"({stats.out_features}, {stats.in_features})")
         if stats.form == "rows":
-            X, Y = stats.X.to(torch.float64), stats.Y.to(torch.float64)
+            X, Y = stats.X.to(acc), stats.Y.to(acc)
             B = X @ W0.T  # base outputs X_i W0ᵀ
             R = Y - B  # each concept's own residual target
             bb, yy = B.pow(2).sum((1, 2)), Y.pow(2).sum((1, 2))
             tt = bb[:, None] + yy[None, :] - 2 * torch.einsum("iro,jro->ij", B, Y)
-            tt.diagonal().copy_(R.pow(2).sum((1, 2)))
+            tt.diagonal().copy_(R.pow(2).sum((1, 2)))  # the own-concept baseline directly, no cancellation
             self.X = X.to(dt)
-            self.Y, self.B, self.R = Y.to(acc), B.to(acc), R.to(acc)
-            self.yy = yy
-            self.G_sum = X.transpose(1, 2).matmul(X).sum(0)
-            self.E_diag_sum = (X.transpose(1, 2) @ R).sum(0)  # Σ_i X_iᵀ (Y_i − X_i W0ᵀ)
+            self.Y, self.B, self.R = Y, B, R
+            self.yy = yy.to(torch.float64)
+            flat_x = X.reshape(-1, self.in_features)
+            self.G_sum = flat_x.T @ flat_x
+            self.E_diag_sum = flat_x.T @ R.reshape(-1, self.out_features)  # Σ_i X_iᵀ (Y_i − X_i W0ᵀ)
         else:
-            G, C = stats.G.to(torch.float64), stats.C.to(torch.float64)
+            G, C = stats.G.to(acc), stats.C.to(acc)
             GW = G @ W0.T  # (N, in, out)
             E = C - GW[:, None]  # X_iᵀ (Y_j − X_i W0ᵀ)
             w0gw0 = torch.einsum("io,nio->n", W0.T, GW)  # ||X_i W0ᵀ||²
-            yy = stats.yy.to(torch.float64)
+            yy = stats.yy.to(acc)
             tt = yy[None, :] - 2 * torch.einsum("io,njio->nj", W0.T, C) + w0gw0[:, None]
-            self.G, self.E = G.to(dt), E.to(acc)
-            self.yy = yy
+            self.G, self.E = G.to(dt), E
+            self.yy = yy.to(torch.float64)
             self.G_sum = G.sum(0)
             idx = torch.arange(self.N)
             self.E_diag_sum = E[idx, idx].sum(0)
@@ -89,8 +90,9 @@ class Problem:
         lin = torch.einsum("oi,njio->nj", dW, self.E)
         return q[:, None] - 2 * lin + self.tt
 
-    def loss(self, dW, margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001, normalize=False):
-        D2 = self.squared_distances(dW).clamp_min(0)
+    def loss(self, dW, margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001, normalize=False, D2=None):
+        """Objective and its parts; ``D2`` may pass squared distances already computed for ``dW``."""
+        D2 = (self.squared_distances(dW) if D2 is None else D2).clamp_min(0)
         scale2 = self.scale ** 2 if normalize else 1.0
         pos = torch.diagonal(D2) / scale2
         if self.N > 1:

@@ -85,13 +85,13 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
     The configured ``ridge`` (relative to the mean diagonal of ΣG_i) is a floor on μ.
     When no hinge is active at this point, it is the global minimum of the full objective (the
     hinge terms are non-negative and vanish there)."""
-    G = problem.G_sum.to(torch.float64)
-    E = problem.E_diag_sum.to(torch.float64)  # (in, out)
+    G = problem.G_sum.to(problem.dtype)
+    E = problem.E_diag_sum.to(problem.dtype)  # (in, out)
     s2 = problem.scale ** 2 if cfg.normalize else 1.0
     a = cfg.lambda_con / (problem.N * s2) + cfg.lambda_mse / (problem.N * problem.rows * problem.out_features)
     b = cfg.lambda_reg
     if a <= 0:
-        return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
+        return torch.zeros(problem.out_features, problem.in_features, dtype=problem.dtype)
     lam, V = torch.linalg.eigh(G)
     lam = lam.clamp_min(0)
     M = E.T @ V  # (out, in) in the eigenbasis
@@ -105,7 +105,7 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
     mu = floor
     if target > 0 and floor * norm(floor) < target:
         if float(torch.sqrt(cn.sum())) <= target:  # the norm penalty wins: ΔW = 0
-            return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
+            return torch.zeros(problem.out_features, problem.in_features, dtype=problem.dtype)
         lo, hi = floor, max(floor, 1.0)
         while hi * norm(hi) < target:
             hi *= 4.0
@@ -126,8 +126,8 @@ def least_squares_merge(W0, stats: LayerStats, ridge: float = 1e-4, problem: Pro
     return _least_squares(problem, ridge).to(torch.float32).reshape(W0.shape)
 
 
-def _report(problem: Problem, dW: torch.Tensor) -> list:
-    D = problem.distance_matrix(dW)
+def _report(problem: Problem, D2: torch.Tensor) -> list:
+    D = torch.sqrt(D2.clamp_min(0).to(torch.float64))
     base = torch.sqrt(torch.diagonal(problem.tt).to(torch.float64))
     out = []
     for i in range(problem.N):
@@ -140,12 +140,12 @@ def _report(problem: Problem, dW: torch.Tensor) -> list:
     return out
 
 
-def _hinges_inactive(problem: Problem, dW: torch.Tensor, cfg: MergeConfig) -> bool:
+def _hinges_inactive(problem: Problem, D2: torch.Tensor, cfg: MergeConfig) -> bool:
     """True when every concept's nearest other concept is at least the margin away: then the
     hinge-free minimiser is the global minimum and no iteration can improve it."""
     if problem.N < 2:
         return True
-    D = problem.distance_matrix(dW)
+    D = torch.sqrt(D2.clamp_min(0).to(torch.float64))
     if cfg.normalize:
         D = D / problem.scale
     D.fill_diagonal_(float("inf"))
@@ -199,10 +199,11 @@ def _merge_layer(W0, stats, cfg, deltas):
     kw = dict(margin=cfg.margin, lambda_con=cfg.lambda_con, lambda_mse=cfg.lambda_mse, lambda_reg=cfg.lambda_reg,
               normalize=cfg.normalize)
 
-    def score(dW):
+    def evaluate(dW):
         with torch.no_grad():
-            total, parts = scoring.loss(dW, **kw)
-        return float(total), {k: float(v) for k, v in parts.items()}
+            D2 = scoring.squared_distances(dW)
+            total, parts = scoring.loss(dW, D2=D2, **kw)
+        return float(total), {k: float(v) for k, v in parts.items()}, D2
 
     history, converged, iterations = [], True, 0
     if cfg.method in ("sum", "average"):
@@ -212,7 +213,8 @@ def _merge_layer(W0, stats, cfg, deltas):
             raise ValueError(f"got {len(deltas)} deltas for {stats.n_concepts} concepts")
         flat = [as_matrix(d) for d in deltas]
         dW = sum_merge(flat) if cfg.method == "sum" else average_merge(flat)
-        start_value = score(torch.zeros_like(dW))[0]
+        start_value = evaluate(torch.zeros_like(dW))[0]
+        value, parts, D2 = evaluate(dW)
     else:
         if cfg.method == "least_squares":
             start = _least_squares(problem, cfg.ridge).to(torch.float32)
@@ -220,12 +222,12 @@ def _merge_layer(W0, stats, cfg, deltas):
             start = smooth_minimiser(problem, cfg).to(torch.float32)
         else:
             start = torch.zeros(stats.out_features, stats.in_features)
-        start_value = score(start)[0]
-        dW = start
-        certified = cfg.warm_start and _hinges_inactive(scoring, start, cfg)
+        start_value, parts, D2 = evaluate(start)
+        value, dW = start_value, start
+        certified = cfg.warm_start and _hinges_inactive(scoring, D2, cfg)
         if cfg.method == "loraclr" and cfg.iterations > 0 and not certified:
             dW, history, converged, iterations = _optimise(problem, start, cfg)
-    value, parts = score(dW)
+            value, parts, D2 = evaluate(dW)
     return MergeResult(delta=dW.to(torch.float32).reshape(shape).contiguous(), method=cfg.method, objective=value,
                        start_objective=start_value, history=history, converged=converged,
-                       iterations_run=iterations, report=_report(scoring, dW), parts=parts)
+                       iterations_run=iterations, report=_report(scoring, D2), parts=parts)

@@ -84,15 +84,21 @@ class StatsAccumulator:
         self.dtype = dtype
         self.rows = 0
         self.weights = None
+        self.cross_gram = False
         if weights is not None:
             if len(weights) != n_concepts:
                 raise ValueError(f"need one weight per concept, got {len(weights)} for {n_concepts}")
             self.weights = [w.reshape(w.shape[0], -1).to(dtype) for w in weights]
             if any(w.shape != (out_features, in_features) for w in self.weights):
                 raise ValueError(f"weights must be ({out_features}, {in_features})")
-            # block row i holds H_ij for j >= i, side by side: (in, (N - i) · in)
-            self.H = [torch.zeros(in_features, (n_concepts - i) * in_features, dtype=dtype) for i in range(n_concepts)]
-            return
+            # cross-Grams cost (N+1)/2 · in² per row and concept, direct cross terms N · out · in (+ in²):
+            # take the cheaper one
+            self.cross_gram = in_features <= 2 * out_features
+            if self.cross_gram:
+                # block row i holds H_ij for j >= i, side by side: (in, (N - i) · in)
+                self.H = [torch.zeros(in_features, (n_concepts - i) * in_features, dtype=dtype)
+                          for i in range(n_concepts)]
+                return
         self.G = torch.zeros(n_concepts, in_features, in_features, dtype=dtype)
         self.C = torch.zeros(n_concepts, n_concepts, in_features, out_features, dtype=dtype)
         self.yy = torch.zeros(n_concepts, dtype=torch.float64)
@@ -101,6 +107,8 @@ class StatsAccumulator:
         if self.weights is not None:
             if Y is not None:
                 raise ValueError("this accumulator computes outputs from its weights: call add(X)")
+            if not self.cross_gram:
+                return self._add_direct(X, [x.to(self.dtype) @ w.T for x, w in zip(X, self.weights)])
             n, d_in, _ = LayerStats._check(X, [x[:, :1] for x in X])
             if len(X) != self.n or d_in != self.d_in:
                 raise ValueError(f"chunk shape ({len(X)} concepts, {d_in} wide) does not match the accumulator "
@@ -112,6 +120,9 @@ class StatsAccumulator:
             return
         if Y is None:
             raise ValueError("add(X, Y) needs the outputs (or construct the accumulator with weights)")
+        self._add_direct(X, Y)
+
+    def _add_direct(self, X, Y):
         n, d_in, d_out = LayerStats._check(X, Y)
         if len(X) != self.n or d_in != self.d_in or d_out != self.d_out:
             raise ValueError(f"chunk shape ({len(X)} concepts, {d_in}→{d_out}) does not match the accumulator "
@@ -129,7 +140,7 @@ class StatsAccumulator:
     def finish(self) -> LayerStats:
         if self.rows == 0:
             raise ValueError("no rows were added")
-        if self.weights is None:
+        if self.weights is None or not self.cross_gram:
             return LayerStats("gram", self.rows, self.d_in, self.d_out, G=self.G, C=self.C, yy=self.yy.to(self.dtype))
         N, d = self.n, self.d_in
         G = torch.stack([self.H[i][:, :d] for i in range(N)])

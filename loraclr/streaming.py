@@ -64,8 +64,11 @@ class AdaptiveLayerStats:
         if self.nbytes() > self._gram_bytes():
             self._fold()
 
+    def _uses_cross_gram(self) -> bool:
+        return self.weights is not None and self.in_features <= 2 * self.out_features
+
     def _gram_bytes(self) -> int:
-        extra = cross_gram_nbytes(self.n, self.in_features) if self.weights is not None else 0
+        extra = cross_gram_nbytes(self.n, self.in_features) if self._uses_cross_gram() else 0
         return gram_nbytes(self.n, self.in_features, self.out_features) + extra
 
     def _fold(self):
@@ -80,7 +83,7 @@ class AdaptiveLayerStats:
     def nbytes(self) -> int:
         """Memory held now (before ``finish``)."""
         if self._acc is not None:
-            if self.weights is not None:
+            if self._uses_cross_gram():
                 return cross_gram_nbytes(self.n, self.in_features)
             return gram_nbytes(self.n, self.in_features, self.out_features)
         out = 0 if self.weights is not None else self.out_features

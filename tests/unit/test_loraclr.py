@@ -236,3 +236,13 @@ def test_separated_concepts_are_certified_without_iterations():
     # no optimiser run from that point finds anything lower
     longer = merge_layer(W0, stats, MergeConfig(margin=0.5, warm_start=False, lr=1e-3, iterations=300))
     assert res.objective <= longer.objective
+
+
+def test_weights_accumulator_for_wide_inputs_uses_direct_cross_terms():
+    W0, deltas, X, Y = make_problem(N=3, n=120, d_in=24, d_out=5, dtype=torch.float32)
+    acc = StatsAccumulator(3, 24, 5, weights=[W0 + d for d in deltas])
+    assert not acc.cross_gram  # in > 2·out: the direct products are cheaper
+    acc.add([x[:60] for x in X])
+    acc.add([x[60:] for x in X])
+    direct = LayerStats.from_rows(X, Y, force="gram")
+    torch.testing.assert_close(acc.finish().C, direct.C, rtol=1e-5, atol=1e-4)
