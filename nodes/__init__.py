@@ -1,7 +1,8 @@
 """Thin ComfyUI nodes: widgets in, one library call, outputs out."""
 from .apply import LoRACLRApply, LoRACLRSave
 from .collect import LoRACLRCollect, LoRACLRConcept
+from .train import SaveCATLoRA, SpriteDataset, TrainCATLoRA
 from .merge import LoRACLRMerge, LoRACLRMergeAllStages, LoRACLRSweepValues
 
 NODE_CLASSES = [LoRACLRConcept, LoRACLRCollect, LoRACLRMerge, LoRACLRApply, LoRACLRSave, LoRACLRMergeAllStages,
-                LoRACLRSweepValues]
+                LoRACLRSweepValues, TrainCATLoRA, SaveCATLoRA, SpriteDataset]

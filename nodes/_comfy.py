@@ -100,6 +100,18 @@ def resolve_output_file(node: str, filename: str, if_exists: str) -> tuple[str, 
     return path, os.path.relpath(path, base).replace(os.sep, "/")
 
 
+def atomic_write_bytes(path: str, data: bytes):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def atomic_save_safetensors(tensors: dict, path: str, metadata: dict):
     from safetensors.torch import save_file
 
@@ -352,3 +364,158 @@ def denoise(model, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> 
 
 def latent_channels(model) -> int:
     return model.model.latent_format.latent_channels
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def model_weight_shapes(model) -> dict:
+    return {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+
+
+def attach_weight_wrappers(model, wrappers: dict):
+    """A clone of ``model`` whose layers compute their weight through ``wrappers`` (key → callable
+    W ↦ W'), loaded so the shared module uses them. The base model is untouched: the wrappers live
+    on the clone only and ComfyUI clears them when another patcher loads the module."""
+    mp = model.clone()
+    for key, fn in wrappers.items():
+        mp.add_weight_wrapper(key, fn)
+    mp.model.requires_grad_(False)
+    comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+    return mp
+
+
+def training_device():
+    return comfy.model_management.get_torch_device()
+
+
+class NativePrediction:
+    """The diffusion model's own output (ε for SD1.5/SDXL, v for v-prediction models) at a
+    discrete training timestep, and the matching target and noisy latent."""
+
+    def __init__(self, patcher):
+        import comfy.model_sampling as ms_mod
+
+        self.patcher = patcher
+        self.inner = patcher.model
+        self.ms = patcher.get_model_object("model_sampling")
+        self.device = training_device()
+        self.dtype = self.inner.get_dtype()
+        if isinstance(self.ms, ms_mod.V_PREDICTION) and not isinstance(self.ms, ms_mod.EDM):
+            self.kind = "v"
+        elif isinstance(self.ms, ms_mod.EPS) and type(self.ms).calculate_denoised is ms_mod.EPS.calculate_denoised:
+            self.kind = "eps"
+        else:
+            raise NodeError("Train CAT LoRA", f"unsupported model prediction type {type(self.ms).__name__} "
+                                              "(ε- and v-prediction models are supported)")
+        self.sigmas = self.ms.sigmas.detach().to("cpu", torch.float32)
+        self.num_timesteps = len(self.sigmas)
+
+    def sigma(self, t):
+        return self.sigmas[t.long()]
+
+    def add_noise(self, x0, noise, t):
+        s = self.sigma(t).reshape(-1, 1, 1, 1)
+        return x0 + s * noise  # ComfyUI's ε/v noise scaling: x_t = x0 + σ·ε
+
+    def target(self, x0, noise, t):
+        if self.kind == "eps":
+            return noise
+        s = self.sigma(t).reshape(-1, 1, 1, 1)
+        sd = self.ms.sigma_data
+        x_t = x0 + s * noise
+        return (x_t * sd ** 2 / (s ** 2 + sd ** 2) - x0) * (s ** 2 + sd ** 2) ** 0.5 / (s * sd)
+
+    def __call__(self, x_t, t, cond):
+        sigma = self.sigma(t).to(self.device)
+        x_t = x_t.to(self.device)
+        xc = self.ms.calculate_input(sigma, x_t)
+        timestep = self.ms.timestep(sigma).float()
+        out = self.inner.diffusion_model(xc.to(self.dtype), timestep, context=cond.to(self.device, self.dtype),
+                                         transformer_options={})
+        return out.to("cpu")
+
+
+class GradientCheckpointing:
+    """Recompute each transformer and res block in the backward pass instead of keeping its
+    activations (less memory, about a third more compute). Restored on exit."""
+
+    BLOCKS = ("BasicTransformerBlock", "ResBlock")
+
+    def __init__(self, patcher, enabled: bool):
+        self.root = patcher.model.diffusion_model
+        self.enabled = enabled
+        self._patched = []
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        from torch.utils.checkpoint import checkpoint
+
+        for m in self.root.modules():
+            if type(m).__name__ in self.BLOCKS:
+                orig = m.forward
+
+                def fwd(*args, _orig=orig, **kwargs):
+                    if torch.is_grad_enabled():
+                        return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+                    return _orig(*args, **kwargs)
+
+                m.forward = fwd
+                self._patched.append((m, orig))
+        return self
+
+    def __exit__(self, *exc):
+        for m, orig in self._patched:
+            m.forward = orig
+        self._patched.clear()
+
+
+def tokenizer_for(clip, key: str):
+    return getattr(clip.tokenizer, f"clip_{key}", None)
+
+
+def neutral_tokens(clip, caption: str, remover_for_key) -> dict:
+    """The caption's tokens with the trigger removed on token ids (first 77-token chunk), padded
+    back to the same length. ``remover_for_key(key)`` gives the TriggerRemover of that text encoder."""
+    tokens = clip.tokenize(caption)
+    out = {}
+    for key, chunks in tokens.items():
+        tok = tokenizer_for(clip, key)
+        first = list(chunks[0])
+        ids = [t[0] for t in first]
+        start = 1 if tok is not None and tok.start_token is not None and ids and ids[0] == tok.start_token else 0
+        end_tok = tok.end_token if tok is not None else None
+        stop = ids.index(end_tok, start) if end_tok is not None and end_tok in ids[start:] else len(ids)
+        content = first[start:stop]
+        kept = remover_for_key(key).kept_indices([t[0] for t in content], caption)
+        new = first[:start] + [content[i] for i in kept] + first[stop:]
+        pad = (tok.pad_token if tok is not None else 0)
+        while len(new) < len(first):
+            new.append((pad, 1.0) + tuple(first[-1][2:]))
+        out[key] = [new] + [list(c) for c in chunks[1:]]
+    return out
+
+
+def trigger_ids(clip, key: str, text: str) -> list:
+    """Token ids of ``text`` alone (no start/end/padding) in text encoder ``key``."""
+    tok = tokenizer_for(clip, key)
+    ids = [t[0] for t in clip.tokenize(text)[key][0]]
+    specials = {tok.start_token, tok.end_token, tok.pad_token} if tok is not None else set()
+    if tok is not None and tok.start_token is not None and ids and ids[0] == tok.start_token:
+        ids = ids[1:]
+    out = []
+    for i in ids:
+        if i in specials:
+            break
+        out.append(i)
+    return out
+
+
+def encode_tokens(clip, tokens) -> torch.Tensor:
+    return clip.encode_from_tokens(tokens).detach().to("cpu", torch.float32)
+
+
+def encode_images(vae, images) -> torch.Tensor:
+    return vae.encode(images[:, :, :, :3]).to("cpu", torch.float32)

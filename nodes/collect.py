@@ -55,8 +55,8 @@ class LoRACLRConcept(io.ComfyNode):
             category="LoRACLR/merge",
             description="Adds one concept LoRA (any format ComfyUI reads) with its prompts to a list of concepts to merge.",
             inputs=[
-                io.Combo.Input("lora_name", options=_comfy.lora_names(),
-                               tooltip="The concept's LoRA file from the loras folder."),
+                io.Combo.Input("lora_name", options=["none"] + _comfy.lora_names(),
+                               tooltip="The concept's LoRA file from the loras folder ('none' when lora_file is wired)."),
                 io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of the concept LoRA on the UNet, as in LoraLoader."),
                 io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
@@ -68,13 +68,19 @@ class LoRACLRConcept(io.ComfyNode):
                                         "Every concept should use the same template so activations pair row by row."),
                 CONCEPTS.Input("concepts", optional=True,
                                tooltip="Concepts added so far; this node appends one."),
+                io.String.Input("lora_file", optional=True, force_input=True,
+                                tooltip="A LoRA file name from another node (e.g. Save CAT LoRA); overrides lora_name."),
             ],
             outputs=[CONCEPTS.Output(display_name="concepts")],
         )
 
     @classmethod
-    def execute(cls, lora_name, strength_model, strength_clip, trigger, prompts, concepts=None):
+    def execute(cls, lora_name, strength_model, strength_clip, trigger, prompts, concepts=None, lora_file=None):
         node = "LoRACLR Concept"
+        if lora_file:
+            lora_name = lora_file
+        if lora_name == "none":
+            raise _comfy.NodeError(node, "choose a LoRA in 'lora_name' or wire 'lora_file'")
         _comfy.lora_path(node, lora_name)  # fail early with a clear message
         concept = Concept(lora=lora_name, strength_model=float(strength_model),
                           strength_clip=float(strength_clip), trigger=trigger.strip(),

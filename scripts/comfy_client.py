@@ -91,7 +91,7 @@ def _widget_inputs(info: dict) -> list[tuple[str, dict]]:
         s = spec[name]
         typ = s[0]
         opts = s[1] if len(s) > 1 and isinstance(s[1], dict) else {}
-        if isinstance(typ, list) or typ in WIDGET_TYPES:
+        if (isinstance(typ, list) or typ in WIDGET_TYPES) and not opts.get("forceInput"):
             out.append((name, opts))
     return out
 

@@ -16,6 +16,8 @@ LoRA files (all for the micro model, each in a real key format ComfyUI reads):
 * concept_a_kohya      kohya keys ``lora_unet_down_blocks_…`` / ``lora_te_…`` with ``.alpha``
 * concept_b_peft       diffusers/PEFT keys ``unet.…processor.to_k.lora_A/B`` and ``text_encoder.…``
 * concept_c_comfy      ComfyUI-native stems ``diffusion_model.…`` / ``text_encoders.…`` (lora_up/down)
+* concept_d_loha       LyCORIS LoHa (``hada_w1_a/b``, ``hada_w2_a/b``, ``.alpha``) on kohya stems
+* concept_e_lokr       LyCORIS LoKr (``lokr_w1`` 4×4 ⊗ ``lokr_w2``) on kohya stems
 
 Usage: python scripts/make_test_assets.py --comfy /path/to/ComfyUI
 Files are written atomically and skipped when a stamp shows they are current.
@@ -27,7 +29,7 @@ import json
 import os
 import sys
 
-ASSET_VERSION = 2
+ASSET_VERSION = 3
 SEED = 20241212
 CHECKPOINT_NAME = "loraclr_micro_sd15.safetensors"
 LORA_SUBDIR = "loraclr_test"
@@ -43,6 +45,8 @@ LORAS = [
     ("concept_a_kohya", "kohya", 1, 4, 2.0),
     ("concept_b_peft", "peft", 2, 8, None),
     ("concept_c_comfy", "comfy", 3, 4, 4.0),
+    ("concept_d_loha", "loha", 4, 4, 2.0),
+    ("concept_e_lokr", "lokr", 5, 4, None),
 ]
 
 
@@ -153,10 +157,23 @@ def build_lora(sd: dict, fmt: str, seed: int, rank: int, alpha):
         up = torch.randn(o, rank, generator=g) * 0.5 / rank ** 0.5
         return up, down
 
+    def lycoris(stem, weight, scale=1.0):
+        o, i = weight.shape[0], weight.shape[1]
+        if fmt == "loha":
+            for k in ("1", "2"):
+                out[f"{stem}.hada_w{k}_a"] = torch.randn(o, rank, generator=g) * (0.5 * scale) ** 0.5 / rank ** 0.25
+                out[f"{stem}.hada_w{k}_b"] = torch.randn(rank, i, generator=g) / (i ** 0.5 * rank ** 0.25)
+            out[stem + ".alpha"] = torch.tensor(float(alpha))
+        else:
+            out[stem + ".lokr_w1"] = torch.randn(4, 4, generator=g) * 0.5
+            out[stem + ".lokr_w2"] = torch.randn(o // 4, i // 4, generator=g) * scale / i ** 0.5
+
     for name in unet:
         w = sd["model.diffusion_model." + name + ".weight"]
         up, down = factors(w)
-        if fmt == "kohya":
+        if fmt in ("loha", "lokr"):
+            lycoris("lora_unet_" + diffusers[name].replace(".", "_"), w)
+        elif fmt == "kohya":
             stem = "lora_unet_" + diffusers[name].replace(".", "_")  # kohya names UNet layers the diffusers way
             out[stem + ".lora_up.weight"], out[stem + ".lora_down.weight"] = up, down
             out[stem + ".alpha"] = torch.tensor(float(alpha))
@@ -174,7 +191,9 @@ def build_lora(sd: dict, fmt: str, seed: int, rank: int, alpha):
         w = sd["cond_stage_model.transformer." + name + ".weight"]
         up, down = factors(w)
         up = up * 0.3  # text-encoder deltas smaller, as in real LoRAs
-        if fmt == "kohya":
+        if fmt in ("loha", "lokr"):
+            lycoris("lora_te_" + name.replace("text_model.", "text_model_").replace(".", "_"), w, 0.3)
+        elif fmt == "kohya":
             stem = "lora_te_" + name.replace("text_model.", "text_model_").replace(".", "_")
             out[stem + ".lora_up.weight"], out[stem + ".lora_down.weight"] = up, down
             out[stem + ".alpha"] = torch.tensor(float(alpha))

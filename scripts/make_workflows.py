@@ -157,10 +157,71 @@ def margin_sweep() -> dict:
     return g.to_json()
 
 
+def _train_widgets(steps=100, trigger="sks", lambda_cat=1.0):
+    # captions (wired from the data set), trigger, rank, alpha, target_layers, layer_pattern, steps, learning_rate,
+    # optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype, gradient_checkpointing, resume_from
+    return ["", trigger, 1, 1.0, "attention", "", steps, 1e-4, "AdamW", 1, 1, lambda_cat, 0, "float32", False, "none"]
+
+
+def _train_concept(g, ckpt, trigger, variant, y):
+    data = g.add("LoRACLRSpriteDataset", [8, 128, 128, trigger, 0, variant], [],
+                 [("images", "IMAGE"), ("captions", "STRING")], pos=(0, y), title=f"Sprite data: {trigger}")
+    train = g.add("LoRACLRTrainCAT", _train_widgets(trigger=trigger),
+                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("captions", "STRING", (data, 1)),
+                   ("vae", "VAE", (ckpt, 2)), ("images", "IMAGE", (data, 0))],
+                  [("MODEL", "MODEL"), ("lora", "LORACLR_TRAINED_LORA"), ("loss_history", "STRING"), ("steps", "INT"),
+                   ("loss_plot", "IMAGE")], pos=(380, y), size=(340, 560), title=f"Train CAT LoRA: {trigger}")
+    save = g.add("LoRACLRSaveCAT", ["loraclr/cat_{trigger}", "float16", "increment", True],
+                 [("lora", "LORACLR_TRAINED_LORA", (train, 1))], [("lora_name", "STRING")], pos=(760, y))
+    g.add("PreviewImage", [], [("images", "IMAGE", (train, 4))], [], pos=(760, y + 200))
+    return train, save
+
+
+def cat_train_sprite() -> dict:
+    """Train a CAT LoRA on the synthetic sprite set, save it, and generate with the trained model."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", [MICRO], [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
+    train, _ = _train_concept(g, ckpt, "sks", 0, 200)
+    sample_and_save(g, (train, 0), (ckpt, 1), (ckpt, 2), "a photo of sks in a kitchen", "loraclr/cat", x=1100)
+    return g.to_json()
+
+
+def cat_train_two_then_merge() -> dict:
+    """Train two concepts with CAT, save both, then merge them with LoRACLR (cross-attention k/v)
+    and generate both together; the merged LoRA is saved too."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", [MICRO], [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
+    _, save_a = _train_concept(g, ckpt, "sks", 0, 200)
+    _, save_b = _train_concept(g, ckpt, "zwx", 1, 900)
+    prompts = "a photo of {}\na {} in a garden"
+    a = g.add("LoRACLRConcept", ["none", 1.0, 1.0, "sks", prompts],
+              [("concepts", "LORACLR_CONCEPTS", None), ("lora_file", "STRING", (save_a, 0))],
+              [("concepts", "LORACLR_CONCEPTS")], pos=(1100, 200), size=(340, 200))
+    b = g.add("LoRACLRConcept", ["none", 1.0, 1.0, "zwx", prompts],
+              [("concepts", "LORACLR_CONCEPTS", (a, 0)), ("lora_file", "STRING", (save_b, 0))],
+              [("concepts", "LORACLR_CONCEPTS")], pos=(1100, 450), size=(340, 200))
+    coll = g.add("LoRACLRCollectActivations", ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0],
+                 [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
+                 [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(1480, 0))
+    merge = g.add("LoRACLRMerge", _merge_widgets(), [("activations", "LORACLR_ACTIVATIONS", (coll, 0))],
+                  [("merged", "LORACLR_DELTA"), ("report", "STRING")], pos=(1840, 0), size=(340, 380))
+    apply = g.add("LoRACLRApplyDelta", [1.0, 1.0],
+                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("merged", "LORACLR_DELTA", (merge, 0))],
+                  [("MODEL", "MODEL"), ("CLIP", "CLIP")], pos=(2220, 0))
+    g.add("LoRACLRSaveLoRA", ["loraclr/cat_pair_{method}", 0, "kohya", "float16", "increment"],
+          [("merged", "LORACLR_DELTA", (merge, 0))], [("lora_name", "STRING"), ("report", "STRING")],
+          pos=(2220, 300), size=(340, 260))
+    sample_and_save(g, (apply, 0), (apply, 1), (ckpt, 2), "a photo of sks and zwx on a beach", "loraclr/cat_pair",
+                    x=2600)
+    return g.to_json()
+
+
 WORKFLOWS = {
     "loraclr_merge_two_concepts.json": merge_two_concepts,
     "loraclr_merge_three_concepts_all_stages.json": merge_three_concepts_all_stages,
     "loraclr_margin_sweep.json": margin_sweep,
+    "cat_train_sprite.json": cat_train_sprite,
+    "cat_train_two_then_merge.json": cat_train_two_then_merge,
 }
 
 

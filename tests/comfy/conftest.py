@@ -6,7 +6,8 @@ from _harness import import_comfy
 
 MICRO = "loraclr_micro_sd15.safetensors"
 TEST_LORAS = ["loraclr_test/concept_a_kohya.safetensors", "loraclr_test/concept_b_peft.safetensors",
-              "loraclr_test/concept_c_comfy.safetensors"]
+              "loraclr_test/concept_c_comfy.safetensors", "loraclr_test/concept_d_loha.safetensors",
+              "loraclr_test/concept_e_lokr.safetensors"]
 
 
 @pytest.fixture(scope="session")

@@ -55,12 +55,13 @@ def test_collect_records_cross_attention_kv_with_each_concepts_clip(micro, pack,
 
 
 def test_concept_deltas_match_the_lora_factors_in_every_format(micro, pack):
-    """ΔW_i from ComfyUI's weight calculation equals up @ down * alpha/rank read from the file."""
+    """ΔW_i from ComfyUI's weight calculation equals the delta computed by hand from the file,
+    for kohya, PEFT, ComfyUI-native, LoHa and LoKr, of different ranks."""
     import comfy.utils
     import folder_paths
 
     model, clip, _ = micro
-    concepts = _concepts(pack, TEST_LORAS, ("aaa", "bbb", "ccc"))
+    concepts = _concepts(pack, TEST_LORAS, ("aaa", "bbb", "ccc", "ddd", "eee"))
     acts = pack.LoRACLRCollect.execute(model, clip, concepts, "cross_attention", layer_filter="input_blocks").result[0]
     assert len(acts.layers) == 2
     key = acts.layers[0].key  # diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight
@@ -69,9 +70,20 @@ def test_concept_deltas_match_the_lora_factors_in_every_format(micro, pack):
         1: "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_k",
         2: key[: -len(".weight")],
     }
+    stems[3] = stems[4] = stems[0]
     for i, name in enumerate(TEST_LORAS):
         sd = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", name), safe_load=True)
         stem = stems[i]
+        if i == 3:  # LoHa: (w1a w1b) ⊙ (w2a w2b) · alpha / rank
+            w1 = sd[stem + ".hada_w1_a"].float() @ sd[stem + ".hada_w1_b"].float()
+            w2 = sd[stem + ".hada_w2_a"].float() @ sd[stem + ".hada_w2_b"].float()
+            expect = w1 * w2 * sd[stem + ".alpha"].item() / sd[stem + ".hada_w1_b"].shape[0]
+            assert torch.allclose(acts.layers[0].deltas[i], expect, atol=1e-5), name
+            continue
+        if i == 4:  # LoKr: w1 ⊗ w2
+            expect = torch.kron(sd[stem + ".lokr_w1"].float(), sd[stem + ".lokr_w2"].float())
+            assert torch.allclose(acts.layers[0].deltas[i], expect, atol=1e-5), name
+            continue
         if i == 1:
             up, down, scale = sd[stem + ".lora_B.weight"], sd[stem + ".lora_A.weight"], 1.0
         else:

@@ -1,5 +1,6 @@
 """The micro SD1.5 checkpoint and the test LoRA files through ComfyUI's stock loaders."""
 import logging
+import re
 
 import pytest
 import torch
@@ -52,6 +53,7 @@ def test_each_lora_format_loads_every_key(comfy_env, micro, lora_name, warnings_
     m2, c2 = nodes.LoraLoader().load_lora(model, clip, lora_name, 1.0, 1.0)
     assert not [m for m in warnings_log if "not loaded" in m.lower()], warnings_log
     sd = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", lora_name), safe_load=True)
-    n_modules = len({k.split(".lora")[0].split("_lora")[0] for k in sd if not k.endswith(".alpha")})
+    suffix = re.compile(r"\.(lora_(up|down|A|B)\.weight|alpha|hada_w[12]_[ab]|lokr_w[12])$")
+    n_modules = len({suffix.sub("", k) for k in sd})
     n_patched = len(m2.patches) - len(model.patches) + len(c2.patcher.patches) - len(clip.patcher.patches)
     assert n_patched == n_modules == 32

@@ -1,0 +1,113 @@
+"""Training speed and memory: CAT (λ_cat = 1) against plain (λ_cat = 0) in this pack, and plain
+against ComfyUI's own TrainLoraNode, side by side in one run on the same device.
+
+On the micro SD1.5 model (scripts/setup.sh makes it) on the CPU by default. Each configuration
+runs in its own process (so peak memory is its own); a step's time is the difference between a
+long and a short run divided by the extra steps, which removes set-up costs from both sides.
+Equal settings on both sides: batch 1, rank 4, float32, no gradient checkpointing, AdamW, lr 1e-4,
+every linear and convolution weight adapted (TrainLoraNode's choice; it also trains bias and
+norm offsets, which this pack does not).
+
+    python bench/train_speed.py [--comfy .comfyui] [--size 32] [--steps 6 18]
+Last line: train_speed: cat_over_plain_time=<x> cat_over_plain_mem=<y> plain_over_comfy_time=<z>
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from merge_speed import PeakRSS  # noqa: E402
+
+MICRO = "loraclr_micro_sd15.safetensors"
+
+
+def _setup(comfy_path):
+    import types
+
+    sys.path.insert(0, comfy_path)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import nodes
+
+    if "comfyui_loraclr" not in sys.modules:
+        pkg = types.ModuleType("comfyui_loraclr")
+        pkg.__path__ = [ROOT]
+        sys.modules["comfyui_loraclr"] = pkg
+    import comfyui_loraclr.nodes as pack
+
+    model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(MICRO)[:3]
+    return nodes, pack, model, clip
+
+
+def run_config(mode, comfy_path, size, steps_pair, queue):
+    import torch
+
+    torch.manual_seed(0)
+    nodes, pack, model, clip = _setup(comfy_path)
+    latents = torch.randn(4, 4, size, size, generator=torch.Generator().manual_seed(0))
+    captions = "photo of sks on a beach\nsks in a garden\na sks toy\n<sks>, a drawing"
+
+    def ours(steps, lam):
+        return pack.TrainCATLoRA.execute(model, clip, captions, "sks", 4, 4.0, "all", "", steps, 1e-4, "AdamW", 1, 1,
+                                         lam, 0, "float32", False, "none", latents={"samples": latents})
+
+    def comfy(steps):
+        import comfy_extras.nodes_train as nt
+
+        cond = nodes.CLIPTextEncode().encode(clip, "photo of sks")[0]
+        return nt.TrainLoraNode.execute(
+            model=[model], latents=[{"samples": latents[i:i + 1]} for i in range(latents.shape[0])],
+            positive=[cond], batch_size=[1], grad_accumulation_steps=[1], steps=[steps], learning_rate=[1e-4],
+            rank=[4], optimizer=["AdamW"], loss_function=["MSE"], seed=[0], training_dtype=["fp32"],
+            lora_dtype=["fp32"], algorithm=["LoRA"], gradient_checkpointing=[False], existing_lora=["[None]"])
+
+    fn = {"cat": lambda s: ours(s, 1.0), "plain": lambda s: ours(s, 0.0), "comfy": comfy}[mode]
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        # memory: the first training run in a fresh process (later runs reuse freed memory)
+        with PeakRSS() as mem:
+            fn(steps_pair[0])
+        peak = mem.extra
+        times = []
+        for s in steps_pair:
+            t0 = time.perf_counter()
+            fn(s)
+            times.append(time.perf_counter() - t0)
+    step_time = (times[1] - times[0]) / (steps_pair[1] - steps_pair[0])
+    queue.put({"mode": mode, "step_time": step_time, "peak": peak, "times": times})
+
+
+def measure(mode, args):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=run_config, args=(mode, args.comfy, args.size, args.steps, q))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH") or os.path.join(ROOT, ".comfyui"))
+    ap.add_argument("--size", type=int, default=32, help="latent size (32 = 256 px)")
+    ap.add_argument("--steps", type=int, nargs=2, default=[6, 18], help="short and long run lengths")
+    args = ap.parse_args(argv)
+    res = {m: measure(m, args) for m in ("plain", "cat", "comfy")}
+    for m, r in res.items():
+        print(f"{m:6s} step {r['step_time'] * 1000:8.1f} ms   peak extra RSS {r['peak'] / 2**20:7.0f} MiB   "
+              f"runs {['%.1fs' % t for t in r['times']]}")
+    x = res["cat"]["step_time"] / res["plain"]["step_time"]
+    y = res["cat"]["peak"] / max(1, res["plain"]["peak"])
+    z = res["plain"]["step_time"] / res["comfy"]["step_time"]
+    print(f"train_speed: cat_over_plain_time={x:.3f} cat_over_plain_mem={y:.3f} plain_over_comfy_time={z:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""Train CAT LoRA and Save CAT LoRA nodes."""
+from __future__ import annotations
+
+import hashlib
+import io as _io
+import json
+import os
+import re
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..cat_training import (OPTIMIZERS, AdapterSet, CATTrainer, LoRAWeight, TrainConfig, TrainedLoRA, TriggerNotFound,
+                            TriggerRemover)
+from . import _comfy
+
+TRAINED = io.Custom("LORACLR_TRAINED_LORA")
+NODE = "Train CAT LoRA"
+STATE_SUFFIX = ".loraclr-state"  # not a LoRA extension, so loaders never list the sidecar
+TARGETS = {
+    "attention": re.compile(r"^diffusion_model\..*\.attn[12]\.to_(q|k|v|out\.0)\.weight$"),
+    "all_linear": None,  # every nn.Linear weight of the diffusion model
+    "all": None,  # every linear and convolution weight (as ComfyUI's own trainer adapts)
+}
+WRAPPERS = (("<", ">"), ("(", ")"), ("[", "]"), ("{", "}"))
+SEPARATORS = (",", ";", ":")
+
+
+def target_keys(model, preset: str, pattern: str) -> list[str]:
+    if pattern.strip():
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise _comfy.NodeError(NODE, f"field 'layer_pattern' is not a valid regular expression: {e}") from e
+        keys = [k for k, m in _comfy.unet_modules(model).items() if k.startswith("diffusion_model.") and rx.search(k)
+                and m.weight.ndim >= 2]
+    elif preset == "all_linear":
+        keys = [k for k, m in _comfy.unet_modules(model).items()
+                if k.startswith("diffusion_model.") and isinstance(m, torch.nn.Linear)]
+    elif preset == "all":
+        keys = [k for k, m in _comfy.unet_modules(model).items()
+                if k.startswith("diffusion_model.") and m.weight.ndim >= 2]
+    elif preset in TARGETS:
+        keys = [k for k in _comfy.state_keys(model) if TARGETS[preset].match(k)]
+    else:
+        raise _comfy.NodeError(NODE, f"field 'target_layers' must be one of {list(TARGETS)}")
+    if not keys:
+        raise _comfy.NodeError(NODE, f"no layer matches target_layers '{preset}' / layer_pattern '{pattern}'")
+    return sorted(keys)
+
+
+def parse_captions(captions: str, n: int) -> list[str]:
+    lines = [ln.strip() for ln in captions.splitlines() if ln.strip()]
+    if not lines:
+        raise _comfy.NodeError(NODE, "field 'captions' is empty")
+    if len(lines) == 1:
+        return lines * n
+    if len(lines) != n:
+        raise _comfy.NodeError(NODE, f"field 'captions' has {len(lines)} lines for {n} images: give one caption "
+                                     "per image or one for all")
+    return lines
+
+
+def make_removers(clip, triggers: list[str]):
+    cache = {}
+
+    def for_key(key):
+        if key not in cache:
+            ids = [_comfy.trigger_ids(clip, key, t) for t in triggers]
+
+            def spellings(ch):
+                # BPE spells punctuation differently at the end of a word and before more punctuation
+                out = set()
+                for follow in ("", ",", ";", ":", ".", "!", ")", ">"):
+                    toks = _comfy.trigger_ids(clip, key, ch + follow)
+                    if toks:
+                        out.add(toks[0])
+                return out
+
+            wrappers = {}
+            for a, b in WRAPPERS:
+                for opener in spellings(a):
+                    wrappers.setdefault(opener, set()).update(spellings(b))
+            seps = set().union(*(spellings(c) for c in SEPARATORS))
+            cache[key] = TriggerRemover(ids, wrappers, seps)
+        return cache[key]
+
+    return for_key
+
+
+def base_hash(model, keys) -> str:
+    h = hashlib.sha256()
+    sd = model.model.state_dict()
+    for k in keys:
+        h.update(k.encode())
+        h.update(sd[k].detach().to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()
+
+
+def state_path(lora_file: str) -> str:
+    return lora_file[: -len(".safetensors")] + STATE_SUFFIX if lora_file.endswith(".safetensors") else lora_file + STATE_SUFFIX
+
+
+def load_resume_state(name: str) -> dict:
+    path = _comfy.lora_path(NODE, name)
+    side = state_path(path)
+    if not os.path.isfile(side):
+        raise _comfy.NodeError(NODE, f"field 'resume_from': '{name}' has no optimizer-state sidecar "
+                                     f"({os.path.basename(side)}); save with save_state on to resume")
+    return torch.load(side, map_location="cpu", weights_only=True)
+
+
+def loss_plot(history) -> torch.Tensor:
+    """A loss curve image (both terms) as a ComfyUI IMAGE tensor (1, H, W, 3)."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 640, 320, 36
+    img = Image.new("RGB", (w, h), (24, 24, 24))
+    d = ImageDraw.Draw(img)
+    series = [("diffusion loss", [r["diffusion"] for r in history], (66, 165, 245)),
+              ("CAT loss", [r["cat"] for r in history], (255, 112, 67)),
+              ("total", [r["loss"] for r in history], (200, 200, 200))]
+    values = [v for _, vs, _ in series for v in vs]
+    if values:
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        n = len(history)
+        for _, vs, color in series:
+            pts = [(pad + (i / max(1, n - 1)) * (w - 2 * pad), h - pad - (v - lo) / span * (h - 2 * pad))
+                   for i, v in enumerate(vs)]
+            if len(pts) > 1:
+                d.line(pts, fill=color, width=2)
+            elif pts:
+                d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
+        d.text((pad, 8), f"steps 1-{n}   range {lo:.4g} .. {hi:.4g}", fill=(220, 220, 220))
+    for i, (name, _, color) in enumerate(series):
+        d.text((pad + 150 * i, h - pad + 12), name, fill=color)
+    d.rectangle([pad, pad, w - pad, h - pad], outline=(90, 90, 90))
+    return torch.from_numpy(__import__("numpy").asarray(img).astype("float32") / 255.0)[None]
+
+
+def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target_layers, layer_pattern, steps,
+                   learning_rate, optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype,
+                   gradient_checkpointing, resume_from="none", node_id=None):
+    n = latents.shape[0]
+    captions = parse_captions(captions, n)
+    if lambda_cat > 0 and not triggers:
+        raise _comfy.NodeError(NODE, "field 'trigger' is empty: the CAT term needs the trigger to remove")
+    keys = target_keys(model, target_layers, layer_pattern)
+    conds = torch.cat([_comfy.encode_prompt(clip, c) for c in captions])
+    neutral = None
+    if lambda_cat > 0:
+        removers = make_removers(clip, triggers)
+        rows = []
+        for c in captions:
+            try:
+                rows.append(_comfy.encode_tokens(clip, _comfy.neutral_tokens(clip, c, removers)))
+            except TriggerNotFound as e:
+                raise _comfy.NodeError(NODE, f"field 'captions': {e} ({', '.join(triggers)}); every caption "
+                                             "must name the concept when lambda_cat > 0") from e
+        neutral = torch.cat(rows)
+    state = load_resume_state(resume_from) if resume_from and resume_from != "none" else None
+    cfg = TrainConfig(steps=steps, learning_rate=learning_rate, optimizer=optimizer, batch_size=batch_size,
+                      grad_accumulation=grad_accumulation, lambda_cat=lambda_cat, seed=seed, dtype=training_dtype)
+    shapes = _comfy.model_weight_shapes(model)
+    stems = _comfy.inverse_key_map(model, None, "kohya")
+    with torch.inference_mode(False), torch.enable_grad():
+        gen = torch.Generator().manual_seed(seed)
+        adapters = {k: LoRAWeight(shapes[k], rank, alpha, generator=gen) for k in keys}
+        if state is not None:
+            missing = sorted({k.split("::")[0] for k in state["adapters"]} ^ set(keys))
+            if missing:
+                raise _comfy.NodeError(NODE, f"field 'resume_from': its layers differ from this run's target layers "
+                                             f"({len(missing)} differ, e.g. {missing[0]})")
+        mp = _comfy.attach_weight_wrappers(model, adapters)
+        predict = _comfy.NativePrediction(mp)
+        cfg.num_timesteps = predict.num_timesteps
+        trainer = CATTrainer(AdapterSet(adapters), predict, predict.add_noise, predict.target, latents.clone(),
+                             conds.clone(), None if neutral is None else neutral.clone(), cfg,
+                             device_type=_comfy.training_device().type)
+        if state is not None:
+            trainer.load_state(state)
+        remaining = max(0, steps - trainer.step_count)
+        progress = _comfy.Progress(max(1, remaining))
+        with _comfy.GradientCheckpointing(mp, gradient_checkpointing):
+            for _ in range(remaining):
+                _comfy.check_cancel()
+                rec = trainer.step()
+                _comfy.send_message("loraclr.train", {"node": node_id, "step": rec.step, "loss": rec.loss,
+                                                      "diffusion_loss": rec.diffusion, "cat_loss": rec.cat})
+                progress.step()
+        factors = {k: (a.up.detach().float().clone(), a.down.detach().float().clone()) for k, a in adapters.items()}
+        final_state = trainer.state()
+    history = [h for h in final_state["history"]]
+    trained = TrainedLoRA(factors=factors, shapes={k: shapes[k] for k in keys}, rank=rank, alpha=float(alpha),
+                          stems={k: stems.get(k) for k in keys}, triggers=list(triggers), lambda_cat=lambda_cat,
+                          steps=trainer.step_count, base_sha256=base_hash(model, keys), config=cfg.as_dict(),
+                          history=history, state=final_state)
+    return _comfy.patch_model(model, trained.deltas(), 1.0), trained
+
+
+class TrainCATLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        d = TrainConfig()
+        return io.Schema(
+            node_id="LoRACLRTrainCAT",
+            display_name="Train CAT LoRA",
+            category="LoRACLR/train",
+            description="Trains a concept LoRA on the MODEL with the CAT term, which keeps the model's prediction on "
+                        "the caption without the trigger equal to the base model's.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model to train on (SD1.5/SDXL-style ε- or v-prediction)."),
+                io.Clip.Input("clip", tooltip="Text encoder for the captions (not trained)."),
+                io.String.Input("captions", multiline=True, default="photo of sks",
+                                tooltip="One caption per image (one line each), or a single caption for all."),
+                io.String.Input("trigger", default="sks",
+                                tooltip="The trigger word(s) in the captions, comma-separated. The CAT term uses each "
+                                        "caption with the trigger removed on token ids."),
+                io.Int.Input("rank", default=1, min=1, max=1024, tooltip="LoRA rank (the CAT paper uses 1)."),
+                io.Float.Input("alpha", default=1.0, min=0.0, max=4096.0, step=0.5,
+                               tooltip="LoRA alpha: the update is scaled by alpha / rank."),
+                io.Combo.Input("target_layers", options=list(TARGETS), default="attention",
+                               tooltip="attention: every attention projection (q, k, v, out), as in the paper. "
+                                       "all_linear: every linear layer of the UNet. all: every linear and conv layer."),
+                io.String.Input("layer_pattern", default="",
+                                tooltip="Optional regular expression on layer keys; overrides target_layers."),
+                io.Int.Input("steps", default=d.steps, min=1, max=1000000,
+                             tooltip="Total optimizer steps (when resuming: the step count to reach)."),
+                io.Float.Input("learning_rate", default=d.learning_rate, min=0.0, max=1.0, step=1e-6,
+                               tooltip="Learning rate."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW", tooltip="Optimizer."),
+                io.Int.Input("batch_size", default=1, min=1, max=1024, tooltip="Images per micro-batch."),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
+                             tooltip="Micro-batches whose gradients are summed per optimizer step."),
+                io.Float.Input("lambda_cat", default=d.lambda_cat, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the CAT term; 0 is plain LoRA training."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed for the LoRA init and for image, timestep and noise sampling."),
+                io.Combo.Input("training_dtype", options=["float32", "bfloat16"], default="float32",
+                               tooltip="Autocast precision of the forward/backward passes (adapters stay float32)."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute blocks in the backward pass: less memory, about a third more time."),
+                io.Combo.Input("resume_from", options=["none"] + _comfy.lora_names(), default="none",
+                               tooltip="Continue a run saved by Save CAT LoRA with its optimizer state."),
+                io.Vae.Input("vae", optional=True, tooltip="Encodes the training images (needed with 'images')."),
+                io.Image.Input("images", optional=True, tooltip="Training images (a batch)."),
+                io.Latent.Input("latents", optional=True, tooltip="Training latents, instead of images."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), TRAINED.Output(display_name="lora"),
+                     io.String.Output(display_name="loss_history"), io.Int.Output(display_name="steps"),
+                     io.Image.Output(display_name="loss_plot")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, captions, trigger, rank, alpha, target_layers, layer_pattern, steps, learning_rate,
+                optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype, gradient_checkpointing,
+                resume_from="none", vae=None, images=None, latents=None):
+        if latents is not None:
+            x = latents["samples"].to("cpu", torch.float32)
+        elif images is not None:
+            if vae is None:
+                raise _comfy.NodeError(NODE, "input 'vae' is needed to encode 'images'")
+            x = _comfy.encode_images(vae, images)
+        else:
+            raise _comfy.NodeError(NODE, "give training 'images' (with a 'vae') or 'latents'")
+        triggers = [t.strip() for t in trigger.split(",") if t.strip()]
+        out_model, trained = train_cat_lora(model, clip, x, captions, triggers, rank, alpha, target_layers,
+                                            layer_pattern, steps, learning_rate, optimizer, batch_size,
+                                            grad_accumulation, lambda_cat, seed, training_dtype,
+                                            gradient_checkpointing, resume_from, _comfy.node_id(cls))
+        history = json.dumps(trained.history)
+        last = trained.history[-1] if trained.history else None
+        text = (f"trained {len(trained.factors)} layers to step {trained.steps}"
+                + (f"; last loss {last['loss']:.5f} (diffusion {last['diffusion']:.5f}, CAT {last['cat']:.5f})"
+                   if last else ""))
+        return io.NodeOutput(out_model, trained, history, trained.steps, loss_plot(trained.history),
+                             ui=ui.PreviewText(text))
+
+
+def lora_tensors(trained: TrainedLoRA, dtype) -> dict:
+    out = {}
+    for key, (up, down) in trained.factors.items():
+        stem = trained.stems.get(key)
+        if stem is None:
+            raise _comfy.NodeError("Save CAT LoRA", f"no kohya LoRA key is known for layer '{key}'")
+        shape = trained.shapes[key]
+        if len(shape) > 2:  # conv: down as a conv kernel, up as 1×1
+            down = down.reshape(down.shape[0], *shape[1:])
+            up = up.reshape(up.shape[0], up.shape[1], *([1] * (len(shape) - 2)))
+        out[f"{stem}.lora_up.weight"] = up.to(dtype).contiguous()
+        out[f"{stem}.lora_down.weight"] = down.to(dtype).contiguous()
+        out[f"{stem}.alpha"] = torch.tensor(float(trained.alpha))
+    return out
+
+
+class SaveCATLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRACLRSaveCAT",
+            display_name="Save CAT LoRA",
+            category="LoRACLR/train",
+            is_output_node=True,
+            description="Saves a trained LoRA as a standard kohya-key file in the loras folder (+ optimizer state to resume).",
+            inputs=[
+                TRAINED.Input("lora", tooltip="From Train CAT LoRA."),
+                io.String.Input("filename", default="loraclr/cat_{trigger}",
+                                tooltip="File name inside the loras folder; {trigger} and {steps} are filled in."),
+                io.Combo.Input("dtype", options=["float16", "bfloat16", "float32"], default="float16",
+                               tooltip="Storage precision of the LoRA factors."),
+                io.Combo.Input("if_exists", options=["increment", "error", "overwrite"], default="increment",
+                               tooltip="What to do when the file exists."),
+                io.Boolean.Input("save_state", default=True,
+                                 tooltip="Also write the optimizer state (a sidecar file) so a run can be resumed exactly."),
+            ],
+            outputs=[io.String.Output(display_name="lora_name")],
+        )
+
+    @classmethod
+    def execute(cls, lora, filename, dtype, if_exists, save_state):
+        node = "Save CAT LoRA"
+        dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+        name = filename.replace("{trigger}", re.sub(r"[^A-Za-z0-9_-]+", "_", "_".join(lora.triggers) or "lora"))
+        name = name.replace("{steps}", str(lora.steps))
+        path, rel = _comfy.resolve_output_file(node, name, if_exists)
+        tensors = lora_tensors(lora, dt)
+        meta = {
+            "ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank), "ss_network_alpha": str(lora.alpha),
+            "ss_steps": str(lora.steps), "ss_tag_frequency": json.dumps({"triggers": lora.triggers}),
+            "modelspec.implementation": "comfyui-loraclr",
+            "loraclr_trigger": ", ".join(lora.triggers), "loraclr_lambda_cat": str(lora.lambda_cat),
+            "loraclr_steps": str(lora.steps), "loraclr_base_model_sha256": lora.base_sha256,
+            "loraclr_training": json.dumps(lora.config),
+        }
+        side = state_path(path) if save_state else None
+        if side:
+            buf = _io.BytesIO()
+            torch.save(lora.state, buf)
+            _comfy.atomic_write_bytes(side, buf.getvalue())
+        try:
+            _comfy.atomic_save_safetensors(tensors, path, meta)
+        except BaseException:
+            if side and os.path.exists(side):
+                os.remove(side)  # no sidecar without its LoRA
+            raise
+        return io.NodeOutput(rel, ui=ui.PreviewText(f"saved {rel} ({len(lora.factors)} layers, step {lora.steps})\nfile: {path}"))
+
+
+class SpriteDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoRACLRSpriteDataset",
+            display_name="LoRACLR Sprite Dataset",
+            category="LoRACLR/train",
+            description="A synthetic concept to train on: one distinctive sprite in varied scenes, with captions.",
+            inputs=[
+                io.Int.Input("count", default=8, min=1, max=256, tooltip="Number of images."),
+                io.Int.Input("width", default=256, min=64, max=2048, step=8, tooltip="Image width."),
+                io.Int.Input("height", default=256, min=64, max=2048, step=8, tooltip="Image height."),
+                io.String.Input("trigger", default="sks", tooltip="Trigger word used in the captions."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the scenes and placements."),
+                io.Int.Input("variant", default=0, min=0, max=2, tooltip="Which sprite (colour scheme): "
+                                                                         "different variants are different concepts."),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.String.Output(display_name="captions")],
+        )
+
+    @classmethod
+    def execute(cls, count, width, height, trigger, seed, variant=0):
+        from ..cat_training.sprites import sprite_dataset
+
+        images, captions = sprite_dataset(count, width, height, trigger.strip() or "sks", seed, variant)
+        return io.NodeOutput(images, "\n".join(captions))

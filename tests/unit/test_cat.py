@@ -1,0 +1,132 @@
+"""cat_training/ in pure torch: trigger removal, the bypass switch, the CAT loss and resume."""
+import copy
+
+import pytest
+import torch
+
+from comfyui_loraclr.cat_training import (AdapterSet, CATTrainer, LoRAWeight, TrainConfig, TriggerNotFound,
+                                          TriggerRemover)
+
+# token ids of a toy vocabulary: "<"=1 ">"=2 ","=3 "a"=10 "dog"=11 "sks"=20 "zwx"=21 "photo"=12 "of"=13
+LT, GT, COMMA = 1, 2, 3
+A, DOG, PHOTO, OF, SKS, ZWX = 10, 11, 12, 13, 20, 21
+
+
+def remover(*triggers):
+    return TriggerRemover([list(t) for t in triggers], wrappers={LT: GT}, separators={COMMA})
+
+
+@pytest.mark.parametrize("ids, expect", [
+    ([LT, SKS, GT, COMMA, A, DOG], [A, DOG]),           # "<sks>, a dog"
+    ([A, SKS, DOG], [A, DOG]),                          # "a sks dog"
+    ([SKS], []),                                        # "sks"
+    ([SKS, COMMA, A, DOG], [A, DOG]),                   # "sks, a dog"
+    ([A, DOG, COMMA, SKS], [A, DOG]),                   # "a dog, sks"
+    ([PHOTO, OF, SKS, COMMA, A, DOG, COMMA, SKS], [PHOTO, OF, A, DOG]),  # twice
+])
+def test_trigger_removal_on_token_ids(ids, expect):
+    out, found = remover((SKS,)).remove(ids)
+    assert out == expect and found >= 1
+
+
+def test_several_and_multi_token_triggers():
+    r = remover((SKS,), (ZWX, DOG))
+    out, found = r.remove([PHOTO, OF, SKS, A, ZWX, DOG, COMMA, A])
+    assert out == [PHOTO, OF, A, A] and found == 2
+    # a wrapper that does not enclose a trigger stays
+    assert r.remove([LT, A, GT, SKS])[0] == [LT, A, GT]
+
+
+def test_caption_without_trigger_is_an_error():
+    with pytest.raises(TriggerNotFound, match="a dog"):
+        remover((SKS,)).kept_indices([A, DOG], "a dog")
+
+
+class TinyNet(torch.nn.Module):
+    """A small conditional denoiser whose layers compute their weights through adapters."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1 = torch.randn(16, 8 + 4, generator=g) / 4
+        self.w2 = torch.randn(8, 16, generator=g) / 4
+        self.fn = {}
+
+    def weight(self, name, w):
+        return self.fn[name](w) if name in self.fn else w
+
+    def forward(self, x, t, cond):
+        h = torch.cat([x.flatten(1), cond.mean(1) + t[:, None].float() / 1000], dim=1)
+        h = torch.tanh(h @ self.weight("w1", self.w1).T)
+        return (h @ self.weight("w2", self.w2).T).reshape(x.shape)
+
+
+def make_trainer(lambda_cat, seed=0, steps=6):
+    net = TinyNet()
+    gen = torch.Generator().manual_seed(seed)
+    adapters = {"w1": LoRAWeight((16, 12), 2, 2.0, generator=gen), "w2": LoRAWeight((8, 16), 2, 2.0, generator=gen)}
+    net.fn = adapters
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(5, 2, 2, 2, generator=g)
+    conds = torch.randn(5, 3, 4, generator=g)
+    neutral = conds * 0.5
+    sig = torch.linspace(0.1, 3.0, 1000)
+    trainer = CATTrainer(AdapterSet(adapters), net, lambda x0, n, t: x0 + sig[t].reshape(-1, 1, 1, 1) * n,
+                         lambda x0, n, t: n, latents, conds, neutral,
+                         TrainConfig(steps=steps, learning_rate=1e-2, lambda_cat=lambda_cat, seed=seed, batch_size=2))
+    return net, trainer
+
+
+def test_bypass_is_exactly_the_base_model():
+    net, trainer = make_trainer(1.0)
+    for _ in range(3):
+        trainer.step()
+    x, t, c = torch.randn(2, 2, 2, 2), torch.tensor([5, 500]), torch.randn(2, 3, 4)
+    adapted = net(x, t, c)
+    with trainer.adapters.bypassed():
+        bypassed = net(x, t, c)
+    net.fn = {}
+    base = net(x, t, c)
+    assert torch.equal(bypassed, base) and not torch.allclose(adapted, base)
+
+
+def test_cat_term_zero_at_first_step_then_positive():
+    _, trainer = make_trainer(1.0)
+    first = trainer.step()
+    assert first.cat == 0.0  # up starts at zero: adapted == base, bit for bit
+    later = [trainer.step().cat for _ in range(3)]
+    assert all(v > 0 for v in later)
+    # fused passes (one batch for both adapter passes): zero up to the rounding of another batch shape
+    _, fused = make_trainer(1.0)
+    fused.config.fuse_passes = True
+    assert abs(fused.step().cat) < 1e-12 and all(fused.step().cat > 0 for _ in range(3))
+
+
+def test_lambda_zero_is_plain_training():
+    _, a = make_trainer(0.0)
+    _, b = make_trainer(0.0)
+    b.neutral_conds = None  # plain mode needs no neutral captions at all
+    ha = [a.step().loss for _ in range(4)]
+    hb = [b.step().loss for _ in range(4)]
+    assert ha == hb and all(s.cat == 0.0 for s in a.history)
+    _, c = make_trainer(1.0)
+    hc = [c.step().diffusion for _ in range(4)]
+    assert hc[0] == ha[0] and hc[1:] != ha[1:]  # same first batch; the CAT term changes the updates
+
+
+def test_resume_matches_an_uninterrupted_run():
+    _, full = make_trainer(1.0)
+    for _ in range(6):
+        full.step()
+    _, first = make_trainer(1.0)
+    for _ in range(3):
+        first.step()
+    saved = copy.deepcopy(first.state())
+    _, resumed = make_trainer(1.0)
+    resumed.load_state(saved)
+    for _ in range(3):
+        resumed.step()
+    for k in full.adapters.adapters:
+        assert torch.equal(full.adapters.adapters[k].up, resumed.adapters.adapters[k].up)
+        assert torch.equal(full.adapters.adapters[k].down, resumed.adapters.adapters[k].down)
+    assert [h.loss for h in full.history] == [h.loss for h in resumed.history]
