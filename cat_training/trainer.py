@@ -41,9 +41,10 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     num_timesteps: int = 1000
-    # run the caption and neutral-caption adapter passes as one batch (fills a GPU better);
-    # None: on for CUDA, off elsewhere. Off, the neutral pass has the base pass's batch shape, so
-    # at step 0 (up = 0) the two agree bit for bit.
+    # run the caption and neutral-caption adapter passes as one batch (fills a GPU better, holds
+    # both passes' activations); None: on for CUDA, off elsewhere. Off, each pass is
+    # back-propagated before the next (peak memory of one pass) and the neutral pass has the base
+    # pass's batch shape, so at step 0 (up = 0) the two agree bit for bit.
     fuse_passes: bool | None = None
 
     def as_dict(self) -> dict:
@@ -115,27 +116,39 @@ class CATTrainer:
             x_t = self.add_noise(x0, noise, t)
             target = self.target(x0, noise, t)
             cond = self.conds[idx]
-            with self._autocast():
-                if cfg.lambda_cat > 0:
-                    neutral = self.neutral_conds[idx]
+            acc = cfg.grad_accumulation
+            fuse = cfg.fuse_passes if cfg.fuse_passes is not None else self.device_type == "cuda"
+            if cfg.lambda_cat > 0 and fuse:
+                # one batch for both adapter passes: more work per kernel launch, twice the activations
+                neutral = self.neutral_conds[idx]
+                with self._autocast():
                     with torch.no_grad(), self.adapters.bypassed():
                         base = self.predict(x_t, t, neutral).float()
-                    fuse = cfg.fuse_passes if cfg.fuse_passes is not None else self.device_type == "cuda"
-                    if fuse:
-                        both = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, neutral]))
-                        pred, pred_neutral = both.float().chunk(2)
-                    else:
-                        pred = self.predict(x_t, t, cond).float()
-                        pred_neutral = self.predict(x_t, t, neutral).float()
+                    both = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, neutral]))
+                    pred, pred_neutral = both.float().chunk(2)
                     l_diff = torch.nn.functional.mse_loss(pred, target.float())
                     l_cat = torch.nn.functional.mse_loss(pred_neutral, base)
                     loss = l_diff + cfg.lambda_cat * l_cat
-                else:
-                    pred = self.predict(x_t, t, cond).float()
-                    l_diff = torch.nn.functional.mse_loss(pred, target.float())
+                (loss / acc).backward()
+            elif cfg.lambda_cat > 0:
+                # two adapter passes, each back-propagated before the next: the gradients add up to
+                # those of the summed loss while only one pass's activations are held at a time
+                neutral = self.neutral_conds[idx]
+                with self._autocast():
+                    with torch.no_grad(), self.adapters.bypassed():  # transient, before any graph is held
+                        base = self.predict(x_t, t, neutral).float()
+                    l_diff = torch.nn.functional.mse_loss(self.predict(x_t, t, cond).float(), target.float())
+                (l_diff / acc).backward()
+                with self._autocast():
+                    l_cat = torch.nn.functional.mse_loss(self.predict(x_t, t, neutral).float(), base)
+                (cfg.lambda_cat * l_cat / acc).backward()
+                loss = l_diff.detach() + cfg.lambda_cat * l_cat.detach()
+            else:
+                with self._autocast():
+                    l_diff = torch.nn.functional.mse_loss(self.predict(x_t, t, cond).float(), target.float())
                     l_cat = torch.zeros(())
                     loss = l_diff
-            (loss / cfg.grad_accumulation).backward()
+                (loss / acc).backward()
             total += loss.item() / cfg.grad_accumulation
             diff_sum += l_diff.item() / cfg.grad_accumulation
             cat_sum += l_cat.item() / cfg.grad_accumulation

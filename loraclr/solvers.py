@@ -85,18 +85,22 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
     The configured ``ridge`` (relative to the mean diagonal of ΣG_i) is a floor on μ.
     When no hinge is active at this point, it is the global minimum of the full objective (the
     hinge terms are non-negative and vanish there)."""
-    G = problem.G_sum.to(problem.dtype)
-    E = problem.E_diag_sum.to(problem.dtype)  # (in, out)
+    # float64: G is often rank-deficient (fewer rows than inputs) and float32 eigenvectors of its
+    # near-null space would leak noise into ΔW
+    G = problem.G_sum.to(torch.float64)
+    E = problem.E_diag_sum.to(torch.float64)  # (in, out)
     s2 = problem.scale ** 2 if cfg.normalize else 1.0
     a = cfg.lambda_con / (problem.N * s2) + cfg.lambda_mse / (problem.N * problem.rows * problem.out_features)
     b = cfg.lambda_reg
     if a <= 0:
-        return torch.zeros(problem.out_features, problem.in_features, dtype=problem.dtype)
+        return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
     lam, V = torch.linalg.eigh(G)
-    lam = lam.clamp_min(0)
+    # eigenvalues are not clamped: μ >= the ridge floor keeps λ + μ positive, and the result then
+    # equals the Cholesky ridge solution at the same μ
     M = E.T @ V  # (out, in) in the eigenbasis
     cn = M.pow(2).sum(0)
     floor = cfg.ridge * float(torch.diagonal(G).mean().clamp_min(1e-30))
+    floor = max(floor, -float(lam.min()) + 1e-12 * float(lam.abs().max().clamp_min(1e-30)))
 
     def norm(mu):
         return float(torch.sqrt((cn / (lam + mu).pow(2)).sum()))
@@ -105,7 +109,7 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
     mu = floor
     if target > 0 and floor * norm(floor) < target:
         if float(torch.sqrt(cn.sum())) <= target:  # the norm penalty wins: ΔW = 0
-            return torch.zeros(problem.out_features, problem.in_features, dtype=problem.dtype)
+            return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
         lo, hi = floor, max(floor, 1.0)
         while hi * norm(hi) < target:
             hi *= 4.0
@@ -216,15 +220,25 @@ def _merge_layer(W0, stats, cfg, deltas):
         start_value = evaluate(torch.zeros_like(dW))[0]
         value, parts, D2 = evaluate(dW)
     else:
+        certified = False
         if cfg.method == "least_squares":
             start = _least_squares(problem, cfg.ridge).to(torch.float32)
+            start_value, parts, D2 = evaluate(start)
         elif cfg.warm_start:
             start = smooth_minimiser(problem, cfg).to(torch.float32)
+            start_value, parts, D2 = evaluate(start)
+            certified = _hinges_inactive(scoring, D2, cfg)
+            if not certified:
+                # a hinge is active at the hinge-free optimum: the plain least-squares fit (which
+                # separates the concepts more) may be the better start
+                ls = _least_squares(problem, cfg.ridge).to(torch.float32)
+                ls_value, ls_parts, ls_D2 = evaluate(ls)
+                if ls_value < start_value:
+                    start, start_value, parts, D2 = ls, ls_value, ls_parts, ls_D2
         else:
             start = torch.zeros(stats.out_features, stats.in_features)
-        start_value, parts, D2 = evaluate(start)
+            start_value, parts, D2 = evaluate(start)
         value, dW = start_value, start
-        certified = cfg.warm_start and _hinges_inactive(scoring, D2, cfg)
         if cfg.method == "loraclr" and cfg.iterations > 0 and not certified:
             dW, history, converged, iterations = _optimise(problem, start, cfg)
             value, parts, D2 = evaluate(dW)

@@ -253,6 +253,10 @@ class Progress:
         comfy.model_management.throw_exception_if_processing_interrupted()
         self.bar.update(n)
 
+    def set_total(self, total: int):
+        """Once the amount of work is known (e.g. after the layers are selected)."""
+        self.bar.update_absolute(self.bar.current, max(1, total))
+
 
 def check_cancel():
     comfy.model_management.throw_exception_if_processing_interrupted()
@@ -383,6 +387,17 @@ def attach_weight_wrappers(model, wrappers: dict):
         mp.add_weight_wrapper(key, fn)
     mp.model.requires_grad_(False)
     comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+    # Nodes run under torch.inference_mode(), so a model loaded by another node holds inference
+    # tensors, which autograd refuses to save for backward (layer norms save their weight). Same
+    # values as normal tensors; called inside inference_mode(False).
+    with torch.no_grad():
+        for m in mp.model.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
     return mp
 
 
@@ -409,7 +424,7 @@ class NativePrediction:
         else:
             raise NodeError("Train CAT LoRA", f"unsupported model prediction type {type(self.ms).__name__} "
                                               "(ε- and v-prediction models are supported)")
-        self.sigmas = self.ms.sigmas.detach().to("cpu", torch.float32)
+        self.sigmas = self.ms.sigmas.detach().to("cpu", torch.float32).clone()
         self.num_timesteps = len(self.sigmas)
 
     def sigma(self, t):
@@ -430,8 +445,9 @@ class NativePrediction:
     def __call__(self, x_t, t, cond):
         sigma = self.sigma(t).to(self.device)
         x_t = x_t.to(self.device)
-        xc = self.ms.calculate_input(sigma, x_t)
-        timestep = self.ms.timestep(sigma).float()
+        with torch.no_grad():
+            xc = self.ms.calculate_input(sigma, x_t)
+            timestep = self.ms.timestep(sigma).float()
         out = self.inner.diffusion_model(xc.to(self.dtype), timestep, context=cond.to(self.device, self.dtype),
                                          transformer_options={})
         return out.to("cpu")

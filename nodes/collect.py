@@ -172,6 +172,8 @@ def collect_text_encoder(clip, concepts, layer_filter="", only_lora_layers=True,
     n_prompts, notes = _align_prompt_counts(concepts)
     loaded = _Loaded(None, clip, concepts)
     keys = _select_keys("text_encoder", _comfy.state_keys(clip.patcher), loaded.te, layer_filter, only_lora_layers)
+    if progress:
+        progress.set_total(len(concepts) + len(keys))
     modules = {k: m for k, m in _comfy.clip_modules(clip).items() if k in keys}
     xs = []  # per concept: {key: rows}
     for i, c in enumerate(concepts):
@@ -209,6 +211,8 @@ def collect_cross_attention(model, clip, concepts, layer_filter="", only_lora_la
     n_prompts, notes = _align_prompt_counts(concepts)
     loaded = _Loaded(model, clip, concepts)
     keys = _select_keys("cross_attention", _comfy.state_keys(model), loaded.unet, layer_filter, only_lora_layers)
+    if progress:
+        progress.set_total(len(concepts) + len(keys))
     xs = []
     for i, c in enumerate(concepts):
         clip_i = _concept_clip(clip, loaded, i, c, inputs_from)
@@ -360,10 +364,9 @@ def collect_stage(model, clip, concepts, stage, inputs_from="concept_lora", laye
         raise _comfy.NodeError(NODE, f"field 'inputs_from' must be one of {list(INPUTS_FROM)}, got '{inputs_from}'")
     n = len(concepts or ())
     if stage == "text_encoder":
-        progress = _comfy.Progress(2 * n + 1)
-        return collect_text_encoder(clip, concepts, layer_filter, only_lora_layers, progress, model=model)
+        return collect_text_encoder(clip, concepts, layer_filter, only_lora_layers, _comfy.Progress(n), model=model)
     if stage == "cross_attention":
-        progress = _comfy.Progress(n + 16)
-        return collect_cross_attention(model, clip, concepts, layer_filter, only_lora_layers, inputs_from, progress)
+        return collect_cross_attention(model, clip, concepts, layer_filter, only_lora_layers, inputs_from,
+                                       _comfy.Progress(n))
     return collect_spatial(model, clip, concepts, layer_filter, only_lora_layers, inputs_from, steps, record_steps,
                            width, height, seed, _comfy.Progress(steps))

@@ -159,12 +159,13 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
                 raise _comfy.NodeError(NODE, f"field 'captions': {e} ({', '.join(triggers)}); every caption "
                                              "must name the concept when lambda_cat > 0") from e
         neutral = torch.cat(rows)
-    state = load_resume_state(resume_from) if resume_from and resume_from != "none" else None
     cfg = TrainConfig(steps=steps, learning_rate=learning_rate, optimizer=optimizer, batch_size=batch_size,
                       grad_accumulation=grad_accumulation, lambda_cat=lambda_cat, seed=seed, dtype=training_dtype)
     shapes = _comfy.model_weight_shapes(model)
     stems = _comfy.inverse_key_map(model, None, "kohya")
     with torch.inference_mode(False), torch.enable_grad():
+        # loaded here so its tensors (optimizer moments) are normal tensors that can be updated in place
+        state = load_resume_state(resume_from) if resume_from and resume_from != "none" else None
         gen = torch.Generator().manual_seed(seed)
         adapters = {k: LoRAWeight(shapes[k], rank, alpha, generator=gen) for k in keys}
         if state is not None:

@@ -13,7 +13,8 @@ import comfy_client  # noqa: E402
 import make_workflows  # noqa: E402
 
 PACK_NODES = ["LoRACLRConcept", "LoRACLRCollectActivations", "LoRACLRMerge", "LoRACLRApplyDelta", "LoRACLRSaveLoRA",
-              "LoRACLRMergeAllStages", "LoRACLRSweepValues"]
+              "LoRACLRMergeAllStages", "LoRACLRSweepValues", "LoRACLRTrainCAT", "LoRACLRSaveCAT",
+              "LoRACLRSpriteDataset"]
 
 
 @pytest.fixture(scope="module")
@@ -181,5 +182,91 @@ def test_margin_sweep_saves_one_file_per_value(server, object_info):
             with safe_open(str(lora_dir / f), "pt") as fh:
                 margins.append(json.loads(fh.metadata()["loraclr_settings"])["margin"])
         assert sorted(margins) == [0.25, 0.5, 1.0, 2.0]
+    finally:
+        shutil.rmtree(lora_dir, ignore_errors=True)
+
+
+def _small_training(sub):
+    def edit(node):
+        inp, ct = node["inputs"], node["class_type"]
+        if ct == "LoRACLRSpriteDataset":
+            inp.update(count=3, width=64, height=64)
+        if ct == "LoRACLRTrainCAT":
+            inp.update(steps=3)
+        if ct == "LoRACLRSaveCAT":
+            inp.update(filename=f"{sub}/cat_{{trigger}}", if_exists="error")
+        if ct == "LoRACLRSaveLoRA":
+            inp.update(filename=f"{sub}/pair_{{method}}")
+        if ct == "LoRACLRMerge":
+            inp.update(iterations=10)
+        if ct == "EmptyLatentImage":
+            inp.update(width=64, height=64)
+    return edit
+
+
+def test_cat_training_workflow_trains_saves_and_resumes_on_the_server(server, object_info):
+    import shutil
+
+    sub = "loraclr_pytest_cat"
+    lora_dir = COMFY / "models" / "loras" / sub
+    shutil.rmtree(lora_dir, ignore_errors=True)
+    try:
+        hist = _run_example(server, object_info, "cat_train_sprite.json", _small_training(sub))
+        images = [img for out in hist["outputs"].values() for img in out.get("images", [])]
+        assert len(images) >= 2  # the loss plot preview and the generated image
+        assert sorted(os.listdir(lora_dir)) == ["cat_sks.loraclr-state", "cat_sks.safetensors"]
+        with safe_open(str(lora_dir / "cat_sks.safetensors"), "pt") as f:
+            meta = f.metadata()
+            assert all(k.startswith("lora_unet_") for k in f.keys())
+        assert meta["loraclr_steps"] == "3" and meta["loraclr_trigger"] == "sks"
+
+        # resume the saved run to step 5 through the server, then sample with the stock loader
+        prompt = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "loraclr_micro_sd15.safetensors"}},
+            "2": {"class_type": "LoRACLRSpriteDataset", "inputs": {"count": 3, "width": 64, "height": 64,
+                                                                   "trigger": "sks", "seed": 0, "variant": 0}},
+            "3": {"class_type": "LoRACLRTrainCAT", "inputs": {
+                "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "captions": ["2", 1],
+                "trigger": "sks", "rank": 1, "alpha": 1.0, "target_layers": "attention", "layer_pattern": "",
+                "steps": 5, "learning_rate": 1e-4, "optimizer": "AdamW", "batch_size": 1, "grad_accumulation": 1,
+                "lambda_cat": 1.0, "seed": 0, "training_dtype": "float32", "gradient_checkpointing": False,
+                "resume_from": f"{sub}/cat_sks.safetensors"}},
+            "4": {"class_type": "LoRACLRSaveCAT", "inputs": {"lora": ["3", 1], "filename": f"{sub}/resumed",
+                                                             "dtype": "float16", "if_exists": "error",
+                                                             "save_state": False}},
+            "5": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                         "lora_name": f"{sub}/cat_sks.safetensors",
+                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["5", 1], "text": "a photo of sks"}},
+            "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "8": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "positive": ["6", 0], "negative": ["6", 0],
+                                                       "latent_image": ["7", 0], "seed": 1, "steps": 2, "cfg": 1.0,
+                                                       "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+            "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "loraclr_pytest/cat"}},
+        }
+        hist = comfy_client.run_prompt(server.url, prompt)
+        assert hist["status"]["status_str"] == "success", (_errors(hist), server.log)
+        with safe_open(str(lora_dir / "resumed.safetensors"), "pt") as f:
+            assert f.metadata()["loraclr_steps"] == "5"
+        with open(server.log) as f:
+            assert "lora key not loaded" not in f.read()
+    finally:
+        shutil.rmtree(lora_dir, ignore_errors=True)
+
+
+def test_train_two_concepts_then_merge_workflow(server, object_info):
+    import shutil
+
+    sub = "loraclr_pytest_catpair"
+    lora_dir = COMFY / "models" / "loras" / sub
+    shutil.rmtree(lora_dir, ignore_errors=True)
+    try:
+        _run_example(server, object_info, "cat_train_two_then_merge.json", _small_training(sub))
+        files = sorted(os.listdir(lora_dir))
+        assert "cat_sks.safetensors" in files and "cat_zwx.safetensors" in files and "pair_loraclr.safetensors" in files
+        with safe_open(str(lora_dir / "pair_loraclr.safetensors"), "pt") as f:
+            concepts = json.loads(f.metadata()["loraclr_concepts"])
+        assert [c["lora"] for c in concepts] == [f"{sub}/cat_sks.safetensors", f"{sub}/cat_zwx.safetensors"]
     finally:
         shutil.rmtree(lora_dir, ignore_errors=True)

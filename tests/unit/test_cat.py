@@ -130,3 +130,16 @@ def test_resume_matches_an_uninterrupted_run():
         assert torch.equal(full.adapters.adapters[k].up, resumed.adapters.adapters[k].up)
         assert torch.equal(full.adapters.adapters[k].down, resumed.adapters.adapters[k].down)
     assert [h.loss for h in full.history] == [h.loss for h in resumed.history]
+
+
+def test_split_backward_equals_the_summed_loss_gradient():
+    _, split = make_trainer(1.0)
+    _, fused = make_trainer(1.0)
+    fused.config.fuse_passes = True
+    for _ in range(3):  # past step 0 so the CAT term has a gradient
+        split.step()
+        fused.step()
+    for k in split.adapters.adapters:
+        a, b = split.adapters.adapters[k], fused.adapters.adapters[k]
+        torch.testing.assert_close(a.up, b.up, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.down, b.down, rtol=1e-5, atol=1e-6)
