@@ -168,14 +168,20 @@ def run_side(side, n_concepts, quick, queue):
     queue.put({"time": total_t, "objective": total_obj, "peak": peak, "layers": per_layer})
 
 
-def measure(side, n_concepts, quick):
+def in_fresh_process(target, *args):
+    """Run ``target(*args, queue)`` in a new interpreter and return what it puts on the queue, so
+    each side's memory high-water mark is its own."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=run_side, args=(side, n_concepts, quick, q))
+    p = ctx.Process(target=target, args=(*args, q))
     p.start()
     out = q.get()
     p.join()
     return out
+
+
+def measure(side, n_concepts, quick):
+    return in_fresh_process(run_side, side, n_concepts, quick)
 
 
 def main(argv=None):

@@ -14,14 +14,13 @@ Last line: train_speed: cat_over_plain_time=<x> cat_over_plain_mem=<y> plain_ove
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from merge_speed import PeakRSS  # noqa: E402
+from merge_speed import PeakRSS, in_fresh_process  # noqa: E402
 
 MICRO = "loraclr_micro_sd15.safetensors"
 
@@ -87,13 +86,7 @@ def run_config(mode, comfy_path, size, steps_pair, queue):
 
 
 def measure(mode, args):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=run_config, args=(mode, args.comfy, args.size, args.steps, q))
-    p.start()
-    out = q.get()
-    p.join()
-    return out
+    return in_fresh_process(run_config, mode, args.comfy, args.size, args.steps)
 
 
 def main(argv=None):

@@ -83,7 +83,7 @@ app.registerExtension({
             { name: "CAT loss", color: "#ff7043", values: [] },
           ]
         : prev.lines;
-      lines[0].values.push(detail.loss);
+      lines[0].values.push(detail.diffusion_loss ?? detail.loss);
       lines[1].values.push(detail.cat_loss ?? 0);
       update(detail.node, { kind: "train", lines });
     });
