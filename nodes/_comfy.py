@@ -253,6 +253,10 @@ class Progress:
         comfy.model_management.throw_exception_if_processing_interrupted()
         self.bar.update(n)
 
+    def preview(self, image):
+        """Show a PIL image on the node (ComfyUI's progress preview)."""
+        self.bar.update_absolute(self.bar.current, None, ("JPEG", image, 512))
+
     def set_total(self, total: int):
         """Once the amount of work is known (e.g. after the layers are selected)."""
         self.bar.update_absolute(self.bar.current, max(1, total))
@@ -535,3 +539,21 @@ def encode_tokens(clip, tokens) -> torch.Tensor:
 
 def encode_images(vae, images) -> torch.Tensor:
     return vae.encode(images[:, :, :, :3]).to("cpu", torch.float32)
+
+
+@torch.no_grad()
+def preview_sample(patcher, vae, cond: torch.Tensor, latent_shape, steps: int = 8, seed: int = 0):
+    """A quick Euler sample of ``patcher`` (with whatever adapters it carries) decoded by ``vae``,
+    as a PIL image; the patcher is loaded again afterwards in case decoding moved it."""
+    from PIL import Image
+
+    sigmas = sampling_sigmas(patcher, steps)
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))
+    x = initial_latent(patcher, noise, sigmas[0])
+    for i in range(steps):
+        den = denoise(patcher, x, sigmas[i], cond)
+        x = x + (x - den) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    latent_format = patcher.model.latent_format
+    image = vae.decode(latent_format.process_out(x))[0].clamp(0, 1)
+    comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+    return Image.fromarray((image.float().cpu().numpy() * 255).round().astype("uint8"))

@@ -80,6 +80,8 @@ class LoRACLRMerge(io.ComfyNode):
                                  tooltip="Divide distances by the layer's output scale so one margin fits every layer."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed for anything random in the solver (results are deterministic)."),
+                io.Combo.Input("compute_dtype", options=["float32", "bfloat16"], default="float32",
+                               tooltip="Precision of the large matrix products; distances and sums stay float32."),
             ],
             outputs=[MERGED.Output(display_name="merged"), io.String.Output(display_name="report")],
             hidden=[io.Hidden.unique_id],
@@ -87,10 +89,10 @@ class LoRACLRMerge(io.ComfyNode):
 
     @classmethod
     def execute(cls, activations, method, margin, lambda_con, lambda_mse, lambda_reg, learning_rate,
-                iterations, warm_start, normalize, seed):
+                iterations, warm_start, normalize, seed, compute_dtype="float32"):
         config = MergeConfig(method=method, margin=margin, lambda_con=lambda_con, lambda_mse=lambda_mse,
                              lambda_reg=lambda_reg, lr=learning_rate, iterations=iterations,
-                             warm_start=warm_start, normalize=normalize, seed=seed)
+                             warm_start=warm_start, normalize=normalize, seed=seed, compute_dtype=compute_dtype)
         merged = merge_activations(activations, config, _comfy.Progress(len(activations.layers)))
         text = format_report(merged)
         _comfy.send_message("loraclr.merge", {
@@ -163,11 +165,11 @@ class LoRACLRMergeAllStages(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, preset, layer_filter, method, margin, lambda_con, lambda_mse, lambda_reg,
-                learning_rate, iterations, warm_start, normalize, seed, steps, record_steps, width, height,
-                sample_seed):
+                learning_rate, iterations, warm_start, normalize, seed, compute_dtype, steps, record_steps, width,
+                height, sample_seed):
         config = MergeConfig(method=method, margin=margin, lambda_con=lambda_con, lambda_mse=lambda_mse,
                              lambda_reg=lambda_reg, lr=learning_rate, iterations=iterations,
-                             warm_start=warm_start, normalize=normalize, seed=seed)
+                             warm_start=warm_start, normalize=normalize, seed=seed, compute_dtype=compute_dtype)
         m, c, merged, text = merge_all_stages(model, clip, concepts, preset, config, layer_filter or "", steps,
                                               record_steps, width, height, sample_seed)
         return io.NodeOutput(m, c, merged, text, ui=ui.PreviewText(text))

@@ -141,7 +141,7 @@ def loss_plot(history) -> torch.Tensor:
 
 def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target_layers, layer_pattern, steps,
                    learning_rate, optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype,
-                   gradient_checkpointing, resume_from="none", node_id=None):
+                   gradient_checkpointing, resume_from="none", node_id=None, preview_every=0, vae=None):
     n = latents.shape[0]
     captions = parse_captions(captions, n)
     if lambda_cat > 0 and not triggers:
@@ -190,6 +190,8 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
                 _comfy.send_message("loraclr.train", {"node": node_id, "step": rec.step, "loss": rec.loss,
                                                       "diffusion_loss": rec.diffusion, "cat_loss": rec.cat})
                 progress.step()
+                if preview_every > 0 and vae is not None and rec.step % preview_every == 0:
+                    progress.preview(_comfy.preview_sample(mp, vae, conds[:1], (1, *latents.shape[1:]), seed=seed))
         factors = {k: (a.up.detach().float().clone(), a.down.detach().float().clone()) for k, a in adapters.items()}
         final_state = trainer.state()
     history = [h for h in final_state["history"]]
@@ -244,6 +246,9 @@ class TrainCATLoRA(io.ComfyNode):
                                  tooltip="Recompute blocks in the backward pass: less memory, about a third more time."),
                 io.Combo.Input("resume_from", options=["none"] + _comfy.lora_names(), default="none",
                                tooltip="Continue a run saved by Save CAT LoRA with its optimizer state."),
+                io.Int.Input("preview_every", default=0, min=0, max=100000,
+                             tooltip="Every N steps, sample the first caption with the LoRA so far and show it on "
+                                     "the node (needs the vae); 0 = off."),
                 io.Vae.Input("vae", optional=True, tooltip="Encodes the training images (needed with 'images')."),
                 io.Image.Input("images", optional=True, tooltip="Training images (a batch)."),
                 io.Latent.Input("latents", optional=True, tooltip="Training latents, instead of images."),
@@ -257,7 +262,7 @@ class TrainCATLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, captions, trigger, rank, alpha, target_layers, layer_pattern, steps, learning_rate,
                 optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype, gradient_checkpointing,
-                resume_from="none", vae=None, images=None, latents=None):
+                resume_from="none", preview_every=0, vae=None, images=None, latents=None):
         if latents is not None:
             x = latents["samples"].to("cpu", torch.float32)
         elif images is not None:
@@ -270,7 +275,8 @@ class TrainCATLoRA(io.ComfyNode):
         out_model, trained = train_cat_lora(model, clip, x, captions, triggers, rank, alpha, target_layers,
                                             layer_pattern, steps, learning_rate, optimizer, batch_size,
                                             grad_accumulation, lambda_cat, seed, training_dtype,
-                                            gradient_checkpointing, resume_from, _comfy.node_id(cls))
+                                            gradient_checkpointing, resume_from, _comfy.node_id(cls),
+                                            preview_every, vae)
         history = json.dumps(trained.history)
         last = trained.history[-1] if trained.history else None
         text = (f"trained {len(trained.factors)} layers to step {trained.steps}"

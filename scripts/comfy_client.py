@@ -132,7 +132,10 @@ def run_prompt(url: str, prompt: dict, timeout: float = 900.0, poll: float = 0.5
     r = requests.post(url + "/prompt", json={"prompt": prompt, "client_id": client_id}, timeout=60)
     if r.status_code != 200:
         raise RuntimeError(f"/prompt refused the workflow: {r.status_code} {r.text[:2000]}")
-    pid = r.json()["prompt_id"]
+    body = r.json()
+    if body.get("node_errors"):  # ComfyUI runs the valid part of a prompt and skips invalid nodes
+        raise RuntimeError(f"/prompt found invalid nodes: {json.dumps(body['node_errors'])[:2000]}")
+    pid = body["prompt_id"]
     deadline = time.time() + timeout
     while time.time() < deadline:
         h = requests.get(f"{url}/history/{pid}", timeout=30).json()

@@ -84,7 +84,7 @@ def merge_two_concepts() -> dict:
     coll = g.add("LoRACLRCollectActivations", ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0],
                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
                  [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(400, 0))
-    merge = g.add("LoRACLRMerge", ["loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 50, True, False, 0],
+    merge = g.add("LoRACLRMerge", ["loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 50, True, False, 0, "float32"],
                   [("activations", "LORACLR_ACTIVATIONS", (coll, 0))],
                   [("merged", "LORACLR_DELTA"), ("report", "STRING")], pos=(760, 0), size=(340, 380))
     apply = g.add("LoRACLRApplyDelta", [1.0, 1.0],
@@ -98,7 +98,7 @@ def merge_two_concepts() -> dict:
 
 
 def _merge_widgets(margin=0.5, iterations=50):
-    return ["loraclr", margin, 1.0, 0.1, 0.001, 1e-4, iterations, True, False, 0]
+    return ["loraclr", margin, 1.0, 0.1, 0.001, 1e-4, iterations, True, False, 0, "float32"]
 
 
 def merge_three_concepts_all_stages() -> dict:
@@ -159,8 +159,10 @@ def margin_sweep() -> dict:
 
 def _train_widgets(steps=100, trigger="sks", lambda_cat=1.0):
     # captions (wired from the data set), trigger, rank, alpha, target_layers, layer_pattern, steps, learning_rate,
-    # optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype, gradient_checkpointing, resume_from
-    return ["", trigger, 1, 1.0, "attention", "", steps, 1e-4, "AdamW", 1, 1, lambda_cat, 0, "float32", False, "none"]
+    # optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype, gradient_checkpointing, resume_from,
+    # preview_every
+    return ["", trigger, 1, 1.0, "attention", "", steps, 1e-4, "AdamW", 1, 1, lambda_cat, 0, "float32", False, "none",
+            25]
 
 
 def _train_concept(g, ckpt, trigger, variant, y):

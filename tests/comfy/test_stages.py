@@ -98,7 +98,7 @@ def test_all_stages_node_merges_every_stage_in_order(micro, pack):
     model, clip, _ = micro
     concepts = _concepts(pack)
     m, c, merged, report = pack.LoRACLRMergeAllStages.execute(
-        model, clip, concepts, "all", "", "loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 10, True, False, 0,
+        model, clip, concepts, "all", "", "loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 10, True, False, 0, "float32",
         3, 3, 64, 64, 7).result
     assert len(merged.clip) == 12 and len(merged.model) == 8 + 12
     assert "text_encoder merge" in report and "cross_attention merge" in report and "spatial merge" in report

@@ -154,3 +154,24 @@ def test_cancel_stops_within_a_step_and_leaves_the_model_usable(micro, pack, lor
         assert torch.equal(_comfy.NativePrediction(model)(x, t, cond), before)
     _, sub_path = loras_tmp
     assert not os.path.exists(sub_path) or not os.listdir(sub_path)
+
+
+def test_preview_images_every_n_steps(micro, pack):
+    import comfy.utils
+
+    model, clip, vae = micro
+    previews = []
+    old = comfy.utils.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, node_id=None):
+        if preview is not None:
+            previews.append((value, preview))
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        _train(pack, micro, steps=4, preview_every=2, vae=vae)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    assert [v for v, _ in previews] == [2, 4]
+    fmt, image, size = previews[0][1]
+    assert fmt == "JPEG" and image.size == (64, 64)

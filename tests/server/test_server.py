@@ -230,7 +230,7 @@ def test_cat_training_workflow_trains_saves_and_resumes_on_the_server(server, ob
                 "trigger": "sks", "rank": 1, "alpha": 1.0, "target_layers": "attention", "layer_pattern": "",
                 "steps": 5, "learning_rate": 1e-4, "optimizer": "AdamW", "batch_size": 1, "grad_accumulation": 1,
                 "lambda_cat": 1.0, "seed": 0, "training_dtype": "float32", "gradient_checkpointing": False,
-                "resume_from": f"{sub}/cat_sks.safetensors"}},
+                "resume_from": f"{sub}/cat_sks.safetensors", "preview_every": 0}},
             "4": {"class_type": "LoRACLRSaveCAT", "inputs": {"lora": ["3", 1], "filename": f"{sub}/resumed",
                                                              "dtype": "float16", "if_exists": "error",
                                                              "save_state": False}},

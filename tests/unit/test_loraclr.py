@@ -246,3 +246,17 @@ def test_weights_accumulator_for_wide_inputs_uses_direct_cross_terms():
     acc.add([x[60:] for x in X])
     direct = LayerStats.from_rows(X, Y, force="gram")
     torch.testing.assert_close(acc.finish().C, direct.C, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["rows", "gram"])
+def test_bfloat16_matmul_path_scores_close_to_float32(form):
+    W0, deltas, X, Y = make_problem(N=3, n=24 if form == "rows" else 80, d_in=32, d_out=16, dtype=torch.float32,
+                                    spread=0.05)
+    stats = LayerStats.from_rows(X, Y, force=form)
+    cfg = dict(margin=5.0, lr=1e-3, iterations=20)
+    f32 = merge_layer(W0, stats, MergeConfig(**cfg))
+    bf16 = merge_layer(W0, stats, MergeConfig(compute_dtype="bfloat16", **cfg))
+    assert bf16.delta.dtype == torch.float32
+    # both are scored in float32; the bfloat16 solve lands within a few percent of the float32 one
+    assert bf16.objective <= f32.objective * 1.05
+    assert bf16.objective <= bf16.start_objective
