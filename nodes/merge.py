@@ -133,7 +133,6 @@ def merge_all_stages(model, clip, concepts, preset: str, config: MergeConfig, la
 class LoRACLRMergeAllStages(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        d = MergeConfig()
         merge_inputs = [i for i in LoRACLRMerge.define_schema().inputs if i.id != "activations"]
         return io.Schema(
             node_id="LoRACLRMergeAllStages",

@@ -1,5 +1,4 @@
 """The text-encoder and spatial stages, and the all-stages node, in-process on the micro model."""
-import pytest
 import torch
 
 from conftest import TEST_LORAS
