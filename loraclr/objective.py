@@ -27,10 +27,23 @@ def as_matrix(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A normal tensor with ``t``'s values. ComfyUI runs nodes under ``torch.inference_mode()``;
+    tensors made there are inference tensors, which autograd refuses to save for backward."""
+    return t.clone() if t.is_inference() else t
+
+
 class Problem:
-    """Everything the objective needs for one layer, precomputed once relative to W0."""
+    """Everything the objective needs for one layer, precomputed once relative to W0.
+
+    Safe to build under ``torch.inference_mode()``: every tensor it keeps is a normal tensor, so
+    the objective can be differentiated afterwards (with autograd enabled)."""
 
     def __init__(self, stats: LayerStats, W0: torch.Tensor, compute_dtype: torch.dtype | None = None):
+        with torch.inference_mode(False):
+            self._build(stats, W0, compute_dtype)
+
+    def _build(self, stats, W0, compute_dtype):
         dt = compute_dtype or (torch.float64 if stats.dtype == torch.float64 else torch.float32)
         # the large products run in ``dt`` (bfloat16 allowed); sums and distances never below float32
         acc = torch.float64 if dt == torch.float64 else torch.float32
@@ -41,36 +54,40 @@ class Problem:
         self.rows = stats.rows
         self.out_features = stats.out_features
         self.in_features = stats.in_features
-        W0 = as_matrix(W0).to(acc)
+        W0 = _fresh(as_matrix(W0).to(acc))
         if W0.shape != (stats.out_features, stats.in_features):
             raise ValueError(f"W0 has shape {tuple(W0.shape)}, the activations need "
                              f"({stats.out_features}, {stats.in_features})")
         if stats.form == "rows":
-            X, Y = stats.X.to(acc), stats.Y.to(acc)
+            X, Y = _fresh(stats.X.to(acc)), _fresh(stats.Y.to(acc))
             B = X @ W0.T  # base outputs X_i W0ᵀ
             R = Y - B  # each concept's own residual target
-            bb, yy = B.pow(2).sum((1, 2)), Y.pow(2).sum((1, 2))
-            tt = bb[:, None] + yy[None, :] - 2 * torch.einsum("iro,jro->ij", B, Y)
-            tt.diagonal().copy_(R.pow(2).sum((1, 2)))  # the own-concept baseline directly, no cancellation
-            self.X = X.to(dt)
+            # ||Y_j − B_i||² from the differences themselves (no cancellation of large sums)
+            tt = torch.stack([(Y - B[i]).to(torch.float64).pow(2).sum((1, 2)) for i in range(self.N)])
+            self.X = _fresh(X.to(dt))
             self.Y, self.B, self.R = Y, B, R
-            self.yy = yy.to(torch.float64)
+            self.yy = Y.to(torch.float64).pow(2).sum((1, 2))
             flat_x = X.reshape(-1, self.in_features)
             self.G_sum = flat_x.T @ flat_x
             self.E_diag_sum = flat_x.T @ R.reshape(-1, self.out_features)  # Σ_i X_iᵀ (Y_i − X_i W0ᵀ)
         else:
-            G, C = stats.G.to(acc), stats.C.to(acc)
-            GW = G @ W0.T  # (N, in, out)
-            E = C - GW[:, None]  # X_iᵀ (Y_j − X_i W0ᵀ)
-            w0gw0 = torch.einsum("io,nio->n", W0.T, GW)  # ||X_i W0ᵀ||²
-            yy = stats.yy.to(acc)
-            tt = yy[None, :] - 2 * torch.einsum("io,njio->nj", W0.T, C) + w0gw0[:, None]
+            G, E = _fresh(stats.G.to(acc)), _fresh(stats.E.to(acc))
+            tt = stats.tt.to(torch.float64)
+            base = stats.base
+            if base is None or base.shape != W0.shape or not torch.equal(as_matrix(base).to(acc), W0):
+                # statistics centred on another weight: move the centre to W0 (exact algebra, but it
+                # loses the precision that centring on W0 at collection time keeps)
+                D = W0 - (0 if base is None else as_matrix(base).to(acc))
+                GD = G @ D.T  # (N, in, out)
+                tt = (tt - 2 * torch.einsum("oi,njio->nj", D, E).to(torch.float64)
+                      + torch.einsum("oi,nio->n", D, GD).to(torch.float64)[:, None])
+                E = E - GD[:, None]
             self.G, self.E = G.to(dt), E
-            self.yy = yy.to(torch.float64)
+            self.yy = stats.yy.to(torch.float64)
             self.G_sum = G.sum(0)
             idx = torch.arange(self.N)
             self.E_diag_sum = E[idx, idx].sum(0)
-        self.tt = tt.clamp_min(0).to(acc)  # ||Y_j − X_i W0ᵀ||²
+        self.tt = tt.clamp_min(0)  # ||Y_j − X_i W0ᵀ||², float64
         self.scale = float(torch.sqrt(self.yy.mean()).clamp_min(_TINY))
 
     def squared_distances(self, dW: torch.Tensor) -> torch.Tensor:
@@ -82,13 +99,14 @@ class Problem:
             qq = Q.pow(2).sum((1, 2))
             qb = (Q * self.B).sum((1, 2))
             qy = torch.einsum("iro,jro->ij", Q, self.Y)
-            D2 = qq[:, None] + 2 * (qb[:, None] - qy) + self.tt
+            D2 = (qq[:, None] + 2 * (qb[:, None] - qy)).to(torch.float64) + self.tt
             own = (Q - self.R).pow(2).sum((1, 2))  # the diagonal, computed directly for precision
             eye = torch.eye(self.N, dtype=torch.bool)
-            return torch.where(eye, torch.diag_embed(own), D2)
+            return torch.where(eye, torch.diag_embed(own), D2.to(self.dtype))
         q = ((low[None] @ self.G).to(self.dtype) * dW[None]).sum((1, 2))  # tr(ΔW G_i ΔWᵀ)
         lin = torch.einsum("oi,njio->nj", dW, self.E)
-        return q[:, None] - 2 * lin + self.tt
+        # the sum in float64: each part is about as large as tt, the result can be much smaller
+        return ((q[:, None] - 2 * lin).to(torch.float64) + self.tt).to(self.dtype)
 
     def loss(self, dW, margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001, normalize=False, D2=None):
         """Objective and its parts; ``D2`` may pass squared distances already computed for ``dW``."""

@@ -27,9 +27,8 @@ class MergeConfig:
     weight_decay: float = 1e-4
     iterations: int = 50
     warm_start: bool = True  # start at the exact hinge-free minimiser; False starts at ΔW = 0 like the official code
-    ridge: float = 1e-4  # relative to the mean diagonal of Σ G_i
+    ridge: float = 1e-4  # least_squares only: its ridge, relative to the mean diagonal of Σ G_i
     normalize: bool = False
-    seed: int = 0
     compute_dtype: str = "float32"
     tolerance: float = 0.0  # stop early once the best loss improved less than this (relative) in 10 iterations
 
@@ -81,8 +80,11 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
     (s = the normalisation scale, or 1) and b = λ_reg. Its stationary point solves
     ΔW (ΣG_i + μI) = Σ_i E_iiᵀ with μ = b / (2a ||ΔW||), a ridge solution whose ridge is fixed by a
     one-dimensional equation: μ·||ΔW(μ)|| increases monotonically in μ, so it is found by bisection
-    on the eigen-decomposition of ΣG_i (one decomposition, then O(in) work per trial μ).
-    The configured ``ridge`` (relative to the mean diagonal of ΣG_i) is a floor on μ.
+    on the eigen-decomposition of ΣG_i (one decomposition, then O(in) work per trial μ), to
+    relative precision 1e-12 in μ. No ridge floor is imposed (``cfg.ridge`` belongs to the
+    least-squares baseline): μ is bounded below only by what keeps λ + μ positive in float64,
+    so the gradient of the hinge-free objective vanishes at the result to float64 precision.
+    With λ_reg = 0 the result is the minimum-norm least-squares fit.
     When no hinge is active at this point, it is the global minimum of the full objective (the
     hinge terms are non-negative and vanish there)."""
     # float64: G is often rank-deficient (fewer rows than inputs) and float32 eigenvectors of its
@@ -95,30 +97,34 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
     if a <= 0:
         return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
     lam, V = torch.linalg.eigh(G)
-    # eigenvalues are not clamped: μ >= the ridge floor keeps λ + μ positive, and the result then
-    # equals the Cholesky ridge solution at the same μ
     M = E.T @ V  # (out, in) in the eigenbasis
     cn = M.pow(2).sum(0)
-    floor = cfg.ridge * float(torch.diagonal(G).mean().clamp_min(1e-30))
-    floor = max(floor, -float(lam.min()) + 1e-12 * float(lam.abs().max().clamp_min(1e-30)))
+    top = float(lam.abs().max().clamp_min(1e-300))
+    # ΣG_i is positive semi-definite; summed in float32 its null space can show eigenvalues of
+    # -1e-7·top, which would make λ + μ vanish: they are set to 0 (a change at the data's rounding)
+    lam = lam.clamp_min(0)
+    target = b / (2 * a)
+    if target <= 0:  # no norm penalty: the minimum-norm least-squares fit (float32-level cut-off)
+        keep = lam > 1e-6 * top
+        inv = torch.where(keep, 1.0 / lam.clamp_min(1e-300), torch.zeros_like(lam))
+        return (M * inv) @ V.T
+    if float(torch.sqrt(cn.sum())) <= target:  # the norm penalty wins: ΔW = 0 (0 is in the subgradient)
+        return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
 
     def norm(mu):
         return float(torch.sqrt((cn / (lam + mu).pow(2)).sum()))
 
-    target = b / (2 * a)
-    mu = floor
-    if target > 0 and floor * norm(floor) < target:
-        if float(torch.sqrt(cn.sum())) <= target:  # the norm penalty wins: ΔW = 0
-            return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
-        lo, hi = floor, max(floor, 1.0)
+    lo = hi = 1e-15 * top
+    if lo * norm(lo) < target:
+        hi = max(lo, 1.0)
         while hi * norm(hi) < target:
             hi *= 4.0
-        for _ in range(100):
-            mid = (lo * hi) ** 0.5 if lo > 0 else hi / 2
+        for _ in range(300):  # geometric bisection to relative precision 1e-12
+            mid = (lo * hi) ** 0.5
             lo, hi = (mid, hi) if mid * norm(mid) < target else (lo, mid)
             if hi - lo <= 1e-12 * hi:
                 break
-        mu = hi
+    mu = 0.5 * (lo + hi)
     return (M / (lam + mu)) @ V.T
 
 
@@ -159,7 +165,6 @@ def _hinges_inactive(problem: Problem, D2: torch.Tensor, cfg: MergeConfig) -> bo
 def _optimise(problem: Problem, start: torch.Tensor, cfg: MergeConfig):
     kw = dict(margin=cfg.margin, lambda_con=cfg.lambda_con, lambda_mse=cfg.lambda_mse, lambda_reg=cfg.lambda_reg,
               normalize=cfg.normalize)
-    torch.manual_seed(cfg.seed)
     dW = torch.nn.Parameter(start.to(torch.float32).clone())
     opt = torch.optim.AdamW([dW], lr=cfg.lr, weight_decay=cfg.weight_decay)
     best, best_dW, history = float("inf"), start.to(torch.float32).clone(), []

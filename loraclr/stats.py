@@ -1,11 +1,19 @@
 """Per-layer activation data for N concepts, in the smaller of two exact forms.
 
 * ``rows``: the raw rows X_i (n × in) and Y_i (n × out), all concepts with the same n.
-* ``gram``: sufficient statistics G_i = X_iᵀX_i (in × in), the cross terms C_ij = X_iᵀY_j for
-  every pair (in × out), and ||Y_j||². Every quantity the LoRACLR objective needs is a function
-  of these, so the objective is exact in either form.
+* ``gram``: sufficient statistics centred on a base weight W0 (the layer's own weight):
+  G_i = X_iᵀX_i (in × in), E_ij = X_iᵀ(Y_j − X_iW0ᵀ) (in × out) for every pair,
+  tt_ij = ||Y_j − X_iW0ᵀ||² and ||Y_j||². Every quantity the LoRACLR objective needs is a
+  function of these, so the objective is exact in either form.
 
-Tensors are stored in float32 (float64 inputs stay float64, for reference checks).
+Why centred: a LoRA changes a layer's output by about 1% of its size. Distances from raw sums
+(||Y||² − 2⟨W0, XᵀY⟩ + ||XW0ᵀ||²) subtract numbers 10⁴ times larger than the result, which
+leaves float32 with a few correct digits (errors of several percent were measured). The residuals
+Y_j − X_iW0ᵀ are formed per chunk of rows, where they are exact to float32 rounding of Y, and
+only then summed, so the statistics keep the precision of the deltas themselves.
+
+Tensors are stored in float32 (float64 inputs stay float64, for reference checks); the scalar
+sums tt and ||Y||² are kept in float64.
 """
 from __future__ import annotations
 
@@ -16,14 +24,21 @@ def _dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _flat(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], -1)
+
+
 class LayerStats:
-    def __init__(self, form, rows, in_features, out_features, X=None, Y=None, G=None, C=None, yy=None):
+    def __init__(self, form, rows, in_features, out_features, X=None, Y=None, G=None, E=None, tt=None, yy=None,
+                 base=None):
         self.form = form
         self.rows = rows
         self.in_features = in_features
         self.out_features = out_features
         self.X, self.Y = X, Y  # rows form: (N, n, in), (N, n, out)
-        self.G, self.C, self.yy = G, C, yy  # gram form: (N, in, in), (N, N, in, out), (N,)
+        # gram form: (N, in, in), (N, N, in, out), (N, N) float64, (N,) float64, centred on ``base``
+        # (None: centred on zero, i.e. E_ij = X_iᵀY_j)
+        self.G, self.E, self.tt, self.yy, self.base = G, E, tt, yy, base
 
     @property
     def n_concepts(self) -> int:
@@ -34,7 +49,7 @@ class LayerStats:
         return (self.X if self.form == "rows" else self.G).dtype
 
     def nbytes(self) -> int:
-        ts = (self.X, self.Y) if self.form == "rows" else (self.G, self.C, self.yy)
+        ts = (self.X, self.Y) if self.form == "rows" else (self.G, self.E, self.tt, self.yy)
         return sum(t.numel() * t.element_size() for t in ts)
 
     @staticmethod
@@ -52,7 +67,9 @@ class LayerStats:
         return n.pop(), ins.pop(), outs.pop()
 
     @classmethod
-    def from_rows(cls, X, Y, force: str = "auto") -> "LayerStats":
+    def from_rows(cls, X, Y, force: str = "auto", base=None) -> "LayerStats":
+        """``base``: the layer's weight W0, on which Gram statistics are centred (recommended;
+        without it they are centred on zero and lose precision when W0 is later subtracted)."""
         n, d_in, d_out = cls._check(X, Y)
         if force not in ("auto", "rows", "gram"):
             raise ValueError(f"force must be auto, rows or gram, got {force!r}")
@@ -61,34 +78,42 @@ class LayerStats:
         if form == "rows":
             return cls("rows", n, d_in, d_out, X=torch.stack([x.to(dt) for x in X]),
                        Y=torch.stack([y.to(dt) for y in Y]))
-        acc = StatsAccumulator(len(X), d_in, d_out, dtype=dt)
+        acc = StatsAccumulator(len(X), d_in, d_out, dtype=dt, base=base)
         acc.add(X, Y)
         return acc.finish()
 
 
 class StatsAccumulator:
     """Gram-form statistics accumulated chunk by chunk: memory does not grow with the number of
-    chunks. The i-th chunk of every concept must cover the same rows.
+    chunks. The i-th chunk of every concept must cover the same rows. ``base`` (W0) centres the
+    statistics (see the module docstring).
 
     Two ways to feed it:
 
-    * ``add(X, Y)`` with recorded outputs: accumulates G_i and C_ij = X_iᵀY_j directly
+    * ``add(X, Y)`` with recorded outputs: accumulates G_i and E_ij = X_iᵀ(Y_j − X_iW0ᵀ) directly
       (N² · rows · in · out multiply-adds per chunk).
     * ``weights=[W_i]`` at construction and ``add(X)``: when Y_j = X_j W_jᵀ (a linear layer), only the
       input cross-Grams H_ij = X_iᵀX_j for i ≤ j are accumulated (N(N+1)/2 · rows · in²) and
-      C_ij = H_ij W_jᵀ is formed once at the end, independent of the number of rows.
+      E_ij = (H_ij − H_ii)W0ᵀ + H_ij(W_j − W0)ᵀ is formed once at the end, independent of the number
+      of rows. The squared distances tt_ij are summed per chunk in either case.
     """
 
-    def __init__(self, n_concepts: int, in_features: int, out_features: int, dtype=torch.float32, weights=None):
+    def __init__(self, n_concepts: int, in_features: int, out_features: int, dtype=torch.float32, weights=None,
+                 base=None):
         self.n, self.d_in, self.d_out = n_concepts, in_features, out_features
         self.dtype = dtype
         self.rows = 0
         self.weights = None
         self.cross_gram = False
+        self.base = None if base is None else _flat(base).to(dtype)
+        if self.base is not None and self.base.shape != (out_features, in_features):
+            raise ValueError(f"base must be ({out_features}, {in_features}), got {tuple(self.base.shape)}")
+        self.tt = torch.zeros(n_concepts, n_concepts, dtype=torch.float64)
+        self.yy = torch.zeros(n_concepts, dtype=torch.float64)
         if weights is not None:
             if len(weights) != n_concepts:
                 raise ValueError(f"need one weight per concept, got {len(weights)} for {n_concepts}")
-            self.weights = [w.reshape(w.shape[0], -1).to(dtype) for w in weights]
+            self.weights = [_flat(w).to(dtype) for w in weights]
             if any(w.shape != (out_features, in_features) for w in self.weights):
                 raise ValueError(f"weights must be ({out_features}, {in_features})")
             # cross-Grams cost (N+1)/2 · in² per row and concept, direct cross terms N · out · in (+ in²):
@@ -100,8 +125,19 @@ class StatsAccumulator:
                           for i in range(n_concepts)]
                 return
         self.G = torch.zeros(n_concepts, in_features, in_features, dtype=dtype)
-        self.C = torch.zeros(n_concepts, n_concepts, in_features, out_features, dtype=dtype)
-        self.yy = torch.zeros(n_concepts, dtype=torch.float64)
+        self.E = torch.zeros(n_concepts, n_concepts, in_features, out_features, dtype=dtype)
+
+    def _base_outputs(self, Xs):
+        if self.base is None:
+            return None
+        return Xs @ self.base.T  # (N, n, out)
+
+    def _add_distances(self, Ys, Bs):
+        """tt_ij += ||Y_j − X_iW0ᵀ||² over this chunk, from the residuals themselves."""
+        self.yy += Ys.double().pow(2).sum(dim=(1, 2))
+        for i in range(self.n):
+            R = Ys if Bs is None else Ys - Bs[i]  # (N, n, out): Y_j − B_i for every j
+            self.tt[i] += R.double().pow(2).sum(dim=(1, 2))
 
     def add(self, X, Y=None):
         if self.weights is not None:
@@ -113,9 +149,12 @@ class StatsAccumulator:
             if len(X) != self.n or d_in != self.d_in:
                 raise ValueError(f"chunk shape ({len(X)} concepts, {d_in} wide) does not match the accumulator "
                                  f"({self.n} concepts, {self.d_in} wide)")
-            Xcat = torch.cat([x.to(self.dtype) for x in X], dim=1)  # (n, N · in)
+            Xs = torch.stack([x.to(self.dtype) for x in X])
+            Xcat = Xs.permute(1, 0, 2).reshape(n, self.n * self.d_in)  # (n, N · in)
             for i in range(self.n):
-                self.H[i] += Xcat[:, i * self.d_in:(i + 1) * self.d_in].T @ Xcat[:, i * self.d_in:]
+                self.H[i] += Xs[i].T @ Xcat[:, i * self.d_in:]
+            Ys = torch.stack([x @ w.T for x, w in zip(Xs, self.weights)])
+            self._add_distances(Ys, self._base_outputs(Xs))
             self.rows += n
             return
         if Y is None:
@@ -129,26 +168,32 @@ class StatsAccumulator:
                              f"({self.n} concepts, {self.d_in}→{self.d_out})")
         Xs = torch.stack([x.to(self.dtype) for x in X])  # (N, n, in)
         Ys = torch.stack([y.to(self.dtype) for y in Y])  # (N, n, out)
+        Bs = self._base_outputs(Xs)
         self.G += Xs.transpose(1, 2) @ Xs
-        # C_ij = X_iᵀ Y_j for all pairs: one (in × n) @ (n × N·out) product per concept
-        Ycat = Ys.permute(1, 0, 2).reshape(n, self.n * self.d_out)
+        # E_ij = X_iᵀ (Y_j − B_i) for all pairs: one (in × n) @ (n × N·out) product per concept
         for i in range(self.n):
-            self.C[i] += (Xs[i].T @ Ycat).reshape(self.d_in, self.n, self.d_out).permute(1, 0, 2)
-        self.yy += Ys.double().pow(2).sum(dim=(1, 2))
+            R = Ys if Bs is None else Ys - Bs[i]
+            Rcat = R.permute(1, 0, 2).reshape(n, self.n * self.d_out)
+            self.E[i] += (Xs[i].T @ Rcat).reshape(self.d_in, self.n, self.d_out).permute(1, 0, 2)
+        self._add_distances(Ys, Bs)
         self.rows += n
 
     def finish(self) -> LayerStats:
         if self.rows == 0:
             raise ValueError("no rows were added")
+        yy, tt = self.yy.to(self.dtype), self.tt.clone()
         if self.weights is None or not self.cross_gram:
-            return LayerStats("gram", self.rows, self.d_in, self.d_out, G=self.G, C=self.C, yy=self.yy.to(self.dtype))
+            return LayerStats("gram", self.rows, self.d_in, self.d_out, G=self.G, E=self.E, tt=tt, yy=yy,
+                              base=self.base)
         N, d = self.n, self.d_in
+        base = self.base if self.base is not None else torch.zeros(self.d_out, d, dtype=self.dtype)
         G = torch.stack([self.H[i][:, :d] for i in range(N)])
-        C = torch.empty(N, N, d, self.d_out, dtype=self.dtype)
+        E = torch.empty(N, N, d, self.d_out, dtype=self.dtype)
         for i in range(N):
             for j in range(N):
                 H_ij = self.H[i][:, (j - i) * d:(j - i + 1) * d] if j >= i else self.H[j][:, (i - j) * d:(i - j + 1) * d].T
-                C[i, j] = H_ij @ self.weights[j].T
-        yy = torch.stack([((self.weights[j].double() @ G[j].double()) * self.weights[j].double()).sum()
-                          for j in range(N)])
-        return LayerStats("gram", self.rows, d, self.d_out, G=G, C=C, yy=yy.to(self.dtype))
+                # X_iᵀ(Y_j − X_iW0ᵀ) = (H_ij − H_ii)W0ᵀ + H_ij(W_j − W0)ᵀ: no large terms cancel
+                E[i, j] = H_ij @ (self.weights[j] - base).T
+                if j != i:
+                    E[i, j] += (H_ij - G[i]) @ base.T
+        return LayerStats("gram", self.rows, d, self.d_out, G=G, E=E, tt=tt, yy=yy, base=self.base)

@@ -29,13 +29,15 @@ def rows_nbytes(n_concepts: int, rows: int, in_features: int, out_features: int,
 
 class AdaptiveLayerStats:
     """``weights`` (each concept's full weight W0 + ΔW_i): outputs are X_i W_iᵀ, so only inputs are
-    kept or folded (see :class:`StatsAccumulator`); without weights, ``add`` takes recorded outputs."""
+    kept or folded (see :class:`StatsAccumulator`); without weights, ``add`` takes recorded outputs.
+    ``base`` (the layer's W0) centres the Gram statistics, which keeps their precision."""
 
-    def __init__(self, n_concepts: int, in_features: int, out_features: int, weights=None):
+    def __init__(self, n_concepts: int, in_features: int, out_features: int, weights=None, base=None):
         self.n = n_concepts
         self.in_features = in_features
         self.out_features = out_features
         self.weights = None if weights is None else [w.reshape(w.shape[0], -1).float() for w in weights]
+        self.base = None if base is None else base.reshape(base.shape[0], -1).float()
         self._x = [[] for _ in range(n_concepts)]
         self._y = [[] for _ in range(n_concepts)]
         self._rows = 0
@@ -72,7 +74,7 @@ class AdaptiveLayerStats:
         return gram_nbytes(self.n, self.in_features, self.out_features) + extra
 
     def _fold(self):
-        acc = StatsAccumulator(self.n, self.in_features, self.out_features, weights=self.weights)
+        acc = StatsAccumulator(self.n, self.in_features, self.out_features, weights=self.weights, base=self.base)
         for chunk in range(len(self._x[0])):
             xs = [self._x[i][chunk] for i in range(self.n)]
             acc.add(xs, None if self.weights is not None else [self._y[i][chunk] for i in range(self.n)])

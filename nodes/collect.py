@@ -195,7 +195,7 @@ def collect_text_encoder(clip, concepts, layer_filter="", only_lora_layers=True,
         w0, deltas = _deltas(clip.patcher, key, loaded.te, [c.strength_clip for c in concepts])
         X = [x[key] for x in xs]
         layers.append(LayerData(key=key, target="clip", base=w0, deltas=deltas,
-                                stats=LayerStats.from_rows(X, [_outputs(x, w0, d) for x, d in zip(X, deltas)])))
+                                stats=LayerStats.from_rows(X, [_outputs(x, w0, d) for x, d in zip(X, deltas)], base=w0)))
         if progress:
             progress.step()
     return ActivationSet("text_encoder", list(concepts), layers,
@@ -223,7 +223,7 @@ def collect_cross_attention(model, clip, concepts, layer_filter="", only_lora_la
     for key in keys:
         w0, deltas = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts])
         layers.append(LayerData(key=key, target="model", base=w0, deltas=deltas,
-                                stats=LayerStats.from_rows(xs, [_outputs(x, w0, d) for x, d in zip(xs, deltas)])))
+                                stats=LayerStats.from_rows(xs, [_outputs(x, w0, d) for x, d in zip(xs, deltas)], base=w0)))
         if progress:
             progress.step()
     return ActivationSet("cross_attention", list(concepts), layers,
@@ -268,7 +268,7 @@ def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=Tru
         w0, deltas = weights[key]
         # outputs are X_i (W0 + ΔW_i)ᵀ: only inputs are kept, folded into cross-Grams when larger
         acc[key] = AdaptiveLayerStats(len(concepts), w0[0].numel(), w0.shape[0],
-                                      weights=[w0 if d is None else w0 + d for d in deltas])
+                                      weights=[w0 if d is None else w0 + d for d in deltas], base=w0)
 
     sigmas = _comfy.sampling_sigmas(model, steps)
     record = set(record_schedule(steps, record_steps))
@@ -340,8 +340,10 @@ class LoRACLRCollect(io.ComfyNode):
                              tooltip="spatial stage: how many of the steps are recorded (evenly spread)."),
                 io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="spatial stage: image width."),
                 io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="spatial stage: image height."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="spatial stage: seed of the initial noise (shared by all concepts)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate="fixed",
+                             tooltip="spatial stage: seed of the initial noise, shared by all concepts (drawn from a "
+                                     "generator of its own, never from the global random state). Other stages draw "
+                                     "nothing random."),
             ],
             outputs=[ACTIVATIONS.Output(display_name="activations"), io.String.Output(display_name="summary")],
         )

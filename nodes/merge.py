@@ -74,12 +74,13 @@ class LoRACLRMerge(io.ComfyNode):
                 io.Int.Input("iterations", default=d.iterations, min=0, max=100000,
                              tooltip="AdamW iterations per layer; the best iterate is kept."),
                 io.Boolean.Input("warm_start", default=d.warm_start,
-                                 tooltip="Start from the least-squares solution (recommended); off starts at "
-                                         "ΔW = 0 as the original implementation does."),
+                                 tooltip="On: start at the exact minimiser of the objective without its hinge term; "
+                                         "when no hinge is active there it is the global minimum and is returned "
+                                         "without iterating, otherwise AdamW continues from it (or from the "
+                                         "least-squares fit, whichever scores lower). Off: AdamW from ΔW = 0, as the "
+                                         "original implementation does. Every method is deterministic."),
                 io.Boolean.Input("normalize", default=d.normalize,
                                  tooltip="Divide distances by the layer's output scale so one margin fits every layer."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Seed for anything random in the solver (results are deterministic)."),
                 io.Combo.Input("compute_dtype", options=["float32", "bfloat16"], default="float32",
                                tooltip="Precision of the large matrix products; distances and sums stay float32."),
             ],
@@ -89,10 +90,10 @@ class LoRACLRMerge(io.ComfyNode):
 
     @classmethod
     def execute(cls, activations, method, margin, lambda_con, lambda_mse, lambda_reg, learning_rate,
-                iterations, warm_start, normalize, seed, compute_dtype="float32"):
+                iterations, warm_start, normalize, compute_dtype="float32"):
         config = MergeConfig(method=method, margin=margin, lambda_con=lambda_con, lambda_mse=lambda_mse,
                              lambda_reg=lambda_reg, lr=learning_rate, iterations=iterations,
-                             warm_start=warm_start, normalize=normalize, seed=seed, compute_dtype=compute_dtype)
+                             warm_start=warm_start, normalize=normalize, compute_dtype=compute_dtype)
         merged = merge_activations(activations, config, _comfy.Progress(len(activations.layers)))
         text = format_report(merged)
         _comfy.send_message("loraclr.merge", {
@@ -155,8 +156,9 @@ class LoRACLRMergeAllStages(io.ComfyNode):
                              tooltip="spatial stage: how many of the steps are recorded."),
                 io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="spatial stage: image width."),
                 io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="spatial stage: image height."),
-                io.Int.Input("sample_seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="spatial stage: seed of the initial noise."),
+                io.Int.Input("sample_seed", default=0, min=0, max=2**31 - 1, control_after_generate="fixed",
+                             tooltip="spatial stage: seed of the initial noise, shared by all concepts (drawn from a "
+                                     "generator of its own, never from the global random state)."),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), MERGED.Output(display_name="merged"),
                      io.String.Output(display_name="report")],
@@ -164,11 +166,11 @@ class LoRACLRMergeAllStages(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, preset, layer_filter, method, margin, lambda_con, lambda_mse, lambda_reg,
-                learning_rate, iterations, warm_start, normalize, seed, compute_dtype, steps, record_steps, width,
+                learning_rate, iterations, warm_start, normalize, compute_dtype, steps, record_steps, width,
                 height, sample_seed):
         config = MergeConfig(method=method, margin=margin, lambda_con=lambda_con, lambda_mse=lambda_mse,
                              lambda_reg=lambda_reg, lr=learning_rate, iterations=iterations,
-                             warm_start=warm_start, normalize=normalize, seed=seed, compute_dtype=compute_dtype)
+                             warm_start=warm_start, normalize=normalize, compute_dtype=compute_dtype)
         m, c, merged, text = merge_all_stages(model, clip, concepts, preset, config, layer_filter or "", steps,
                                               record_steps, width, height, sample_seed)
         return io.NodeOutput(m, c, merged, text, ui=ui.PreviewText(text))

@@ -92,8 +92,19 @@ def _widget_inputs(info: dict) -> list[tuple[str, dict]]:
         typ = s[0]
         opts = s[1] if len(s) > 1 and isinstance(s[1], dict) else {}
         if (isinstance(typ, list) or typ in WIDGET_TYPES) and not opts.get("forceInput"):
-            out.append((name, opts))
+            out.append((name, {**opts, "control_after_generate": has_control_value(name, typ, opts)}))
     return out
+
+
+def has_control_value(name: str, typ, opts: dict) -> bool:
+    """Whether the editor adds a "control after generate" widget (fixed/increment/randomize) after
+    this widget, and so stores its value right after this one in ``widgets_values``. The
+    frontend's rule: the input's own ``control_after_generate`` (a flag, or the default mode as a
+    string) when given, else INT inputs named ``seed`` or ``noise_seed``."""
+    ctrl = opts.get("control_after_generate")
+    if ctrl is not None:
+        return bool(ctrl)
+    return typ == "INT" and name in ("seed", "noise_seed")
 
 
 def ui_to_api(workflow: dict, object_info: dict) -> dict:

@@ -81,10 +81,10 @@ def merge_two_concepts() -> dict:
     prompts = "photo of a {}\na {} in a garden\nclose-up portrait of {}"
     a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts, pos=(0, 200))
     b = concept(g, "loraclr_test/concept_b_peft.safetensors", "zwx", prompts, prev=a, pos=(0, 450))
-    coll = g.add("LoRACLRCollectActivations", ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0],
+    coll = g.add("LoRACLRCollectActivations", ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed"],
                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
                  [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(400, 0))
-    merge = g.add("LoRACLRMerge", ["loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 50, True, False, 0, "float32"],
+    merge = g.add("LoRACLRMerge", _merge_widgets(),
                   [("activations", "LORACLR_ACTIVATIONS", (coll, 0))],
                   [("merged", "LORACLR_DELTA"), ("report", "STRING")], pos=(760, 0), size=(340, 380))
     apply = g.add("LoRACLRApplyDelta", [1.0, 1.0],
@@ -98,7 +98,7 @@ def merge_two_concepts() -> dict:
 
 
 def _merge_widgets(margin=0.5, iterations=50):
-    return ["loraclr", margin, 1.0, 0.1, 0.001, 1e-4, iterations, True, False, 0, "float32"]
+    return ["loraclr", margin, 1.0, 0.1, 0.001, 1e-4, iterations, True, False, "float32"]
 
 
 def merge_three_concepts_all_stages() -> dict:
@@ -116,7 +116,7 @@ def merge_three_concepts_all_stages() -> dict:
     for n, stage in enumerate(["text_encoder", "cross_attention", "spatial"]):
         x = 400 + 380 * n
         coll = g.add("LoRACLRCollectActivations",
-                     [stage, "concept_lora" if n == 0 else "wired", "", True, 20, 20, 512, 512, 0],
+                     [stage, "concept_lora" if n == 0 else "wired", "", True, 20, 20, 512, 512, 0, "fixed"],
                      [("model", "MODEL", model_src), ("clip", "CLIP", clip_src), ("concepts", "LORACLR_CONCEPTS", (prev, 0))],
                      [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(x, 0), size=(340, 330),
                      title=f"Collect: {stage}")
@@ -144,7 +144,7 @@ def margin_sweep() -> dict:
     prompts = "photo of a {}\na {} in a garden"
     a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts, pos=(0, 200))
     b = concept(g, "loraclr_test/concept_b_peft.safetensors", "zwx", prompts, prev=a, pos=(0, 450))
-    coll = g.add("LoRACLRCollectActivations", ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0],
+    coll = g.add("LoRACLRCollectActivations", ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed"],
                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
                  [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(400, 0))
     sweep = g.add("LoRACLRSweepValues", ["0.25, 0.5, 1.0, 2.0"], [], [("value", "FLOAT")], pos=(400, 380))
@@ -161,12 +161,13 @@ def _train_widgets(steps=100, trigger="sks", lambda_cat=1.0):
     # captions (wired from the data set), trigger, rank, alpha, target_layers, layer_pattern, steps, learning_rate,
     # optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype, gradient_checkpointing, resume_from,
     # preview_every
-    return ["", trigger, 1, 1.0, "attention", "", steps, 1e-4, "AdamW", 1, 1, lambda_cat, 0, "float32", False, "none",
-            25]
+    # (the editor stores a seed's control value, "fixed", right after it)
+    return ["", trigger, 1, 1.0, "attention", "", steps, 1e-4, "AdamW", 1, 1, lambda_cat, 0, "fixed", "float32", False,
+            "none", 25]
 
 
 def _train_concept(g, ckpt, trigger, variant, y):
-    data = g.add("LoRACLRSpriteDataset", [8, 128, 128, trigger, 0, variant], [],
+    data = g.add("LoRACLRSpriteDataset", [8, 128, 128, trigger, 0, "fixed", variant], [],
                  [("images", "IMAGE"), ("captions", "STRING")], pos=(0, y), title=f"Sprite data: {trigger}")
     train = g.add("LoRACLRTrainCAT", _train_widgets(trigger=trigger),
                   [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("captions", "STRING", (data, 1)),
@@ -202,7 +203,7 @@ def cat_train_two_then_merge() -> dict:
     b = g.add("LoRACLRConcept", ["none", 1.0, 1.0, "zwx", prompts],
               [("concepts", "LORACLR_CONCEPTS", (a, 0)), ("lora_file", "STRING", (save_b, 0))],
               [("concepts", "LORACLR_CONCEPTS")], pos=(1100, 450), size=(340, 200))
-    coll = g.add("LoRACLRCollectActivations", ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0],
+    coll = g.add("LoRACLRCollectActivations", ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed"],
                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
                  [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(1480, 0))
     merge = g.add("LoRACLRMerge", _merge_widgets(), [("activations", "LORACLR_ACTIVATIONS", (coll, 0))],

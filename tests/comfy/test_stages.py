@@ -46,7 +46,7 @@ def test_text_encoder_stage_records_the_concept_clip_layers(micro, pack):
     module = comfy.utils.get_attr(clip.cond_stage_model, layer.key[: -len(".weight")])
     real = _module_outputs(clip_a, module, lambda: [nodes.CLIPTextEncode().encode(clip_a, p)
                                                    for p in concepts[0].prompts])
-    merged = pack.LoRACLRMerge.execute(acts, "least_squares", 0.5, 1.0, 0.1, 0.001, 1e-4, 0, True, False, 0).result[0]
+    merged = pack.LoRACLRMerge.execute(acts, "least_squares", 0.5, 1.0, 0.1, 0.001, 1e-4, 0, True, False).result[0]
     assert set(merged.clip) == set(keys) and not merged.model
     stats = layer.stats
     assert stats.rows == real.shape[0] == 2 * 77
@@ -77,7 +77,7 @@ def test_spatial_stage_samples_in_lockstep_with_bounded_memory(micro, pack):
                                         height=64, seed=7).result[0]
     assert twice.nbytes() == more.nbytes()
 
-    merged = pack.LoRACLRMerge.execute(acts, "loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 20, True, False, 0).result[0]
+    merged = pack.LoRACLRMerge.execute(acts, "loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 20, True, False).result[0]
     for r in merged.report:
         for c in r["concepts"]:
             assert c["relative_error"] < 1.0
@@ -97,7 +97,7 @@ def test_all_stages_node_merges_every_stage_in_order(micro, pack):
     model, clip, _ = micro
     concepts = _concepts(pack)
     m, c, merged, report = pack.LoRACLRMergeAllStages.execute(
-        model, clip, concepts, "all", "", "loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 10, True, False, 0, "float32",
+        model, clip, concepts, "all", "", "loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 10, True, False, "float32",
         3, 3, 64, 64, 7).result
     assert len(merged.clip) == 12 and len(merged.model) == 8 + 12
     assert "text_encoder merge" in report and "cross_attention merge" in report and "spatial merge" in report
@@ -110,7 +110,7 @@ def test_one_concept_gives_its_own_delta(micro, pack):
     concepts = _concepts(pack, TEST_LORAS[:1], ("sks",))
     acts = pack.LoRACLRCollect.execute(model, clip, concepts, "cross_attention").result[0]
     for method in ("loraclr", "least_squares", "sum"):
-        merged = pack.LoRACLRMerge.execute(acts, method, 0.5, 1.0, 0.1, 0.001, 1e-4, 50, True, False, 0).result[0]
+        merged = pack.LoRACLRMerge.execute(acts, method, 0.5, 1.0, 0.1, 0.001, 1e-4, 50, True, False).result[0]
         for layer in acts.layers:
             d = layer.deltas[0]
             # within the span of the concept's inputs the merged delta acts as the concept's own

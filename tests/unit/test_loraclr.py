@@ -81,8 +81,9 @@ def test_gram_equals_rows_and_streaming_equals_batch():
     chunked = acc.finish()
     assert chunked.rows == 60
     torch.testing.assert_close(chunked.G, gram.G)
-    torch.testing.assert_close(chunked.C, gram.C)
+    torch.testing.assert_close(chunked.E, gram.E)
     torch.testing.assert_close(chunked.yy, gram.yy)
+    torch.testing.assert_close(chunked.tt, gram.tt)
 
 
 def test_adaptive_stats_fold_to_gram_and_stop_growing():
@@ -96,7 +97,7 @@ def test_adaptive_stats_fold_to_gram_and_stop_growing():
     assert max(sizes) <= sizes[-1]
     out = acc.finish()
     ref = LayerStats.from_rows(X, Y, force="gram")
-    torch.testing.assert_close(out.C, ref.C)
+    torch.testing.assert_close(out.E, ref.E)
 
 
 def test_least_squares_overdetermined_matches_lstsq():
@@ -194,13 +195,13 @@ def test_cross_gram_accumulation_from_weights_equals_direct():
         acc.add([x[k:k + 30] for x in X])
     via_h = acc.finish()
     torch.testing.assert_close(via_h.G, direct.G, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(via_h.C, direct.C, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(via_h.E, direct.E, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(via_h.yy, direct.yy, rtol=1e-5, atol=1e-3)
     ad = AdaptiveLayerStats(4, 8, 5, weights=[W0 + d for d in deltas])
     for k in range(0, 90, 10):
         ad.add([x[k:k + 10] for x in X])
     assert ad.form == "gram"
-    torch.testing.assert_close(ad.finish().C, direct.C, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ad.finish().E, direct.E, rtol=1e-5, atol=1e-4)
     few = AdaptiveLayerStats(4, 8, 5, weights=[W0 + d for d in deltas])
     few.add([x[:6] for x in X])
     out = few.finish()
@@ -245,7 +246,7 @@ def test_weights_accumulator_for_wide_inputs_uses_direct_cross_terms():
     acc.add([x[:60] for x in X])
     acc.add([x[60:] for x in X])
     direct = LayerStats.from_rows(X, Y, force="gram")
-    torch.testing.assert_close(acc.finish().C, direct.C, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(acc.finish().E, direct.E, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("form", ["rows", "gram"])
@@ -260,3 +261,184 @@ def test_bfloat16_matmul_path_scores_close_to_float32(form):
     # both are scored in float32; the bfloat16 solve lands within a few percent of the float32 one
     assert bf16.objective <= f32.objective * 1.05
     assert bf16.objective <= bf16.start_objective
+
+
+# ---------------------------------------------------------------------------------------------
+# active hinges: value, gradient and solver against brute force in float64
+
+
+def _hinge_point(form, seed=5):
+    """A layer, its stats in ``form``, a merged weight W and a margin such that concept 0's
+    nearest negative is inside the margin and its farthest is outside, with m − d far from 1."""
+    W0, deltas, X, Y = make_problem(N=3, n=15 if form == "rows" else 40, d_in=12 if form == "rows" else 6,
+                                    seed=seed, delta_scale=0.5)
+    stats = LayerStats.from_rows(X, Y, force=form, base=W0)
+    W = W0 + 0.4 * deltas[0] + 0.3 * deltas[1]
+    D = torch.tensor([[float(torch.linalg.norm((X[i] @ W.T) - Y[j])) for j in range(3)] for i in range(3)],
+                     dtype=torch.float64)
+    near, far = sorted([float(D[0, 1]), float(D[0, 2])])
+    margin = 0.5 * (near + far)
+    assert far - near > 0.2 and abs((margin - near) - 1.0) > 0.1
+    return W0, X, Y, stats, W, margin, D
+
+
+def _hinge_by_hand(D, margin):
+    """mean_i max(0, m − min_{j≠i} D[i, j])², written out with loops."""
+    total = 0.0
+    for i in range(D.shape[0]):
+        nearest = min(float(D[i, j]) for j in range(D.shape[0]) if j != i)
+        total += max(0.0, margin - nearest) ** 2
+    return total / D.shape[0]
+
+
+@pytest.mark.parametrize("form", ["rows", "gram"])
+def test_objective_with_active_hinges_matches_brute_force(form):
+    from comfyui_loraclr.loraclr import Problem
+
+    W0, X, Y, stats, W, margin, D = _hinge_point(form)
+    hinge = _hinge_by_hand(D, margin)
+    assert hinge > 0.05  # the hinge really acts at this point
+    problem = Problem(stats, W0)
+    _, parts = problem.loss((W - W0), margin=margin)
+    assert parts["hinge"].item() == pytest.approx(hinge, rel=1e-9)
+    # the whole objective and its gradient against the loop-and-norm reference
+    Wg = W.clone().requires_grad_(True)
+    ours, _ = loraclr_objective(Wg, stats, W0, margin=margin)
+    (g_ours,) = torch.autograd.grad(ours, Wg)
+    Wr = W.clone().requires_grad_(True)
+    ref = reference_objective(Wr, W0, X, Y, margin, 1.0, 0.1, 0.001)
+    (g_ref,) = torch.autograd.grad(ref, Wr)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-9)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-7, atol=1e-10 * g_ref.abs().max().item())
+    # the hinge's share of the gradient is not negligible, so a wrong hinge changes it
+    Wn = W.clone().requires_grad_(True)
+    (g_none,) = torch.autograd.grad(reference_objective(Wn, W0, X, Y, 0.0, 1.0, 0.1, 0.001), Wn)
+    assert (g_ref - g_none).norm() > 0.01 * g_ref.norm()
+
+
+def test_hinge_by_hand_on_a_tiny_case():
+    """One input, one output: every distance is a difference of two numbers."""
+    from comfyui_loraclr.loraclr import Problem
+
+    W0 = torch.tensor([[1.0]], dtype=torch.float64)
+    X = [torch.tensor([[1.0]], dtype=torch.float64)] * 3
+    Y = [torch.tensor([[v]], dtype=torch.float64) for v in (1.5, 2.0, 4.0)]  # ΔW_i = 0.5, 1.0, 3.0
+    problem = Problem(LayerStats.from_rows(X, Y, force="rows"), W0)
+    dW = torch.tensor([[0.6]], dtype=torch.float64)  # pred = 1.6 for every concept
+    # d(i, j) = |1.6 − y_j| = 0.1, 0.4, 2.4 for every i. Nearest negatives: concept 0 → 0.4 (of 0.4, 2.4),
+    # 1 → 0.1 (of 0.1, 2.4), 2 → 0.1 (of 0.1, 0.4); the farthest would be 2.4, 2.4, 0.4
+    total, parts = problem.loss(dW, margin=1.0, lambda_con=1.0, lambda_mse=0.0, lambda_reg=0.0)
+    assert parts["positive"].item() == pytest.approx((0.1 ** 2 + 0.4 ** 2 + 2.4 ** 2) / 3)
+    assert parts["hinge"].item() == pytest.approx(((1 - 0.4) ** 2 + (1 - 0.1) ** 2 + (1 - 0.1) ** 2) / 3)
+    assert total.item() == pytest.approx(parts["positive"].item() + parts["hinge"].item())
+    assert parts["mse"].item() == pytest.approx((0.1 ** 2 + 0.4 ** 2 + 2.4 ** 2) / 3)
+    assert parts["reg"].item() == pytest.approx(0.6)
+
+
+def _slow_reference_minimum(W0, X, Y, margin, steps=4000, lr=3e-3):
+    """Adam on the brute-force float64 objective, many small steps, best value kept."""
+    dW = torch.zeros_like(W0, requires_grad=True)
+    opt = torch.optim.Adam([dW], lr=lr)
+    best = float("inf")
+    for k in range(steps):
+        opt.zero_grad()
+        loss = reference_objective(W0 + dW, W0, X, Y, margin, 1.0, 0.1, 0.001)
+        best = min(best, loss.item())
+        loss.backward()
+        opt.step()
+        if k == steps // 2:
+            for group in opt.param_groups:
+                group["lr"] = lr / 10
+    return best
+
+
+@pytest.mark.parametrize("form", ["rows", "gram"])
+def test_solver_with_active_hinges_reaches_the_reference_minimum(form):
+    W0, X, Y, stats, W, _, D = _hinge_point(form, seed=11)
+    margin = 1.5 * float(D.max())  # beyond every distance: hinges act at the hinge-free optimum
+    res = merge_layer(W0, stats, MergeConfig(margin=margin, lr=3e-3, iterations=600))
+    assert res.iterations_run == 600
+    ref_best = _slow_reference_minimum(W0, X, Y, margin)
+    # scored independently, by the brute-force objective at the returned weight
+    ours = reference_objective(W0 + res.delta.double(), W0, X, Y, margin, 1.0, 0.1, 0.001).item()
+    assert ours == pytest.approx(res.objective, rel=1e-5)
+    assert ours <= ref_best * (1 + 2e-3)
+    # and the hinge is active at the result, so the hinge-free warm start alone was not enough
+    assert any(r["nearest_negative"] < margin for r in res.report)
+
+
+@pytest.mark.parametrize("form", ["rows", "gram"])
+def test_solver_runs_under_inference_mode_on_inference_tensors(form):
+    """ComfyUI runs nodes under torch.inference_mode(): statistics and W0 made there are
+    inference tensors, and the optimiser must still take its steps."""
+    W0, deltas, X, Y = make_problem(N=2, n=10 if form == "rows" else 40, d_in=16, d_out=8, dtype=torch.float32,
+                                    spread=0.05)
+    with torch.inference_mode():
+        stats = LayerStats.from_rows([x.clone() for x in X], [y.clone() for y in Y], force=form, base=W0.clone())
+        w0 = W0.clone()
+        assert stats.dtype == torch.float32 and w0.is_inference()
+        res = merge_layer(w0, stats, MergeConfig(warm_start=False, iterations=5))
+        hinge = merge_layer(w0, stats, MergeConfig(margin=1000.0, iterations=5))
+        bf16 = merge_layer(w0, stats, MergeConfig(margin=1000.0, iterations=5, compute_dtype="bfloat16"))
+    for r in (res, hinge, bf16):
+        assert r.iterations_run == 5 and len(r.history) == 6 and torch.isfinite(r.delta).all()
+        assert r.objective <= r.start_objective
+
+
+@pytest.mark.parametrize("form", ["rows", "gram"])
+def test_certified_optimum_is_exact_at_the_default_settings(form):
+    """With the defaults (margin 0.5, λ_reg 0.001, no ridge override) and separated concepts, the
+    merge is certified without iterating, and the gradient of the objective (brute force,
+    float64) vanishes there."""
+    W0, deltas, X, Y = make_problem(N=3, n=10 if form == "rows" else 60, d_in=16, d_out=6, seed=2)
+    stats = LayerStats.from_rows(X, Y, force=form, base=W0)
+    cfg = MergeConfig()
+    res = merge_layer(W0, stats, cfg)
+    assert res.iterations_run == 0 and res.converged
+    assert all(r["nearest_negative"] > cfg.margin for r in res.report)
+    W = (W0 + res.delta.double()).requires_grad_(True)
+    (g,) = torch.autograd.grad(reference_objective(W, W0, X, Y, cfg.margin, 1.0, 0.1, 0.001), W)
+    W0g = W0.clone().requires_grad_(True)
+    (g0,) = torch.autograd.grad(reference_objective(W0g + 1e-30, W0, X, Y, cfg.margin, 1.0, 0.1, 0.001), W0g)
+    # the returned ΔW is float32: its rounding (6e-8 relative) bounds how small the gradient gets
+    assert g.norm() <= 1e-6 * g0.norm()
+
+
+def test_gram_distances_keep_their_precision_at_one_percent_deltas():
+    """Float32 statistics streamed chunk by chunk, LoRA deltas of about 1% of W0, inputs with a
+    large shared part (as concepts sampled from the same noise have): every distance agrees
+    with the float64 raw-row distance to 1e-5 of the concept's residual scale."""
+    from comfyui_loraclr.loraclr import Problem
+
+    g = torch.Generator().manual_seed(0)
+    N, d = 3, 64
+    W0 = torch.randn(d, d, generator=g, dtype=torch.float64) / d ** 0.5
+    deltas = [0.0006 * torch.randn(d, 4, generator=g, dtype=torch.float64) @ torch.randn(4, d, generator=g,
+                                                                                          dtype=torch.float64)
+              for _ in range(N)]
+    assert 0.005 < float(deltas[0].norm() / W0.norm()) < 0.03
+    chunks = []
+    for _ in range(20):
+        common = torch.randn(500, d, generator=g, dtype=torch.float64) * 3 + 2
+        chunks.append([common + 0.3 * torch.randn(500, d, generator=g, dtype=torch.float64) for _ in range(N)])
+    X = [torch.cat([c[i] for c in chunks]) for i in range(N)]
+    Y = [x @ (W0 + dl).T for x, dl in zip(X, deltas)]
+    ref = Problem(LayerStats.from_rows(X, Y, force="rows"), W0)
+    scale = ref.tt.diagonal().sqrt()[:, None]
+    streamed = AdaptiveLayerStats(N, d, d, weights=[(W0 + dl).float() for dl in deltas], base=W0.float())
+    direct = StatsAccumulator(N, d, d, base=W0.float())
+    for c in chunks:
+        streamed.add([x.float() for x in c])
+        direct.add([x.float() for x in c], [(x @ (W0 + dl).T).float() for x, dl in zip(c, deltas)])
+    for stats in (streamed.finish(), direct.finish()):
+        assert stats.form == "gram"
+        ours = Problem(stats, W0.float())
+        for dW in (sum(deltas) / N, deltas[0], torch.zeros_like(W0)):
+            # squared distances (what the objective sums) to 1e-5 of the residual scale², and the
+            # distances themselves where they are not near zero
+            d2 = ours.squared_distances(dW.float()).double()
+            d2_ref = ref.squared_distances(dW)
+            assert float(((d2 - d2_ref).abs() / scale ** 2).max()) < 1e-5
+        dist = ours.distance_matrix((sum(deltas) / N).float())
+        dist_ref = ref.distance_matrix(sum(deltas) / N)
+        assert float(((dist - dist_ref).abs() / dist_ref).max()) < 1e-5
