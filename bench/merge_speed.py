@@ -153,7 +153,7 @@ def run_side(side, n_concepts, quick, queue):
             if side == "ref":
                 dW = reference_merge(W0, X, Y)
             else:
-                acc = AdaptiveLayerStats(n_concepts, spec[1], spec[2], weights=Ws)
+                acc = AdaptiveLayerStats(n_concepts, spec[1], spec[2], weights=Ws, base=W0)
                 for s in range(0, X[0].shape[0], rows_step):  # one recorded step at a time
                     acc.add([x[s:s + rows_step] for x in X])
                 res = lib.merge_layer(W0, acc.finish(), lib.MergeConfig())

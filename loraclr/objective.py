@@ -65,6 +65,7 @@ class Problem:
             # ||Y_j − B_i||² from the differences themselves (no cancellation of large sums)
             tt = torch.stack([(Y - B[i]).to(torch.float64).pow(2).sum((1, 2)) for i in range(self.N)])
             self.X = _fresh(X.to(dt))
+            self.X_exact = X  # the rows at full precision (the closed-form solves use them)
             self.Y, self.B, self.R = Y, B, R
             self.yy = Y.to(torch.float64).pow(2).sum((1, 2))
             flat_x = X.reshape(-1, self.in_features)

@@ -80,52 +80,68 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
     (s = the normalisation scale, or 1) and b = λ_reg. Its stationary point solves
     ΔW (ΣG_i + μI) = Σ_i E_iiᵀ with μ = b / (2a ||ΔW||), a ridge solution whose ridge is fixed by a
     one-dimensional equation: μ·||ΔW(μ)|| increases monotonically in μ, so it is found by bisection
-    on the eigen-decomposition of ΣG_i (one decomposition, then O(in) work per trial μ), to
-    relative precision 1e-12 in μ. No ridge floor is imposed (``cfg.ridge`` belongs to the
-    least-squares baseline): μ is bounded below only by what keeps λ + μ positive in float64,
-    so the gradient of the hinge-free objective vanishes at the result to float64 precision.
+    on one eigen-decomposition (of XXᵀ over the stacked rows in the rows form, of ΣG_i in the Gram
+    form), to relative precision 1e-13 in μ. No ridge floor is imposed (``cfg.ridge`` belongs to
+    the least-squares baseline). The only approximation: directions in which ΣG_i is below the
+    precision of the statistics (eigenvalues under 1e-12 of the largest for float64 rows or
+    statistics, 1e-6 for Gram sums accumulated in float32) are not determined by the data and
+    stay at ΔW = 0. Tolerance of the certificate: at the result the gradient of the hinge-free
+    objective is at the level of float32 rounding of ΔW (tested: below 1e-6 of its size at ΔW = 0).
     With λ_reg = 0 the result is the minimum-norm least-squares fit.
     When no hinge is active at this point, it is the global minimum of the full objective (the
     hinge terms are non-negative and vanish there)."""
-    # float64: G is often rank-deficient (fewer rows than inputs) and float32 eigenvectors of its
-    # near-null space would leak noise into ΔW
-    G = problem.G_sum.to(torch.float64)
-    E = problem.E_diag_sum.to(torch.float64)  # (in, out)
     s2 = problem.scale ** 2 if cfg.normalize else 1.0
     a = cfg.lambda_con / (problem.N * s2) + cfg.lambda_mse / (problem.N * problem.rows * problem.out_features)
     b = cfg.lambda_reg
     if a <= 0:
         return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
-    lam, V = torch.linalg.eigh(G)
-    M = E.T @ V  # (out, in) in the eigenbasis
-    cn = M.pow(2).sum(0)
+    if problem.form == "rows":
+        # in the row space: with X (all rows, float64) and K = XXᵀ = UΛUᵀ, ΣG_i = XᵀX has the same
+        # non-zero eigenvalues and ΔW(μ) = Rᵀ U (Λ + μ)⁻¹ Uᵀ X lies in the span of the rows, so the
+        # null space of ΣG_i (most of it when rows < inputs) cannot pick up rounding
+        X = problem.X_exact.to(torch.float64).reshape(-1, problem.in_features)
+        R = problem.R.to(torch.float64).reshape(-1, problem.out_features)
+        lam, U = torch.linalg.eigh(X @ X.T)
+        RU = R.T @ U  # (out, rows)
+        cn = lam.clamp_min(0) * RU.pow(2).sum(0)  # squared norm of each eigen-component of Σ_i E_iiᵀ
+        rcond = 1e-12  # float64 products of the rows
+
+        def solve(mu, keep):
+            return (RU * torch.where(keep, 1.0 / (lam + mu), torch.zeros_like(lam))) @ (U.T @ X)
+    else:
+        G = problem.G_sum.to(torch.float64)
+        E = problem.E_diag_sum.to(torch.float64)  # (in, out)
+        lam, V = torch.linalg.eigh(G)
+        M = E.T @ V  # (out, in) in the eigenbasis
+        cn = M.pow(2).sum(0)
+        # statistics summed in float32 carry rounding of about 1e-7 of their largest eigenvalue:
+        # directions below 1e-6 of it are not determined by the data and stay at ΔW = 0
+        rcond = 1e-12 if problem.G.dtype == torch.float64 else 1e-6
+
+        def solve(mu, keep):
+            return (M * torch.where(keep, 1.0 / (lam + mu), torch.zeros_like(lam))) @ V.T
     top = float(lam.abs().max().clamp_min(1e-300))
-    # ΣG_i is positive semi-definite; summed in float32 its null space can show eigenvalues of
-    # -1e-7·top, which would make λ + μ vanish: they are set to 0 (a change at the data's rounding)
-    lam = lam.clamp_min(0)
+    keep = lam > rcond * top
+    lam = torch.where(keep, lam, torch.ones_like(lam))  # values outside ``keep`` are never used
+    cn = torch.where(keep, cn, torch.zeros_like(cn))
     target = b / (2 * a)
-    if target <= 0:  # no norm penalty: the minimum-norm least-squares fit (float32-level cut-off)
-        keep = lam > 1e-6 * top
-        inv = torch.where(keep, 1.0 / lam.clamp_min(1e-300), torch.zeros_like(lam))
-        return (M * inv) @ V.T
+    if target <= 0:  # no norm penalty: the minimum-norm least-squares fit
+        return solve(0.0, keep)
     if float(torch.sqrt(cn.sum())) <= target:  # the norm penalty wins: ΔW = 0 (0 is in the subgradient)
         return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
 
-    def norm(mu):
-        return float(torch.sqrt((cn / (lam + mu).pow(2)).sum()))
+    def scaled_norm(mu):  # μ·||ΔW(μ)||, increasing from 0 to ||Σ_i E_ii|| as μ goes from 0 to ∞
+        return mu * float(torch.sqrt((cn / (lam + mu).pow(2)).sum()))
 
-    lo = hi = 1e-15 * top
-    if lo * norm(lo) < target:
-        hi = max(lo, 1.0)
-        while hi * norm(hi) < target:
-            hi *= 4.0
-        for _ in range(300):  # geometric bisection to relative precision 1e-12
-            mid = (lo * hi) ** 0.5
-            lo, hi = (mid, hi) if mid * norm(mid) < target else (lo, mid)
-            if hi - lo <= 1e-12 * hi:
-                break
-    mu = 0.5 * (lo + hi)
-    return (M / (lam + mu)) @ V.T
+    lo, hi = 0.0, max(1.0, top)
+    while scaled_norm(hi) < target:
+        hi *= 4.0
+    for _ in range(400):  # bisection (geometric once lo > 0) to relative precision 1e-13 in μ
+        mid = (lo * hi) ** 0.5 if lo > 0 else hi / 16
+        lo, hi = (mid, hi) if scaled_norm(mid) < target else (lo, mid)
+        if lo > 0 and hi - lo <= 1e-13 * hi:
+            break
+    return solve(0.5 * (lo + hi), keep)
 
 
 def least_squares_merge(W0, stats: LayerStats, ridge: float = 1e-4, problem: Problem | None = None) -> torch.Tensor:

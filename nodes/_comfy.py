@@ -218,6 +218,27 @@ def encode_prompt(clip, text: str) -> torch.Tensor:
     return cond.detach().to("cpu", torch.float32)
 
 
+def encode_first_chunk(clip, text: str) -> tuple[torch.Tensor, bool]:
+    """The conditioning of the first 77-token chunk of ``text`` only (a prompt over 77 tokens
+    is cut there, so every prompt gives the same number of rows), and whether it was cut."""
+    tokens = clip.tokenize(text)
+    cut = any(len(chunks) > 1 for chunks in tokens.values())
+    first = {k: chunks[:1] for k, chunks in tokens.items()}
+    cond = clip.encode_from_tokens(first)
+    return cond.detach().to("cpu", torch.float32), cut
+
+
+def check_sampling_support(node: str, model):
+    """The spatial stage samples with the text conditioning alone. Model families that also
+    need a pooled/size vector (``y``; SDXL and others with ADM inputs) are refused clearly."""
+    adm = int(getattr(model.model, "adm_channels", 0) or 0)
+    if adm > 0:
+        family = type(getattr(model.model, "model_config", model.model)).__name__
+        raise NodeError(node, f"this model is {family}, which needs a pooled text and size vector (y, {adm} wide) "
+                              "that the spatial stage does not pass yet; the text_encoder and cross_attention stages "
+                              "and SD1.5-family models are supported")
+
+
 def inverse_key_map(model=None, clip=None, style: str = "kohya") -> dict:
     """model state-dict key → LoRA key stem in the requested style, from ComfyUI's own maps."""
     key_map = lora_key_map(model, clip)

@@ -112,14 +112,22 @@ class _Loaded:
             self.sha256[c.lora] = _comfy.file_sha256(path)
 
 
-def _select_keys(stage, all_keys, patch_sets, layer_filter, only_lora_layers):
-    pattern = re.compile(layer_filter) if layer_filter.strip() else None
+def _select_keys(stage, all_keys, patch_sets, layer_filter, only_lora_layers, notes):
+    """The layers of ``stage`` to merge. A concept whose LoRA does not touch a layer counts as
+    ΔW_i = 0 there; when no concept's LoRA touches any layer of the stage (UNet-only LoRAs at the
+    text-encoder stage), the stage has nothing to merge and passes through with a note."""
+    try:
+        pattern = re.compile(layer_filter) if layer_filter.strip() else None
+    except re.error as e:
+        raise _comfy.NodeError(NODE, f"field 'layer_filter' is not a valid regular expression: {e}") from e
     keys = [k for k in all_keys if STAGE_PATTERNS[stage].search(k) and (pattern is None or pattern.search(k))]
+    if not keys:
+        raise _comfy.NodeError(NODE, f"no {stage} layer matches layer_filter '{layer_filter}'")
     if only_lora_layers:
         keys = [k for k in keys if any(k in p for p in patch_sets)]
-    if not keys:
-        raise _comfy.NodeError(NODE, f"no {stage} layer to merge: none matches layer_filter '{layer_filter}'"
-                                     + (" among the layers the concept LoRAs touch" if only_lora_layers else ""))
+        if not keys:
+            notes.append(f"no concept's LoRA changes a {stage} layer" + (f" matching '{layer_filter}'" if pattern else "")
+                         + ": nothing to merge at this stage (the model and CLIP pass through unchanged)")
     return keys
 
 
@@ -157,6 +165,18 @@ def lora_key_names(model, clip, keys) -> dict:
     return {k: {"kohya": kohya.get(k), "comfy": native.get(k)} for k in keys}
 
 
+def _encode(clip, prompt, concept, notes) -> torch.Tensor:
+    """A prompt's conditioning, cut to its first 77-token chunk (rows pair position by position
+    across concepts, so every prompt must give the same number of rows); a cut is noted."""
+    cond, cut = _comfy.encode_first_chunk(clip, prompt)
+    if cut:
+        note = (f"{concept.label}: prompt '{prompt[:60]}{'…' if len(prompt) > 60 else ''}' is longer than 77 tokens; "
+                "only its first 77 tokens are used")
+        if note not in notes:
+            notes.append(note)
+    return cond
+
+
 def _check_concepts(concepts):
     if not concepts:
         raise _comfy.NodeError(NODE, "input 'concepts' is empty")
@@ -170,8 +190,13 @@ def collect_text_encoder(clip, concepts, layer_filter="", only_lora_layers=True,
                          model=None) -> ActivationSet:
     _check_concepts(concepts)
     n_prompts, notes = _align_prompt_counts(concepts)
-    loaded = _Loaded(None, clip, concepts)
-    keys = _select_keys("text_encoder", _comfy.state_keys(clip.patcher), loaded.te, layer_filter, only_lora_layers)
+    # read with the model too, so a UNet-only LoRA (what Train CAT LoRA writes) is recognised
+    # and simply contributes ΔW = 0 here
+    loaded = _Loaded(model, clip, concepts)
+    keys = _select_keys("text_encoder", _comfy.state_keys(clip.patcher), loaded.te, layer_filter, only_lora_layers,
+                        notes)
+    if not keys:
+        return ActivationSet("text_encoder", list(concepts), [], _info(model, clip, keys, loaded, notes, n_prompts))
     if progress:
         progress.set_total(len(concepts) + len(keys))
     modules = {k: m for k, m in _comfy.clip_modules(clip).items() if k in keys}
@@ -181,7 +206,7 @@ def collect_text_encoder(clip, concepts, layer_filter="", only_lora_layers=True,
         per_prompt = []
         with _comfy.InputRecorder(modules, first_sequence_only=True) as rec:
             for p in c.prompts[:n_prompts]:
-                _comfy.encode_prompt(clip_i, p)
+                _encode(clip_i, p, c, notes)
                 per_prompt.append(rec.take())
         xs.append({k: torch.cat([pp[k] for pp in per_prompt]) for k in keys if all(pp[k] is not None for pp in per_prompt)})
         if progress:
@@ -210,13 +235,17 @@ def collect_cross_attention(model, clip, concepts, layer_filter="", only_lora_la
     _check_concepts(concepts)
     n_prompts, notes = _align_prompt_counts(concepts)
     loaded = _Loaded(model, clip, concepts)
-    keys = _select_keys("cross_attention", _comfy.state_keys(model), loaded.unet, layer_filter, only_lora_layers)
+    keys = _select_keys("cross_attention", _comfy.state_keys(model), loaded.unet, layer_filter, only_lora_layers,
+                        notes)
+    if not keys:
+        return ActivationSet("cross_attention", list(concepts), [],
+                             _info(model, clip, keys, loaded, notes, n_prompts, inputs_from=inputs_from))
     if progress:
         progress.set_total(len(concepts) + len(keys))
     xs = []
     for i, c in enumerate(concepts):
         clip_i = _concept_clip(clip, loaded, i, c, inputs_from)
-        xs.append(torch.cat([_comfy.encode_prompt(clip_i, p)[0] for p in c.prompts[:n_prompts]]))
+        xs.append(torch.cat([_encode(clip_i, p, c, notes)[0] for p in c.prompts[:n_prompts]]))
         if progress:
             progress.step()
     layers = []
@@ -246,8 +275,12 @@ def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=Tru
     is as wired (e.g. with the earlier stages' merged deltas applied)."""
     _check_concepts(concepts)
     n_prompts, notes = _align_prompt_counts(concepts)
+    _comfy.check_sampling_support(NODE, model)
     loaded = _Loaded(model, clip, concepts)
-    keys = _select_keys("spatial", _comfy.state_keys(model), loaded.unet, layer_filter, only_lora_layers)
+    keys = _select_keys("spatial", _comfy.state_keys(model), loaded.unet, layer_filter, only_lora_layers, notes)
+    if not keys:
+        return ActivationSet("spatial", list(concepts), [],
+                             _info(model, clip, keys, loaded, notes, n_prompts, inputs_from=inputs_from))
     modules = {k: m for k, m in _comfy.unet_modules(model).items() if k in keys}
     key_set = set(keys)
     clones, conds = [], []
@@ -259,7 +292,7 @@ def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=Tru
             m.add_patches(patches, c.strength_model)
         clones.append(m)
         clip_i = _concept_clip(clip, loaded, i, c, inputs_from)
-        conds.append(torch.cat([_comfy.encode_prompt(clip_i, p) for p in c.prompts[:n_prompts]]))
+        conds.append(torch.cat([_encode(clip_i, p, c, notes) for p in c.prompts[:n_prompts]]))
     weights = {}
     for key in keys:
         weights[key] = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts])
@@ -299,6 +332,9 @@ def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=Tru
 
 def describe(acts: ActivationSet) -> str:
     mib = acts.nbytes() / 2**20
+    if not acts.layers:
+        return "\n".join([f"stage: {acts.stage}", f"concepts: {len(acts.concepts)} "
+                           f"({', '.join(c.label for c in acts.concepts)})", "layers: 0"] + acts.info.get("notes", []))
     forms = sorted({layer.stats.form for layer in acts.layers})
     touched = [sum(d is not None for d in layer.deltas) for layer in acts.layers]
     lines = [f"stage: {acts.stage}", f"concepts: {len(acts.concepts)} ({', '.join(c.label for c in acts.concepts)})",

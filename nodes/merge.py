@@ -35,6 +35,7 @@ def format_report(merged: MergedDelta) -> str:
         return "-" if x is None else f"{x:.4g}"
 
     lines = [f"{merged.stage} merge, method {merged.method}, {len(merged.report)} layers"]
+    lines += merged.info.get("notes", [])
     for r in merged.report:
         short = r["layer"].replace("diffusion_model.", "").replace(".weight", "")
         lines.append(f"{short}: objective {f(r['objective'])} (start {f(r['start_objective'])}, "

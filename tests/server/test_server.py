@@ -65,6 +65,37 @@ def test_ui_to_api_maps_widgets_in_schema_order(object_info):
     assert merge["warm_start"] is True and merge["activations"][1] == 0
 
 
+def test_template_files_hold_one_value_per_editor_widget(object_info):
+    """The editor stores one value per widget plus a control value ("fixed", "randomize", ...)
+    after every widget that has one (its rule: the input's control_after_generate, else INT inputs
+    named seed/noise_seed). A file that leaves one out shifts every later widget by one."""
+    for name in make_workflows.WORKFLOWS:
+        wf = comfy_client.load_workflow(os.path.join(make_workflows.OUT_DIR, name))
+        for node in wf["nodes"]:
+            widgets = comfy_client._widget_inputs(object_info[node["type"]])
+            expected = len(widgets) + sum(1 for _, opts in widgets if opts["control_after_generate"])
+            assert len(node["widgets_values"]) == expected, (name, node["type"], node["widgets_values"])
+            for k, (wname, opts) in enumerate(widgets):
+                if opts["control_after_generate"]:
+                    pos = k + sum(1 for _, o in widgets[:k] if o["control_after_generate"])
+                    assert node["widgets_values"][pos + 1] in ("fixed", "increment", "decrement", "randomize")
+
+
+def test_training_templates_load_the_intended_values(object_info):
+    wf = comfy_client.load_workflow(os.path.join(make_workflows.OUT_DIR, "cat_train_sprite.json"))
+    api = comfy_client.ui_to_api(wf, object_info)
+    train = next(v["inputs"] for v in api.values() if v["class_type"] == "LoRACLRTrainCAT")
+    assert (train["seed"], train["training_dtype"], train["gradient_checkpointing"], train["resume_from"],
+            train["preview_every"]) == (0, "float32", False, "none", 25)
+    wf = comfy_client.load_workflow(os.path.join(make_workflows.OUT_DIR, "cat_train_two_then_merge.json"))
+    api = comfy_client.ui_to_api(wf, object_info)
+    data = [v["inputs"] for v in api.values() if v["class_type"] == "LoRACLRSpriteDataset"]
+    assert sorted((d["trigger"], d["variant"]) for d in data) == [("sks", 0), ("zwx", 1)]
+    # the Collect seed defaults to "fixed" in the editor, so a re-queued prompt hits the cache
+    seed = object_info["LoRACLRCollectActivations"]["input"]["required"]["seed"][1]
+    assert seed.get("control_after_generate") == "fixed"
+
+
 def _errors(hist):
     return [m for kind, m in hist["status"].get("messages", []) if kind == "execution_error"]
 

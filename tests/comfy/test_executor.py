@@ -1,0 +1,203 @@
+"""The merge nodes run through ComfyUI's own executor in-process: validation, inference mode
+around every node, the output cache and interrupts, as the server runs a queued prompt."""
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from _executor import Executor, PromptError
+from conftest import MICRO, TEST_LORAS
+
+PROMPTS = "photo of a {}\na {} on a beach"
+UNET_ONLY = "loraclr_pytest_unet_only/unet_only_a.safetensors"
+
+
+@pytest.fixture(scope="module")
+def executor(comfy_env):
+    return Executor()
+
+
+@pytest.fixture(scope="module")
+def unet_only_lora(comfy_env):
+    """Concept A's kohya LoRA without its text-encoder keys, as Train CAT LoRA writes them."""
+    import folder_paths
+
+    src = folder_paths.get_full_path("loras", TEST_LORAS[0])
+    with safe_open(src, "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith("lora_unet_")}
+    assert sd
+    path = os.path.join(folder_paths.get_folder_paths("loras")[0], UNET_ONLY)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(sd, path)
+    yield UNET_ONLY
+    os.remove(path)
+
+
+def concept_nodes(loras, triggers=("sks", "zwx", "qrt"), prompts=PROMPTS, first_id=10):
+    nodes, prev = {}, None
+    for k, (lora, trig) in enumerate(zip(loras, triggers)):
+        nid = str(first_id + k)
+        inputs = {"lora_name": lora, "strength_model": 1.0, "strength_clip": 1.0, "trigger": trig,
+                  "prompts": prompts}
+        if prev:
+            inputs["concepts"] = [prev, 0]
+        nodes[nid] = {"class_type": "LoRACLRConcept", "inputs": inputs}
+        prev = nid
+    return nodes, prev
+
+
+def merge_prompt(stage, loras=TEST_LORAS[:2], save=None, prompts=PROMPTS, layer_filter="", **merge):
+    nodes, last = concept_nodes(loras, prompts=prompts)
+    settings = dict(method="loraclr", margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001,
+                    learning_rate=1e-4, iterations=50, warm_start=True, normalize=False, compute_dtype="float32")
+    settings.update(merge)
+    nodes.update({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": MICRO}},
+        "2": {"class_type": "LoRACLRCollectActivations",
+              "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": [last, 0], "stage": stage,
+                         "inputs_from": "concept_lora", "layer_filter": layer_filter, "only_lora_layers": True,
+                         "steps": 4,
+                         "record_steps": 4, "width": 64, "height": 64, "seed": 3}},
+        "3": {"class_type": "LoRACLRMerge", "inputs": {"activations": ["2", 0], **settings}},
+    })
+    if save:
+        nodes["4"] = {"class_type": "LoRACLRSaveLoRA",
+                      "inputs": {"merged": ["3", 0], "filename": save, "rank": 0, "key_style": "kohya",
+                                 "dtype": "float32", "if_exists": "error"}}
+    return nodes
+
+
+@pytest.mark.parametrize("stage", ["text_encoder", "cross_attention"])
+def test_merge_iterates_under_the_executor(executor, stage):
+    """warm_start off (the original start, 50 AdamW steps), an active hinge (margin 1000) and
+    the bfloat16 path all take optimiser steps inside ComfyUI and give finite deltas."""
+    # two layers of each kind are enough (the text encoder's are 768 to 3072 wide)
+    only = r"layers\.11\.(self_attn\.q_proj|mlp\.fc2)" if stage == "text_encoder" else "input_blocks"
+    for merge in (dict(warm_start=False), dict(margin=1000.0), dict(margin=1000.0, compute_dtype="bfloat16")):
+        out = executor.run(merge_prompt(stage, layer_filter=only, **merge), outputs=["3"])
+        merged, report = out["3"][0][0], out["3"][1][0]
+        assert len(merged.report) == 2 and all(r["iterations"] == 50 for r in merged.report), report
+        deltas = list(merged.model.values()) + list(merged.clip.values())
+        assert deltas and all(torch.isfinite(d).all() for d in deltas)
+        assert all(r["objective"] < r["start_objective"] for r in merged.report)
+
+
+def test_unet_only_lora_goes_through_preset_all(executor, unet_only_lora):
+    def prompt(loras):
+        nodes, last = concept_nodes(loras)
+        nodes["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": MICRO}}
+        nodes["2"] = {"class_type": "LoRACLRMergeAllStages", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "concepts": [last, 0], "preset": "all", "layer_filter": "",
+            "method": "loraclr", "margin": 0.5, "lambda_con": 1.0, "lambda_mse": 0.1, "lambda_reg": 0.001,
+            "learning_rate": 1e-4, "iterations": 5, "warm_start": True, "normalize": False,
+            "compute_dtype": "float32", "steps": 3, "record_steps": 3, "width": 64, "height": 64, "sample_seed": 1}}
+        return nodes
+
+    # mixed: the UNet-only concept counts as ΔW = 0 on the text encoder
+    out = executor.run(prompt([unet_only_lora, TEST_LORAS[1]]), outputs=["2"])
+    merged, report = out["2"][2][0], out["2"][3][0]
+    assert len(merged.clip) == 12 and len(merged.model) == 8 + 12
+    assert "text_encoder merge" in report and "spatial merge" in report
+    # only UNet-only concepts: the text-encoder stage has nothing to merge and says so
+    out = executor.run(prompt([unet_only_lora]), outputs=["2"])
+    merged, report = out["2"][2][0], out["2"][3][0]
+    assert not merged.clip and len(merged.model) == 8 + 12
+    assert "no concept's LoRA changes a text_encoder layer" in report
+
+
+def test_text_encoder_stage_counts_a_unet_only_concept_as_zero(executor, unet_only_lora):
+    out = executor.run(merge_prompt("text_encoder", loras=[unet_only_lora, TEST_LORAS[1]]), outputs=["2"])
+    acts = out["2"][0][0]
+    assert acts.layers and all(layer.deltas[0] is None and layer.deltas[1] is not None for layer in acts.layers)
+
+
+def test_long_prompts_use_their_first_77_tokens(executor):
+    long = "photo of a {} " + ", ".join(f"detail number {k}" for k in range(40))
+    out = executor.run(merge_prompt("cross_attention", prompts="photo of a {}\n" + long), outputs=["2"])
+    acts, summary = out["2"][0][0], out["2"][1][0]
+    assert acts.layers[0].stats.rows == 2 * 77
+    assert "longer than 77 tokens" in summary
+    # the cut prompt's rows are exactly the first chunk's conditioning
+    import nodes
+
+    model, clip = nodes.CheckpointLoaderSimple().load_checkpoint(MICRO)[:2]
+    clip_a = nodes.LoraLoader().load_lora(model, clip, TEST_LORAS[0], 0.0, 1.0)[1]
+    tokens = clip_a.tokenize(long.replace("{}", "sks"))
+    assert len(tokens["l"]) > 1
+    first = clip_a.encode_from_tokens({"l": tokens["l"][:1]}).float()[0]
+    torch.testing.assert_close(acts.layers[0].stats.X[0][77:], first, atol=1e-5, rtol=1e-5)
+
+
+def test_spatial_stage_refuses_models_that_need_a_pooled_vector(comfy_env):
+    """A (tiny) SDXL-class model: the spatial stage names the family instead of failing deep inside."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from comfyui_loraclr.loraclr.bundle import Concept
+    from comfyui_loraclr.nodes import _comfy
+    from comfyui_loraclr.nodes.collect import collect_stage
+
+    unet = {"model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [0, 1],
+            "context_dim": 2048, "adm_in_channels": 2816, "use_temporal_attention": False, "in_channels": 4,
+            "out_channels": 4, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "num_head_channels": 16,
+            "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1, "image_size": 32,
+            "use_spatial_transformer": True, "legacy": False}
+    config = comfy.supported_models.SDXL(unet)
+    model = comfy.model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(_comfy.NodeError, match=r"Collect LoRA Activations.*SDXL.*pooled"):
+        collect_stage(model, None, [Concept(lora=TEST_LORAS[0], prompts=("a sks",))], "spatial")
+
+
+def _interrupt_after(n_updates, target):
+    import comfy.model_management
+    import comfy.utils
+
+    count = {"n": 0}
+
+    def hook(value, total, preview, node_id=None):
+        if node_id is None:  # as the server's own hook does: the node that is executing now
+            from comfy_execution.utils import get_executing_context
+
+            ctx = get_executing_context()
+            node_id = ctx.node_id if ctx is not None else None
+        if node_id == target:
+            count["n"] += 1
+            if count["n"] == n_updates:
+                comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    return count
+
+
+def _tensors(path):
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("where", ["2", "3"])  # inside Collect (spatial sampling), inside Merge
+def test_interrupt_leaves_no_file_and_the_rerun_equals_an_uninterrupted_run(comfy_env, loras_tmp, where):
+    import comfy.utils
+
+    sub, folder = loras_tmp
+    name = f"{sub}/interrupted"
+    path = os.path.join(folder, "interrupted.safetensors")
+    prompt = merge_prompt("spatial", save=name, margin=1000.0, iterations=20)
+    Executor().run(prompt)
+    reference = _tensors(path)
+    os.remove(path)
+
+    ex = Executor()
+    try:
+        count = _interrupt_after(2, where)
+        with pytest.raises(PromptError, match="interrupted") as info:
+            ex.run(prompt)
+        assert info.value.details["node_id"] == where and count["n"] >= 2
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert not os.listdir(folder) if os.path.isdir(folder) else True
+    ex.run(prompt)  # the same executor (and its cache) stays usable
+    again = _tensors(path)
+    assert again.keys() == reference.keys()
+    assert all(torch.equal(again[k], reference[k]) for k in reference)
