@@ -133,11 +133,17 @@ class StatsAccumulator:
         return Xs @ self.base.T  # (N, n, out)
 
     def _add_distances(self, Ys, Bs):
-        """tt_ij += ||Y_j − X_iW0ᵀ||² over this chunk, from the residuals themselves."""
-        self.yy += Ys.double().pow(2).sum(dim=(1, 2))
-        for i in range(self.n):
-            R = Ys if Bs is None else Ys - Bs[i]  # (N, n, out): Y_j − B_i for every j
-            self.tt[i] += R.double().pow(2).sum(dim=(1, 2))
+        """tt_ij += ||Y_j − B_i||² over this chunk (B_i = X_iW0ᵀ). The chunk's float32 outputs are
+        exact in float64, where ||Y_j||² + ||B_i||² − 2⟨Y_j, B_i⟩ loses nothing that matters
+        (1e-16 of ||Y||², against the 1e-7 that the same sum would lose in float32)."""
+        Yd = Ys.double().reshape(self.n, -1)
+        yy = Yd.pow(2).sum(1)
+        self.yy += yy
+        if Bs is None:
+            self.tt += yy[None, :]
+            return
+        Bd = Bs.double().reshape(self.n, -1)
+        self.tt += (Bd.pow(2).sum(1)[:, None] + yy[None, :] - 2 * Bd @ Yd.T).clamp_min(0)
 
     def add(self, X, Y=None):
         if self.weights is not None:
@@ -149,12 +155,15 @@ class StatsAccumulator:
             if len(X) != self.n or d_in != self.d_in:
                 raise ValueError(f"chunk shape ({len(X)} concepts, {d_in} wide) does not match the accumulator "
                                  f"({self.n} concepts, {self.d_in} wide)")
-            Xs = torch.stack([x.to(self.dtype) for x in X])
-            Xcat = Xs.permute(1, 0, 2).reshape(n, self.n * self.d_in)  # (n, N · in)
+            d = self.d_in
+            Xcat = torch.cat([x.to(self.dtype) for x in X], dim=1)  # (n, N · in)
             for i in range(self.n):
-                self.H[i] += Xs[i].T @ Xcat[:, i * self.d_in:]
+                self.H[i] += Xcat[:, i * d:(i + 1) * d].T @ Xcat[:, i * d:]
+            # the chunk's outputs and base outputs, (N, n, out) each, for the distances
+            Xs = [x.to(self.dtype) for x in X]
             Ys = torch.stack([x @ w.T for x, w in zip(Xs, self.weights)])
-            self._add_distances(Ys, self._base_outputs(Xs))
+            Bs = None if self.base is None else torch.stack([x @ self.base.T for x in Xs])
+            self._add_distances(Ys, Bs)
             self.rows += n
             return
         if Y is None:
@@ -190,10 +199,11 @@ class StatsAccumulator:
         G = torch.stack([self.H[i][:, :d] for i in range(N)])
         E = torch.empty(N, N, d, self.d_out, dtype=self.dtype)
         for i in range(N):
+            GW0 = G[i] @ base.T
             for j in range(N):
+                if j == i:  # X_iᵀ(Y_i − X_iW0ᵀ) = H_ii ΔW_iᵀ: the own-concept term without cancellation
+                    E[i, i] = G[i] @ (self.weights[i] - base).T
+                    continue
                 H_ij = self.H[i][:, (j - i) * d:(j - i + 1) * d] if j >= i else self.H[j][:, (i - j) * d:(i - j + 1) * d].T
-                # X_iᵀ(Y_j − X_iW0ᵀ) = (H_ij − H_ii)W0ᵀ + H_ij(W_j − W0)ᵀ: no large terms cancel
-                E[i, j] = H_ij @ (self.weights[j] - base).T
-                if j != i:
-                    E[i, j] += (H_ij - G[i]) @ base.T
+                torch.sub(H_ij @ self.weights[j].T, GW0, out=E[i, j])
         return LayerStats("gram", self.rows, d, self.d_out, G=G, E=E, tt=tt, yy=yy, base=self.base)

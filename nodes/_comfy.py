@@ -129,10 +129,6 @@ def atomic_save_safetensors(tensors: dict, path: str, metadata: dict):
 # key maps and weights
 
 
-def _clip_patcher(clip):
-    return clip.patcher
-
-
 def lora_key_map(model=None, clip=None) -> dict:
     key_map = {}
     if model is not None:
