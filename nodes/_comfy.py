@@ -224,15 +224,16 @@ def encode_first_chunk(clip, text: str) -> tuple[torch.Tensor, bool]:
     return cond.detach().to("cpu", torch.float32), cut
 
 
-def check_sampling_support(node: str, model):
-    """The spatial stage samples with the text conditioning alone. Model families that also
-    need a pooled/size vector (``y``; SDXL and others with ADM inputs) are refused clearly."""
+def check_sampling_support(node: str, model, what: str = "the spatial stage",
+                           supported: str = "the text_encoder and cross_attention stages and SD1.5-family models "
+                                            "are supported"):
+    """The pack runs the UNet with the text conditioning alone. Model families that also need a
+    pooled/size vector (``y``; SDXL and others with ADM inputs) are refused clearly."""
     adm = int(getattr(model.model, "adm_channels", 0) or 0)
     if adm > 0:
         family = type(getattr(model.model, "model_config", model.model)).__name__
         raise NodeError(node, f"this model is {family}, which needs a pooled text and size vector (y, {adm} wide) "
-                              "that the spatial stage does not pass yet; the text_encoder and cross_attention stages "
-                              "and SD1.5-family models are supported")
+                              f"that {what} does not pass yet; {supported}")
 
 
 def inverse_key_map(model=None, clip=None, style: str = "kohya") -> dict:

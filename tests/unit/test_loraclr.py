@@ -383,6 +383,16 @@ def test_solver_runs_under_inference_mode_on_inference_tensors(form):
     for r in (res, hinge, bf16):
         assert r.iterations_run == 5 and len(r.history) == 6 and torch.isfinite(r.delta).all()
         assert r.objective <= r.start_objective
+    # a Problem built inside inference mode (a script calling the library from a node) can be
+    # differentiated afterwards
+    from comfyui_loraclr.loraclr import Problem
+
+    with torch.inference_mode():
+        problem = Problem(stats, w0)
+    dW = torch.zeros(W0.shape, requires_grad=True)
+    loss, _ = problem.loss(dW, margin=1000.0)
+    loss.backward()
+    assert dW.grad is not None and dW.grad.norm() > 0
 
 
 @pytest.mark.parametrize("form", ["rows", "gram"])
