@@ -10,7 +10,7 @@ import re
 import torch
 from comfy_api.latest import io, ui
 
-from ..cat_training import (OPTIMIZERS, AdapterSet, CATTrainer, LoRAWeight, TrainConfig, TrainedLoRA, TriggerNotFound,
+from ..cat_training import (DTYPES, OPTIMIZERS, AdapterSet, CATTrainer, LoRAWeight, TrainConfig, TrainedLoRA, TriggerNotFound,
                             TriggerRemover)
 from . import _comfy
 
@@ -146,6 +146,10 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
     captions = parse_captions(captions, n)
     if lambda_cat > 0 and not triggers:
         raise _comfy.NodeError(NODE, "field 'trigger' is empty: the CAT term needs the trigger to remove")
+    if optimizer not in OPTIMIZERS:
+        raise _comfy.NodeError(NODE, f"field 'optimizer' must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    if training_dtype not in DTYPES:
+        raise _comfy.NodeError(NODE, f"field 'training_dtype' must be one of {list(DTYPES)}, got {training_dtype!r}")
     keys = target_keys(model, target_layers, layer_pattern)
     conds = torch.cat([_comfy.encode_prompt(clip, c) for c in captions])
     neutral = None
@@ -173,12 +177,14 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
             if missing:
                 raise _comfy.NodeError(NODE, f"field 'resume_from': its layers differ from this run's target layers "
                                              f"({len(missing)} differ, e.g. {missing[0]})")
-        mp = _comfy.attach_weight_wrappers(model, adapters)
-        predict = _comfy.NativePrediction(mp)
+        # the model computes in float32 whatever dtype ComfyUI stores it in (float16 on most GPUs);
+        # bfloat16/float16 training lowers the precision of the passes with autocast on top
+        mp = _comfy.attach_weight_wrappers(model, adapters, compute_dtype=torch.float32)
+        predict = _comfy.NativePrediction(mp, compute_dtype=torch.float32)
         cfg.num_timesteps = predict.num_timesteps
         trainer = CATTrainer(AdapterSet(adapters), predict, predict.add_noise, predict.target, latents.clone(),
                              conds.clone(), None if neutral is None else neutral.clone(), cfg,
-                             device_type=_comfy.training_device().type)
+                             device_type=predict.device.type)
         if state is not None:
             trainer.load_state(state)
         remaining = max(0, steps - trainer.step_count)
@@ -192,7 +198,8 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
                 progress.step()
                 if preview_every > 0 and vae is not None and rec.step % preview_every == 0:
                     progress.preview(_comfy.preview_sample(mp, vae, conds[:1], (1, *latents.shape[1:]), seed=seed))
-        factors = {k: (a.up.detach().float().clone(), a.down.detach().float().clone()) for k, a in adapters.items()}
+        factors = {k: (a.up.detach().to("cpu", torch.float32).clone(), a.down.detach().to("cpu", torch.float32).clone())
+                   for k, a in adapters.items()}
         final_state = trainer.state()
     history = [h for h in final_state["history"]]
     trained = TrainedLoRA(factors=factors, shapes={k: shapes[k] for k in keys}, rank=rank, alpha=float(alpha),
@@ -240,7 +247,7 @@ class TrainCATLoRA(io.ComfyNode):
                                tooltip="Weight of the CAT term; 0 is plain LoRA training."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed for the LoRA init and for image, timestep and noise sampling."),
-                io.Combo.Input("training_dtype", options=["float32", "bfloat16"], default="float32",
+                io.Combo.Input("training_dtype", options=list(DTYPES), default="float32",
                                tooltip="Autocast precision of the forward/backward passes (adapters stay float32)."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute blocks in the backward pass: less memory, about a third more time."),

@@ -143,3 +143,44 @@ def test_split_backward_equals_the_summed_loss_gradient():
         a, b = split.adapters.adapters[k], fused.adapters.adapters[k]
         torch.testing.assert_close(a.up, b.up, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.down, b.down, rtol=1e-5, atol=1e-6)
+
+
+def test_moving_adapters_between_steps_keeps_the_run_exact():
+    """A device move (here a fresh copy on the same device, which is what a move does to the
+    storage) keeps the Parameter objects the optimizer holds: training continues bit for bit."""
+    _, ref = make_trainer(1.0)
+    for _ in range(3):
+        ref.step()
+    _, moved = make_trainer(1.0)
+    moved.step()
+    params = [id(p) for p in moved.optimizer.param_groups[0]["params"]]
+    storages = [p.data_ptr() for p in moved.adapters.parameters()]
+    for a in moved.adapters.adapters.values():
+        a._place(torch.device("cpu"))
+        assert a.move_to("cpu") == a.memory_bytes() == (a.up.numel() + a.down.numel()) * 4
+    assert [p.data_ptr() for p in moved.adapters.parameters()] != storages  # really new storage
+    assert [id(p) for p in moved.adapters.parameters()] == params
+    moved.step()
+    moved.step()
+    for k, a in ref.adapters.adapters.items():
+        assert torch.equal(a.up, moved.adapters.adapters[k].up) and torch.equal(a.down, moved.adapters.adapters[k].down)
+
+
+def test_float16_scales_the_loss_and_skips_non_finite_steps():
+    _, fp32 = make_trainer(0.0)
+    _, bf16 = make_trainer(0.0)
+    bf16.config.dtype = "bfloat16"
+    bf16.__post_init__()
+    _, fp16 = make_trainer(0.0)
+    fp16.config.dtype = "float16"
+    fp16.__post_init__()
+    assert not fp32.scaler.is_enabled() and not bf16.scaler.is_enabled() and fp16.scaler.is_enabled()
+    assert bf16.step().loss > 0 and fp16.step().loss > 0
+    scale = fp16.scaler.get_scale()
+    before = {k: v.clone() for k, v in fp16.adapters.state_dict().items()}
+    fp16.latents = torch.full_like(fp16.latents, float("nan"))  # every gradient is NaN
+    fp16.step()
+    assert fp16.scaler.get_scale() == scale / 2  # the loss scale backs off ...
+    for k, v in fp16.adapters.state_dict().items():  # ... and the step is skipped
+        assert torch.equal(v, before[k]), k
+    assert fp16.state()["scaler"]["scale"] == scale / 2  # and is part of the checkpoint
