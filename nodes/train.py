@@ -89,16 +89,70 @@ def make_removers(clip, triggers: list[str]):
 
 
 def base_hash(model, keys) -> str:
+    """sha256 of the targeted base weights as this model computes them (its own patches included),
+    rounded to float16 so that the same checkpoint hashes alike whether it was loaded in float16
+    (a GPU) or float32 (the CPU)."""
     h = hashlib.sha256()
-    sd = model.model.state_dict()
     for k in keys:
         h.update(k.encode())
-        h.update(sd[k].detach().to("cpu", torch.float32).numpy().tobytes())
+        h.update(_comfy.base_weight(model, k).to(torch.float16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensor_hash(x: torch.Tensor) -> str:
+    h = hashlib.sha256(str(tuple(x.shape)).encode())
+    h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
 def state_path(lora_file: str) -> str:
     return lora_file[: -len(".safetensors")] + STATE_SUFFIX if lora_file.endswith(".safetensors") else lora_file + STATE_SUFFIX
+
+
+# What a resumed run must share with the run it continues, as (widget name, what it is). A
+# difference in any of them would make the continuation a different run than the one the saved
+# optimizer state and generator belong to, so resume refuses instead of silently mixing them
+# (set resume_from to none to start afresh). Free to change: steps (the step count to reach, not
+# below the saved one), gradient_checkpointing (same values, other memory/time trade-off),
+# preview_every.
+RESUME_FIELDS = (
+    ("rank", "rank"), ("alpha", "alpha"), ("target_layers", "adapted layers"), ("optimizer", "optimizer"),
+    ("learning_rate", "learning rate"), ("batch_size", "batch size"), ("grad_accumulation", "gradient accumulation"),
+    ("lambda_cat", "lambda_cat"), ("seed", "seed"), ("training_dtype", "training dtype"), ("captions", "captions"),
+    ("trigger", "triggers"), ("images/latents", "training data (sha256 of the latents)"),
+    ("model", "base model (sha256 of the adapted weights)"),
+)
+
+
+def _short(v):
+    if isinstance(v, list):
+        return f"{len(v)} items" if len(v) > 3 else json.dumps(v)
+    if isinstance(v, str) and len(v) == 64:
+        return v[:12] + "…"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def check_resume(state: dict, run: dict, name: str, steps: int):
+    """Refuse to resume ``name``'s saved state with settings that differ from the saved run's."""
+    saved = state.get("run")
+    if not isinstance(saved, dict):
+        raise _comfy.NodeError(NODE, f"field 'resume_from': '{name}' was saved without its run settings (by an "
+                                     "older version of this pack), so a resume cannot be checked; set resume_from "
+                                     "to none to start a new run")
+    for field, what in RESUME_FIELDS:
+        if saved.get(field) != run[field]:
+            if field == "target_layers":
+                differ = sorted(set(saved.get(field) or []) ^ set(run[field]))
+                detail = (f"the run in '{name}' adapted {len(saved.get(field) or [])} layers, this run "
+                          f"{len(run[field])} ({len(differ)} differ, e.g. {differ[0] if differ else '?'})")
+            else:
+                detail = f"the run in '{name}' used {_short(saved.get(field))}, this run {_short(run[field])}"
+            raise _comfy.NodeError(NODE, f"field '{field}' ({what}): {detail}. A resumed run continues the saved "
+                                         "one and needs the same settings: set it back, or set resume_from to none "
+                                         "to start a new run")
+    if steps < int(state["step"]):
+        raise _comfy.NodeError(NODE, f"field 'steps': the run in '{name}' is already at step {state['step']}; "
+                                     f"set steps to {state['step']} or more to continue it")
 
 
 def load_resume_state(name: str) -> dict:
@@ -107,7 +161,15 @@ def load_resume_state(name: str) -> dict:
     if not os.path.isfile(side):
         raise _comfy.NodeError(NODE, f"field 'resume_from': '{name}' has no optimizer-state sidecar "
                                      f"({os.path.basename(side)}); save with save_state on to resume")
-    return torch.load(side, map_location="cpu", weights_only=True)
+    meta = _comfy.safetensors_metadata(NODE, name, path)
+    if meta.get("loraclr_state_sha256") != _comfy.file_sha256(side):
+        raise _comfy.NodeError(NODE, f"field 'resume_from': the sidecar {os.path.basename(side)} does not belong to "
+                                     f"'{name}' (it was written with another save of that name); save the run "
+                                     "again with save_state on to resume it")
+    try:
+        return torch.load(side, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _comfy.NodeError(NODE, f"field 'resume_from': could not read {side}: {e}") from e
 
 
 def loss_plot(history) -> torch.Tensor:
@@ -167,16 +229,19 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
                       grad_accumulation=grad_accumulation, lambda_cat=lambda_cat, seed=seed, dtype=training_dtype)
     shapes = _comfy.model_weight_shapes(model)
     stems = _comfy.inverse_key_map(model, None, "kohya")
+    base_sha = base_hash(model, keys)
+    run = {"rank": rank, "alpha": float(alpha), "target_layers": keys, "optimizer": optimizer,
+           "learning_rate": learning_rate, "batch_size": batch_size, "grad_accumulation": grad_accumulation,
+           "lambda_cat": lambda_cat, "seed": seed, "training_dtype": training_dtype, "captions": captions,
+           "trigger": list(triggers), "images/latents": tensor_hash(latents), "model": base_sha}
     with torch.inference_mode(False), torch.enable_grad():
         # loaded here so its tensors (optimizer moments) are normal tensors that can be updated in place
-        state = load_resume_state(resume_from) if resume_from and resume_from != "none" else None
+        state = None
+        if resume_from and resume_from != "none":
+            state = load_resume_state(resume_from)
+            check_resume(state, run, resume_from, steps)
         gen = torch.Generator().manual_seed(seed)
         adapters = {k: LoRAWeight(shapes[k], rank, alpha, generator=gen) for k in keys}
-        if state is not None:
-            missing = sorted({k.split("::")[0] for k in state["adapters"]} ^ set(keys))
-            if missing:
-                raise _comfy.NodeError(NODE, f"field 'resume_from': its layers differ from this run's target layers "
-                                             f"({len(missing)} differ, e.g. {missing[0]})")
         # the model computes in float32 whatever dtype ComfyUI stores it in (float16 on most GPUs);
         # bfloat16/float16 training lowers the precision of the passes with autocast on top
         mp = _comfy.attach_weight_wrappers(model, adapters, compute_dtype=torch.float32)
@@ -201,10 +266,11 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
         factors = {k: (a.up.detach().to("cpu", torch.float32).clone(), a.down.detach().to("cpu", torch.float32).clone())
                    for k, a in adapters.items()}
         final_state = trainer.state()
+        final_state["run"] = run
     history = [h for h in final_state["history"]]
     trained = TrainedLoRA(factors=factors, shapes={k: shapes[k] for k in keys}, rank=rank, alpha=float(alpha),
                           stems={k: stems.get(k) for k in keys}, triggers=list(triggers), lambda_cat=lambda_cat,
-                          steps=trainer.step_count, base_sha256=base_hash(model, keys), config=cfg.as_dict(),
+                          steps=trainer.step_count, base_sha256=base_sha, config=cfg.as_dict(),
                           history=history, state=final_state)
     return _comfy.patch_model(model, trained.deltas(), 1.0), trained
 
@@ -252,7 +318,11 @@ class TrainCATLoRA(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute blocks in the backward pass: less memory, about a third more time."),
                 io.Combo.Input("resume_from", options=["none"] + _comfy.lora_names(), default="none",
-                               tooltip="Continue a run saved by Save CAT LoRA with its optimizer state."),
+                               tooltip="Continue a run saved by Save CAT LoRA (save_state on) up to 'steps', exactly "
+                                       "as if it had not stopped. Every other setting, the captions, trigger, "
+                                       "training data and base model must be those of the saved run (only steps, "
+                                       "gradient_checkpointing and preview_every may change); otherwise the node "
+                                       "stops with an error naming the field. none: start a new run."),
                 io.Int.Input("preview_every", default=0, min=0, max=100000,
                              tooltip="Every N steps, sample the first caption with the LoRA so far and show it on "
                                      "the node (needs the vae); 0 = off."),
@@ -348,17 +418,21 @@ class SaveCATLoRA(io.ComfyNode):
             "loraclr_steps": str(lora.steps), "loraclr_base_model_sha256": lora.base_sha256,
             "loraclr_training": json.dumps(lora.config),
         }
-        side = state_path(path) if save_state else None
-        if side:
+        side = state_path(path)
+        if save_state:
             buf = _io.BytesIO()
             torch.save(lora.state, buf)
+            # the LoRA names its sidecar's hash, so a resume can tell a sidecar left by another save
+            meta["loraclr_state_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
             _comfy.atomic_write_bytes(side, buf.getvalue())
         try:
             _comfy.atomic_save_safetensors(tensors, path, meta)
         except BaseException:
-            if side and os.path.exists(side):
+            if save_state and os.path.exists(side):
                 os.remove(side)  # no sidecar without its LoRA
             raise
+        if not save_state and os.path.exists(side):
+            os.remove(side)  # an overwritten LoRA's old sidecar belongs to another run
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved {rel} ({len(lora.factors)} layers, step {lora.steps})\nfile: {path}"))
 
 
