@@ -286,37 +286,64 @@ class TrainCATLoRA(io.ComfyNode):
             description="Trains a concept LoRA on the MODEL with the CAT term, which keeps the model's prediction on "
                         "the caption without the trigger equal to the base model's.",
             inputs=[
-                io.Model.Input("model", tooltip="The base model to train on (SD1.5/SDXL-style ε- or v-prediction)."),
-                io.Clip.Input("clip", tooltip="Text encoder for the captions (not trained)."),
+                io.Model.Input("model", tooltip="The base model to train the LoRA on (SD1.5/SDXL-style, ε- or "
+                                                "v-prediction). It is not changed: the MODEL output is a copy with the "
+                                                "trained LoRA applied."),
+                io.Clip.Input("clip", tooltip="Text encoder that turns the captions (and, for the CAT term, the "
+                                              "captions without the trigger) into conditioning. Not trained."),
                 io.String.Input("captions", multiline=True, default="photo of sks",
-                                tooltip="One caption per image (one line each), or a single caption for all."),
+                                tooltip="One caption per training image, one per line in image order, or a single "
+                                        "line used for every image. With lambda_cat > 0 every caption must contain "
+                                        "the trigger."),
                 io.String.Input("trigger", default="sks",
-                                tooltip="The trigger word(s) in the captions, comma-separated. The CAT term uses each "
-                                        "caption with the trigger removed on token ids."),
-                io.Int.Input("rank", default=1, min=1, max=1024, tooltip="LoRA rank (the CAT paper uses 1)."),
+                                tooltip="The word(s) naming the concept in the captions; several: comma-separated. "
+                                        "The CAT term uses each caption with every trigger occurrence removed on "
+                                        "token ids, with brackets around it ('<sks>') and a comma, semicolon or "
+                                        "colon after it; the rest of the caption keeps its tokens."),
+                io.Int.Input("rank", default=1, min=1, max=1024,
+                             tooltip="LoRA rank r: the inner size of the two factors of every adapted layer (the "
+                                     "CAT paper uses 1). Higher: more capacity, bigger file."),
                 io.Float.Input("alpha", default=1.0, min=0.0, max=4096.0, step=0.5,
-                               tooltip="LoRA alpha: the update is scaled by alpha / rank."),
+                               tooltip="LoRA alpha: each layer's update is up·down × alpha / rank (alpha = rank gives "
+                                       "scale 1). Saved in the file, so LoRA loaders apply the same scale."),
                 io.Combo.Input("target_layers", options=list(TARGETS), default="attention",
-                               tooltip="attention: every attention projection (q, k, v, out), as in the paper. "
-                                       "all_linear: every linear layer of the UNet. all: every linear and conv layer."),
+                               tooltip="Which UNet layers get an adapter. attention: every attention projection (q, "
+                                       "k, v, out), as in the paper. all_linear: every linear layer. all: every "
+                                       "linear and convolution layer. Ignored when layer_pattern is set."),
                 io.String.Input("layer_pattern", default="",
-                                tooltip="Optional regular expression on layer keys; overrides target_layers."),
+                                tooltip="Optional regular expression searched in the UNet's weight keys (e.g. "
+                                        "'attn2\\.to_[kv]'); when set, every matching linear or convolution "
+                                        "weight is adapted instead of target_layers."),
                 io.Int.Input("steps", default=d.steps, min=1, max=1000000,
-                             tooltip="Total optimizer steps (when resuming: the step count to reach)."),
+                             tooltip="Optimizer steps to train. When resuming: the total step count to reach, not "
+                                     "the number of extra steps."),
                 io.Float.Input("learning_rate", default=d.learning_rate, min=0.0, max=1.0, step=1e-6,
-                               tooltip="Learning rate."),
-                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW", tooltip="Optimizer."),
-                io.Int.Input("batch_size", default=1, min=1, max=1024, tooltip="Images per micro-batch."),
+                               tooltip="Step size of the optimizer (the CAT paper: 1e-4 with AdamW)."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW",
+                               tooltip="AdamW (torch's defaults: betas 0.9/0.999, weight decay 0.01), Adam (no "
+                                       "weight decay) or SGD (no momentum)."),
+                io.Int.Input("batch_size", default=1, min=1, max=1024,
+                             tooltip="Images per micro-batch, drawn at random (with replacement) from the training "
+                                     "images; each gets its own timestep and noise."),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
-                             tooltip="Micro-batches whose gradients are summed per optimizer step."),
+                             tooltip="Micro-batches per optimizer step; their gradients are averaged, so one step "
+                                     "sees batch_size × grad_accumulation images."),
                 io.Float.Input("lambda_cat", default=d.lambda_cat, min=0.0, max=100.0, step=0.01,
-                               tooltip="Weight of the CAT term; 0 is plain LoRA training."),
+                               tooltip="Weight of the CAT term, which keeps the LoRA model's prediction on each "
+                                       "caption without the trigger equal to the base model's. 0: plain LoRA "
+                                       "training (captions then need not contain the trigger)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Seed for the LoRA init and for image, timestep and noise sampling."),
+                             tooltip="Seed of every random draw of the run: the LoRA's initial down factors, the "
+                                     "images, timesteps and noise of every step, and the noise of the preview "
+                                     "images. Same seed and settings: the same LoRA."),
                 io.Combo.Input("training_dtype", options=list(DTYPES), default="float32",
-                               tooltip="Autocast precision of the forward/backward passes (adapters stay float32)."),
+                               tooltip="Precision of the UNet's forward and backward passes. float32: every layer "
+                                       "computes in float32 (a UNet stored in float16 is upcast). bfloat16 / "
+                                       "float16: autocast (faster on GPUs, less memory); float16 also scales the "
+                                       "loss so gradients do not underflow. The LoRA and optimizer stay float32."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
-                                 tooltip="Recompute blocks in the backward pass: less memory, about a third more time."),
+                                 tooltip="Recompute each UNet block's activations in the backward pass instead of "
+                                         "keeping them: less memory, about a third more time, same result."),
                 io.Combo.Input("resume_from", options=["none"] + _comfy.lora_names(), default="none",
                                tooltip="Continue a run saved by Save CAT LoRA (save_state on) up to 'steps', exactly "
                                        "as if it had not stopped. Every other setting, the captions, trigger, "
@@ -324,11 +351,16 @@ class TrainCATLoRA(io.ComfyNode):
                                        "gradient_checkpointing and preview_every may change); otherwise the node "
                                        "stops with an error naming the field. none: start a new run."),
                 io.Int.Input("preview_every", default=0, min=0, max=100000,
-                             tooltip="Every N steps, sample the first caption with the LoRA so far and show it on "
-                                     "the node (needs the vae); 0 = off."),
-                io.Vae.Input("vae", optional=True, tooltip="Encodes the training images (needed with 'images')."),
-                io.Image.Input("images", optional=True, tooltip="Training images (a batch)."),
-                io.Latent.Input("latents", optional=True, tooltip="Training latents, instead of images."),
+                             tooltip="Every N steps, sample the first caption with the LoRA so far (8 Euler steps "
+                                     "from the seed's noise, no CFG), decode it with the vae and show it on the "
+                                     "node; 0 = off. Does not change the training."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Encodes the training 'images' into latents and decodes the preview images."),
+                io.Image.Input("images", optional=True,
+                               tooltip="Training images (an IMAGE batch), encoded with the vae. Give images or "
+                                       "latents."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Training latents (e.g. from VAE Encode), used instead of images."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), TRAINED.Output(display_name="lora"),
                      io.String.Output(display_name="loss_history"), io.Int.Output(display_name="steps"),
@@ -389,15 +421,20 @@ class SaveCATLoRA(io.ComfyNode):
             is_output_node=True,
             description="Saves a trained LoRA as a standard kohya-key file in the loras folder (+ optimizer state to resume).",
             inputs=[
-                TRAINED.Input("lora", tooltip="From Train CAT LoRA."),
+                TRAINED.Input("lora", tooltip="The trained LoRA (the 'lora' output of Train CAT LoRA)."),
                 io.String.Input("filename", default="loraclr/cat_{trigger}",
-                                tooltip="File name inside the loras folder; {trigger} and {steps} are filled in."),
+                                tooltip="File name inside the loras folder (sub-folders allowed, .safetensors "
+                                        "added); {trigger} and {steps} are filled in."),
                 io.Combo.Input("dtype", options=["float16", "bfloat16", "float32"], default="float16",
-                               tooltip="Storage precision of the LoRA factors."),
+                               tooltip="Storage precision of the LoRA factors in the file (float32 keeps them "
+                                       "exactly as trained; the optimizer state is always float32)."),
                 io.Combo.Input("if_exists", options=["increment", "error", "overwrite"], default="increment",
-                               tooltip="What to do when the file exists."),
+                               tooltip="When the file exists: increment adds _00001, _00002, … to the name; error "
+                                       "stops; overwrite replaces the file and its sidecar."),
                 io.Boolean.Input("save_state", default=True,
-                                 tooltip="Also write the optimizer state (a sidecar file) so a run can be resumed exactly."),
+                                 tooltip="Also write the run's optimizer state, generator and settings to a sidecar "
+                                         "file (<name>.loraclr-state, not listed by LoRA loaders) so Train CAT LoRA "
+                                         "can resume it exactly."),
             ],
             outputs=[io.String.Output(display_name="lora_name")],
         )

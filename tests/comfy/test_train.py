@@ -189,3 +189,11 @@ def test_overwriting_without_state_leaves_no_stale_sidecar(micro, pack, loras_tm
     assert sorted(os.listdir(path)) == ["x.safetensors"]
     with pytest.raises(ValueError, match=r"\[Train CAT LoRA\] field 'resume_from'.*no optimizer-state sidecar"):
         _train(pack, micro, steps=3, resume_from=name)
+
+
+def test_gradient_checkpointing_gives_the_same_result(micro, pack):
+    _, plain, hist, _, _ = _train(pack, micro, steps=2)
+    _, ckpt, hist_ckpt, _, _ = _train(pack, micro, steps=2, gradient_checkpointing=True)
+    assert hist_ckpt == hist
+    for k, (up, down) in plain.factors.items():
+        assert torch.equal(ckpt.factors[k][0], up) and torch.equal(ckpt.factors[k][1], down), k
