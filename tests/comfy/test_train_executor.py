@@ -40,8 +40,9 @@ def test_cat_term_uses_the_caption_without_the_trigger(micro, comfy_env, loras_t
     sub, path = loras_tmp
     model, clip, vae = micro
     ex = new_executor()
-    assert run(ex, train_prompt(sub, steps=1, save_name="one")) is None
-    assert run(ex, train_prompt(sub, steps=2, save_name="two")) is None
+    # alpha / rank = 0.25: the LoRA the loader applies has the scale the trainer used
+    assert run(ex, train_prompt(sub, steps=1, save_name="one", rank=4, alpha=1.0)) is None
+    assert run(ex, train_prompt(sub, steps=2, save_name="two", rank=4, alpha=1.0)) is None
     one = torch.load(os.path.join(path, "one.loraclr-state"), weights_only=True)
     two = torch.load(os.path.join(path, "two.loraclr-state"), weights_only=True)
     assert two["history"][0] == one["history"][0]
