@@ -3,6 +3,12 @@
 An adapter maps the frozen weight W to W + (α/r)·up·down. It is attached to the model's layer as
 a weight function, so the model is never copied; ``bypass`` makes every adapter return W itself,
 which is exactly the base model (the same weights, the same dtype, the same kernels).
+
+The host that runs the model moves it between devices (a GPU while it runs, the CPU when memory
+is needed elsewhere) and asks each weight function to follow through ``move_to(device)``. The
+factors move in place (their ``.data``), so they stay the very Parameter objects an optimizer
+holds; the adapter never converts devices in its forward, so a missed move is an error rather
+than a silent copy every call.
 """
 from __future__ import annotations
 
@@ -37,6 +43,28 @@ class LoRAWeight(torch.nn.Module):
     def delta(self) -> torch.Tensor:
         return (self.up @ self.down).reshape(self.shape) * self.scale
 
+    def move_to(self, device) -> int:
+        """Move both factors (and their gradients) to ``device``, keeping the Parameter objects;
+        returns their size in bytes, which the host counts as memory the layer uses there."""
+        device = torch.device(device)
+        if any(p.device != device for p in (self.down, self.up)):
+            self._place(device)
+        return self.memory_bytes()
+
+    def _place(self, device):
+        # The contents of each Parameter are swapped for a copy on ``device``: the Python object
+        # (what an optimizer's param groups and state are keyed by) stays the same. The host may
+        # move models while it runs under inference mode; the factors stay normal tensors.
+        with torch.inference_mode(False), torch.no_grad():
+            for p in (self.down, self.up):
+                moved = torch.nn.Parameter(p.detach().to(device, copy=True), requires_grad=p.requires_grad)
+                if p.grad is not None:
+                    moved.grad = p.grad.to(device, copy=True)
+                torch.utils.swap_tensors(p, moved)
+
+    def memory_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in (self.down, self.up))
+
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
@@ -70,8 +98,8 @@ class AdapterSet:
     def state_dict(self) -> dict:
         out = {}
         for key, a in self.adapters.items():
-            out[f"{key}::down"] = a.down.detach().clone()
-            out[f"{key}::up"] = a.up.detach().clone()
+            out[f"{key}::down"] = a.down.detach().to("cpu", copy=True)
+            out[f"{key}::up"] = a.up.detach().to("cpu", copy=True)
         return out
 
     def load_state_dict(self, sd: dict):

@@ -14,7 +14,8 @@ batch (the caption and the neutral caption side by side), which fills a GPU bett
 passes. λ_cat = 0 skips the CAT term entirely and is plain LoRA training.
 
 Everything random (which images, timesteps, noise) comes from one seeded generator whose state is
-part of the checkpoint, so a resumed run continues exactly where it stopped.
+part of the checkpoint (with the optimizer's and the loss scaler's), so a resumed run continues
+exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ import torch
 from .lora import AdapterSet
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# the precision of the model's forward and backward passes; the adapter factors and the optimizer
+# stay float32. float32 computes every layer in float32 (the caller makes the model upcast stored
+# half-precision weights); bfloat16/float16 run under autocast; float16 also scales the loss
+# (a GradScaler: float16 gradients underflow without it; bfloat16 has float32's range)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -91,6 +96,7 @@ class CATTrainer:
             raise ValueError(f"dtype must be one of {list(DTYPES)}")
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.optimizer = make_optimizer(cfg.optimizer, self.adapters.parameters(), cfg.learning_rate)
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=cfg.dtype == "float16")
         self.step_count = 0
 
     def _autocast(self):
@@ -98,6 +104,9 @@ class CATTrainer:
         if dt == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=dt)
+
+    def _backward(self, loss):
+        self.scaler.scale(loss).backward()
 
     def _micro_batch(self):
         cfg, g = self.config, self.generator
@@ -129,7 +138,7 @@ class CATTrainer:
                     l_diff = torch.nn.functional.mse_loss(pred, target.float())
                     l_cat = torch.nn.functional.mse_loss(pred_neutral, base)
                     loss = l_diff + cfg.lambda_cat * l_cat
-                (loss / acc).backward()
+                self._backward(loss / acc)
             elif cfg.lambda_cat > 0:
                 # two adapter passes, each back-propagated before the next: the gradients add up to
                 # those of the summed loss while only one pass's activations are held at a time
@@ -138,21 +147,22 @@ class CATTrainer:
                     with torch.no_grad(), self.adapters.bypassed():  # transient, before any graph is held
                         base = self.predict(x_t, t, neutral).float()
                     l_diff = torch.nn.functional.mse_loss(self.predict(x_t, t, cond).float(), target.float())
-                (l_diff / acc).backward()
+                self._backward(l_diff / acc)
                 with self._autocast():
                     l_cat = torch.nn.functional.mse_loss(self.predict(x_t, t, neutral).float(), base)
-                (cfg.lambda_cat * l_cat / acc).backward()
+                self._backward(cfg.lambda_cat * l_cat / acc)
                 loss = l_diff.detach() + cfg.lambda_cat * l_cat.detach()
             else:
                 with self._autocast():
                     l_diff = torch.nn.functional.mse_loss(self.predict(x_t, t, cond).float(), target.float())
                     l_cat = torch.zeros(())
                     loss = l_diff
-                (loss / acc).backward()
+                self._backward(loss / acc)
             total += loss.item() / cfg.grad_accumulation
             diff_sum += l_diff.item() / cfg.grad_accumulation
             cat_sum += l_cat.item() / cfg.grad_accumulation
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # plain optimizer.step() unless float16 (then skips inf/NaN steps)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         rec = StepLosses(self.step_count, total, diff_sum, cat_sum)
@@ -167,6 +177,7 @@ class CATTrainer:
             "adapters": self.adapters.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
+            "scaler": self.scaler.state_dict(),
             "step": self.step_count,
             "history": [asdict(h) for h in self.history],
             "config": self.config.as_dict(),
@@ -176,6 +187,8 @@ class CATTrainer:
         self.adapters.load_state_dict(state["adapters"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step_count = int(state["step"])
         self.history = [StepLosses(**h) for h in state["history"]]
 

@@ -55,6 +55,14 @@ def read_lora(node: str, name: str) -> tuple[dict, str]:
     return sd, path
 
 
+def safetensors_metadata(node: str, name: str, path: str) -> dict:
+    try:
+        _, meta = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    except Exception as e:  # corrupt or not a tensor file
+        raise NodeError(node, f"could not read LoRA file '{name}' ({path}): {e}") from e
+    return meta or {}
+
+
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -400,11 +408,18 @@ def model_weight_shapes(model) -> dict:
     return {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
 
 
-def attach_weight_wrappers(model, wrappers: dict):
+def attach_weight_wrappers(model, wrappers: dict, compute_dtype=None):
     """A clone of ``model`` whose layers compute their weight through ``wrappers`` (key → callable
     W ↦ W'), loaded so the shared module uses them. The base model is untouched: the wrappers live
-    on the clone only and ComfyUI clears them when another patcher loads the module."""
+    on the clone only and ComfyUI clears them when another patcher loads the module.
+
+    ComfyUI moves the module to its load device here (and elsewhere later) and calls
+    ``move_to(device=...)`` on every weight function that has one, so wrappers with ``move_to``
+    follow the model. ``compute_dtype`` makes every layer cast its stored weight to that dtype
+    before computing (ComfyUI's manual cast), e.g. float32 math on a UNet stored in float16."""
     mp = model.clone()
+    if compute_dtype is not None:
+        mp.set_model_compute_dtype(compute_dtype)
     for key, fn in wrappers.items():
         mp.add_weight_wrapper(key, fn)
     mp.model.requires_grad_(False)
@@ -423,22 +438,24 @@ def attach_weight_wrappers(model, wrappers: dict):
     return mp
 
 
-def training_device():
-    return comfy.model_management.get_torch_device()
+def training_device(patcher=None):
+    return patcher.load_device if patcher is not None else comfy.model_management.get_torch_device()
 
 
 class NativePrediction:
     """The diffusion model's own output (ε for SD1.5/SDXL, v for v-prediction models) at a
     discrete training timestep, and the matching target and noisy latent."""
 
-    def __init__(self, patcher):
+    def __init__(self, patcher, compute_dtype=None):
         import comfy.model_sampling as ms_mod
 
         self.patcher = patcher
         self.inner = patcher.model
         self.ms = patcher.get_model_object("model_sampling")
-        self.device = training_device()
-        self.dtype = self.inner.get_dtype()
+        self.device = patcher.load_device  # where ComfyUI puts this model to run it
+        # the dtype of the UNet's inputs: with a compute dtype set on the patcher every layer casts
+        # its weight to the input's dtype, otherwise the layers compute in their stored dtype
+        self.dtype = compute_dtype or self.inner.manual_cast_dtype or self.inner.get_dtype()
         if isinstance(self.ms, ms_mod.V_PREDICTION) and not isinstance(self.ms, ms_mod.EDM):
             self.kind = "v"
         elif isinstance(self.ms, ms_mod.EPS) and type(self.ms).calculate_denoised is ms_mod.EPS.calculate_denoised:

@@ -10,7 +10,7 @@ import re
 import torch
 from comfy_api.latest import io, ui
 
-from ..cat_training import (OPTIMIZERS, AdapterSet, CATTrainer, LoRAWeight, TrainConfig, TrainedLoRA, TriggerNotFound,
+from ..cat_training import (DTYPES, OPTIMIZERS, AdapterSet, CATTrainer, LoRAWeight, TrainConfig, TrainedLoRA, TriggerNotFound,
                             TriggerRemover)
 from . import _comfy
 
@@ -89,16 +89,70 @@ def make_removers(clip, triggers: list[str]):
 
 
 def base_hash(model, keys) -> str:
+    """sha256 of the targeted base weights as this model computes them (its own patches included),
+    rounded to float16 so that the same checkpoint hashes alike whether it was loaded in float16
+    (a GPU) or float32 (the CPU)."""
     h = hashlib.sha256()
-    sd = model.model.state_dict()
     for k in keys:
         h.update(k.encode())
-        h.update(sd[k].detach().to("cpu", torch.float32).numpy().tobytes())
+        h.update(_comfy.base_weight(model, k).to(torch.float16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensor_hash(x: torch.Tensor) -> str:
+    h = hashlib.sha256(str(tuple(x.shape)).encode())
+    h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
 def state_path(lora_file: str) -> str:
     return lora_file[: -len(".safetensors")] + STATE_SUFFIX if lora_file.endswith(".safetensors") else lora_file + STATE_SUFFIX
+
+
+# What a resumed run must share with the run it continues, as (widget name, what it is). A
+# difference in any of them would make the continuation a different run than the one the saved
+# optimizer state and generator belong to, so resume refuses instead of silently mixing them
+# (set resume_from to none to start afresh). Free to change: steps (the step count to reach, not
+# below the saved one), gradient_checkpointing (same values, other memory/time trade-off),
+# preview_every.
+RESUME_FIELDS = (
+    ("rank", "rank"), ("alpha", "alpha"), ("target_layers", "adapted layers"), ("optimizer", "optimizer"),
+    ("learning_rate", "learning rate"), ("batch_size", "batch size"), ("grad_accumulation", "gradient accumulation"),
+    ("lambda_cat", "lambda_cat"), ("seed", "seed"), ("training_dtype", "training dtype"), ("captions", "captions"),
+    ("trigger", "triggers"), ("images/latents", "training data (sha256 of the latents)"),
+    ("model", "base model (sha256 of the adapted weights)"),
+)
+
+
+def _short(v):
+    if isinstance(v, list):
+        return f"{len(v)} items" if len(v) > 3 else json.dumps(v)
+    if isinstance(v, str) and len(v) == 64:
+        return v[:12] + "…"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def check_resume(state: dict, run: dict, name: str, steps: int):
+    """Refuse to resume ``name``'s saved state with settings that differ from the saved run's."""
+    saved = state.get("run")
+    if not isinstance(saved, dict):
+        raise _comfy.NodeError(NODE, f"field 'resume_from': '{name}' was saved without its run settings (by an "
+                                     "older version of this pack), so a resume cannot be checked; set resume_from "
+                                     "to none to start a new run")
+    for field, what in RESUME_FIELDS:
+        if saved.get(field) != run[field]:
+            if field == "target_layers":
+                differ = sorted(set(saved.get(field) or []) ^ set(run[field]))
+                detail = (f"the run in '{name}' adapted {len(saved.get(field) or [])} layers, this run "
+                          f"{len(run[field])} ({len(differ)} differ, e.g. {differ[0] if differ else '?'})")
+            else:
+                detail = f"the run in '{name}' used {_short(saved.get(field))}, this run {_short(run[field])}"
+            raise _comfy.NodeError(NODE, f"field '{field}' ({what}): {detail}. A resumed run continues the saved "
+                                         "one and needs the same settings: set it back, or set resume_from to none "
+                                         "to start a new run")
+    if steps < int(state["step"]):
+        raise _comfy.NodeError(NODE, f"field 'steps': the run in '{name}' is already at step {state['step']}; "
+                                     f"set steps to {state['step']} or more to continue it")
 
 
 def load_resume_state(name: str) -> dict:
@@ -107,7 +161,15 @@ def load_resume_state(name: str) -> dict:
     if not os.path.isfile(side):
         raise _comfy.NodeError(NODE, f"field 'resume_from': '{name}' has no optimizer-state sidecar "
                                      f"({os.path.basename(side)}); save with save_state on to resume")
-    return torch.load(side, map_location="cpu", weights_only=True)
+    meta = _comfy.safetensors_metadata(NODE, name, path)
+    if meta.get("loraclr_state_sha256") != _comfy.file_sha256(side):
+        raise _comfy.NodeError(NODE, f"field 'resume_from': the sidecar {os.path.basename(side)} does not belong to "
+                                     f"'{name}' (it was written with another save of that name); save the run "
+                                     "again with save_state on to resume it")
+    try:
+        return torch.load(side, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _comfy.NodeError(NODE, f"field 'resume_from': could not read {side}: {e}") from e
 
 
 def loss_plot(history) -> torch.Tensor:
@@ -146,6 +208,10 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
     captions = parse_captions(captions, n)
     if lambda_cat > 0 and not triggers:
         raise _comfy.NodeError(NODE, "field 'trigger' is empty: the CAT term needs the trigger to remove")
+    if optimizer not in OPTIMIZERS:
+        raise _comfy.NodeError(NODE, f"field 'optimizer' must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    if training_dtype not in DTYPES:
+        raise _comfy.NodeError(NODE, f"field 'training_dtype' must be one of {list(DTYPES)}, got {training_dtype!r}")
     keys = target_keys(model, target_layers, layer_pattern)
     conds = torch.cat([_comfy.encode_prompt(clip, c) for c in captions])
     neutral = None
@@ -163,22 +229,27 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
                       grad_accumulation=grad_accumulation, lambda_cat=lambda_cat, seed=seed, dtype=training_dtype)
     shapes = _comfy.model_weight_shapes(model)
     stems = _comfy.inverse_key_map(model, None, "kohya")
+    base_sha = base_hash(model, keys)
+    run = {"rank": rank, "alpha": float(alpha), "target_layers": keys, "optimizer": optimizer,
+           "learning_rate": learning_rate, "batch_size": batch_size, "grad_accumulation": grad_accumulation,
+           "lambda_cat": lambda_cat, "seed": seed, "training_dtype": training_dtype, "captions": captions,
+           "trigger": list(triggers), "images/latents": tensor_hash(latents), "model": base_sha}
     with torch.inference_mode(False), torch.enable_grad():
         # loaded here so its tensors (optimizer moments) are normal tensors that can be updated in place
-        state = load_resume_state(resume_from) if resume_from and resume_from != "none" else None
+        state = None
+        if resume_from and resume_from != "none":
+            state = load_resume_state(resume_from)
+            check_resume(state, run, resume_from, steps)
         gen = torch.Generator().manual_seed(seed)
         adapters = {k: LoRAWeight(shapes[k], rank, alpha, generator=gen) for k in keys}
-        if state is not None:
-            missing = sorted({k.split("::")[0] for k in state["adapters"]} ^ set(keys))
-            if missing:
-                raise _comfy.NodeError(NODE, f"field 'resume_from': its layers differ from this run's target layers "
-                                             f"({len(missing)} differ, e.g. {missing[0]})")
-        mp = _comfy.attach_weight_wrappers(model, adapters)
-        predict = _comfy.NativePrediction(mp)
+        # the model computes in float32 whatever dtype ComfyUI stores it in (float16 on most GPUs);
+        # bfloat16/float16 training lowers the precision of the passes with autocast on top
+        mp = _comfy.attach_weight_wrappers(model, adapters, compute_dtype=torch.float32)
+        predict = _comfy.NativePrediction(mp, compute_dtype=torch.float32)
         cfg.num_timesteps = predict.num_timesteps
         trainer = CATTrainer(AdapterSet(adapters), predict, predict.add_noise, predict.target, latents.clone(),
                              conds.clone(), None if neutral is None else neutral.clone(), cfg,
-                             device_type=_comfy.training_device().type)
+                             device_type=predict.device.type)
         if state is not None:
             trainer.load_state(state)
         remaining = max(0, steps - trainer.step_count)
@@ -192,12 +263,14 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
                 progress.step()
                 if preview_every > 0 and vae is not None and rec.step % preview_every == 0:
                     progress.preview(_comfy.preview_sample(mp, vae, conds[:1], (1, *latents.shape[1:]), seed=seed))
-        factors = {k: (a.up.detach().float().clone(), a.down.detach().float().clone()) for k, a in adapters.items()}
+        factors = {k: (a.up.detach().to("cpu", torch.float32).clone(), a.down.detach().to("cpu", torch.float32).clone())
+                   for k, a in adapters.items()}
         final_state = trainer.state()
+        final_state["run"] = run
     history = [h for h in final_state["history"]]
     trained = TrainedLoRA(factors=factors, shapes={k: shapes[k] for k in keys}, rank=rank, alpha=float(alpha),
                           stems={k: stems.get(k) for k in keys}, triggers=list(triggers), lambda_cat=lambda_cat,
-                          steps=trainer.step_count, base_sha256=base_hash(model, keys), config=cfg.as_dict(),
+                          steps=trainer.step_count, base_sha256=base_sha, config=cfg.as_dict(),
                           history=history, state=final_state)
     return _comfy.patch_model(model, trained.deltas(), 1.0), trained
 
@@ -213,45 +286,81 @@ class TrainCATLoRA(io.ComfyNode):
             description="Trains a concept LoRA on the MODEL with the CAT term, which keeps the model's prediction on "
                         "the caption without the trigger equal to the base model's.",
             inputs=[
-                io.Model.Input("model", tooltip="The base model to train on (SD1.5/SDXL-style ε- or v-prediction)."),
-                io.Clip.Input("clip", tooltip="Text encoder for the captions (not trained)."),
+                io.Model.Input("model", tooltip="The base model to train the LoRA on (SD1.5/SDXL-style, ε- or "
+                                                "v-prediction). It is not changed: the MODEL output is a copy with the "
+                                                "trained LoRA applied."),
+                io.Clip.Input("clip", tooltip="Text encoder that turns the captions (and, for the CAT term, the "
+                                              "captions without the trigger) into conditioning. Not trained."),
                 io.String.Input("captions", multiline=True, default="photo of sks",
-                                tooltip="One caption per image (one line each), or a single caption for all."),
+                                tooltip="One caption per training image, one per line in image order, or a single "
+                                        "line used for every image. With lambda_cat > 0 every caption must contain "
+                                        "the trigger."),
                 io.String.Input("trigger", default="sks",
-                                tooltip="The trigger word(s) in the captions, comma-separated. The CAT term uses each "
-                                        "caption with the trigger removed on token ids."),
-                io.Int.Input("rank", default=1, min=1, max=1024, tooltip="LoRA rank (the CAT paper uses 1)."),
+                                tooltip="The word(s) naming the concept in the captions; several: comma-separated. "
+                                        "The CAT term uses each caption with every trigger occurrence removed on "
+                                        "token ids, with brackets around it ('<sks>') and a comma, semicolon or "
+                                        "colon after it; the rest of the caption keeps its tokens."),
+                io.Int.Input("rank", default=1, min=1, max=1024,
+                             tooltip="LoRA rank r: the inner size of the two factors of every adapted layer (the "
+                                     "CAT paper uses 1). Higher: more capacity, bigger file."),
                 io.Float.Input("alpha", default=1.0, min=0.0, max=4096.0, step=0.5,
-                               tooltip="LoRA alpha: the update is scaled by alpha / rank."),
+                               tooltip="LoRA alpha: each layer's update is up·down × alpha / rank (alpha = rank gives "
+                                       "scale 1). Saved in the file, so LoRA loaders apply the same scale."),
                 io.Combo.Input("target_layers", options=list(TARGETS), default="attention",
-                               tooltip="attention: every attention projection (q, k, v, out), as in the paper. "
-                                       "all_linear: every linear layer of the UNet. all: every linear and conv layer."),
+                               tooltip="Which UNet layers get an adapter. attention: every attention projection (q, "
+                                       "k, v, out), as in the paper. all_linear: every linear layer. all: every "
+                                       "linear and convolution layer. Ignored when layer_pattern is set."),
                 io.String.Input("layer_pattern", default="",
-                                tooltip="Optional regular expression on layer keys; overrides target_layers."),
+                                tooltip="Optional regular expression searched in the UNet's weight keys (e.g. "
+                                        "'attn2\\.to_[kv]'); when set, every matching linear or convolution "
+                                        "weight is adapted instead of target_layers."),
                 io.Int.Input("steps", default=d.steps, min=1, max=1000000,
-                             tooltip="Total optimizer steps (when resuming: the step count to reach)."),
+                             tooltip="Optimizer steps to train. When resuming: the total step count to reach, not "
+                                     "the number of extra steps."),
                 io.Float.Input("learning_rate", default=d.learning_rate, min=0.0, max=1.0, step=1e-6,
-                               tooltip="Learning rate."),
-                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW", tooltip="Optimizer."),
-                io.Int.Input("batch_size", default=1, min=1, max=1024, tooltip="Images per micro-batch."),
+                               tooltip="Step size of the optimizer (the CAT paper: 1e-4 with AdamW)."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW",
+                               tooltip="AdamW (torch's defaults: betas 0.9/0.999, weight decay 0.01), Adam (no "
+                                       "weight decay) or SGD (no momentum)."),
+                io.Int.Input("batch_size", default=1, min=1, max=1024,
+                             tooltip="Images per micro-batch, drawn at random (with replacement) from the training "
+                                     "images; each gets its own timestep and noise."),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
-                             tooltip="Micro-batches whose gradients are summed per optimizer step."),
+                             tooltip="Micro-batches per optimizer step; their gradients are averaged, so one step "
+                                     "sees batch_size × grad_accumulation images."),
                 io.Float.Input("lambda_cat", default=d.lambda_cat, min=0.0, max=100.0, step=0.01,
-                               tooltip="Weight of the CAT term; 0 is plain LoRA training."),
+                               tooltip="Weight of the CAT term, which keeps the LoRA model's prediction on each "
+                                       "caption without the trigger equal to the base model's. 0: plain LoRA "
+                                       "training (captions then need not contain the trigger)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Seed for the LoRA init and for image, timestep and noise sampling."),
-                io.Combo.Input("training_dtype", options=["float32", "bfloat16"], default="float32",
-                               tooltip="Autocast precision of the forward/backward passes (adapters stay float32)."),
+                             tooltip="Seed of every random draw of the run: the LoRA's initial down factors, the "
+                                     "images, timesteps and noise of every step, and the noise of the preview "
+                                     "images. Same seed and settings: the same LoRA."),
+                io.Combo.Input("training_dtype", options=list(DTYPES), default="float32",
+                               tooltip="Precision of the UNet's forward and backward passes. float32: every layer "
+                                       "computes in float32 (a UNet stored in float16 is upcast). bfloat16 / "
+                                       "float16: autocast (faster on GPUs, less memory); float16 also scales the "
+                                       "loss so gradients do not underflow. The LoRA and optimizer stay float32."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
-                                 tooltip="Recompute blocks in the backward pass: less memory, about a third more time."),
+                                 tooltip="Recompute each UNet block's activations in the backward pass instead of "
+                                         "keeping them: less memory, about a third more time, same result."),
                 io.Combo.Input("resume_from", options=["none"] + _comfy.lora_names(), default="none",
-                               tooltip="Continue a run saved by Save CAT LoRA with its optimizer state."),
+                               tooltip="Continue a run saved by Save CAT LoRA (save_state on) up to 'steps', exactly "
+                                       "as if it had not stopped. Every other setting, the captions, trigger, "
+                                       "training data and base model must be those of the saved run (only steps, "
+                                       "gradient_checkpointing and preview_every may change); otherwise the node "
+                                       "stops with an error naming the field. none: start a new run."),
                 io.Int.Input("preview_every", default=0, min=0, max=100000,
-                             tooltip="Every N steps, sample the first caption with the LoRA so far and show it on "
-                                     "the node (needs the vae); 0 = off."),
-                io.Vae.Input("vae", optional=True, tooltip="Encodes the training images (needed with 'images')."),
-                io.Image.Input("images", optional=True, tooltip="Training images (a batch)."),
-                io.Latent.Input("latents", optional=True, tooltip="Training latents, instead of images."),
+                             tooltip="Every N steps, sample the first caption with the LoRA so far (8 Euler steps "
+                                     "from the seed's noise, no CFG), decode it with the vae and show it on the "
+                                     "node; 0 = off. Does not change the training."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Encodes the training 'images' into latents and decodes the preview images."),
+                io.Image.Input("images", optional=True,
+                               tooltip="Training images (an IMAGE batch), encoded with the vae. Give images or "
+                                       "latents."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Training latents (e.g. from VAE Encode), used instead of images."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), TRAINED.Output(display_name="lora"),
                      io.String.Output(display_name="loss_history"), io.Int.Output(display_name="steps"),
@@ -312,15 +421,20 @@ class SaveCATLoRA(io.ComfyNode):
             is_output_node=True,
             description="Saves a trained LoRA as a standard kohya-key file in the loras folder (+ optimizer state to resume).",
             inputs=[
-                TRAINED.Input("lora", tooltip="From Train CAT LoRA."),
+                TRAINED.Input("lora", tooltip="The trained LoRA (the 'lora' output of Train CAT LoRA)."),
                 io.String.Input("filename", default="loraclr/cat_{trigger}",
-                                tooltip="File name inside the loras folder; {trigger} and {steps} are filled in."),
+                                tooltip="File name inside the loras folder (sub-folders allowed, .safetensors "
+                                        "added); {trigger} and {steps} are filled in."),
                 io.Combo.Input("dtype", options=["float16", "bfloat16", "float32"], default="float16",
-                               tooltip="Storage precision of the LoRA factors."),
+                               tooltip="Storage precision of the LoRA factors in the file (float32 keeps them "
+                                       "exactly as trained; the optimizer state is always float32)."),
                 io.Combo.Input("if_exists", options=["increment", "error", "overwrite"], default="increment",
-                               tooltip="What to do when the file exists."),
+                               tooltip="When the file exists: increment adds _00001, _00002, … to the name; error "
+                                       "stops; overwrite replaces the file and its sidecar."),
                 io.Boolean.Input("save_state", default=True,
-                                 tooltip="Also write the optimizer state (a sidecar file) so a run can be resumed exactly."),
+                                 tooltip="Also write the run's optimizer state, generator and settings to a sidecar "
+                                         "file (<name>.loraclr-state, not listed by LoRA loaders) so Train CAT LoRA "
+                                         "can resume it exactly."),
             ],
             outputs=[io.String.Output(display_name="lora_name")],
         )
@@ -341,17 +455,21 @@ class SaveCATLoRA(io.ComfyNode):
             "loraclr_steps": str(lora.steps), "loraclr_base_model_sha256": lora.base_sha256,
             "loraclr_training": json.dumps(lora.config),
         }
-        side = state_path(path) if save_state else None
-        if side:
+        side = state_path(path)
+        if save_state:
             buf = _io.BytesIO()
             torch.save(lora.state, buf)
+            # the LoRA names its sidecar's hash, so a resume can tell a sidecar left by another save
+            meta["loraclr_state_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
             _comfy.atomic_write_bytes(side, buf.getvalue())
         try:
             _comfy.atomic_save_safetensors(tensors, path, meta)
         except BaseException:
-            if side and os.path.exists(side):
+            if save_state and os.path.exists(side):
                 os.remove(side)  # no sidecar without its LoRA
             raise
+        if not save_state and os.path.exists(side):
+            os.remove(side)  # an overwritten LoRA's old sidecar belongs to another run
         return io.NodeOutput(rel, ui=ui.PreviewText(f"saved {rel} ({len(lora.factors)} layers, step {lora.steps})\nfile: {path}"))
 
 

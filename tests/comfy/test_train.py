@@ -175,3 +175,25 @@ def test_preview_images_every_n_steps(micro, pack):
     assert [v for v, _ in previews] == [2, 4]
     fmt, image, size = previews[0][1]
     assert fmt == "JPEG" and image.size == (64, 64)
+
+
+def test_overwriting_without_state_leaves_no_stale_sidecar(micro, pack, loras_tmp):
+    """A LoRA overwritten without its optimizer state must not keep the previous run's sidecar,
+    which a resume would otherwise pick up as if it belonged to the new file."""
+    sub, path = loras_tmp
+    _, one, _, _, _ = _train(pack, micro, steps=1)
+    name = pack.SaveCATLoRA.execute(one, f"{sub}/x", "float32", "error", True).result[0]
+    assert sorted(os.listdir(path)) == ["x.loraclr-state", "x.safetensors"]
+    _, two, _, _, _ = _train(pack, micro, steps=2)
+    pack.SaveCATLoRA.execute(two, f"{sub}/x", "float32", "overwrite", False)
+    assert sorted(os.listdir(path)) == ["x.safetensors"]
+    with pytest.raises(ValueError, match=r"\[Train CAT LoRA\] field 'resume_from'.*no optimizer-state sidecar"):
+        _train(pack, micro, steps=3, resume_from=name)
+
+
+def test_gradient_checkpointing_gives_the_same_result(micro, pack):
+    _, plain, hist, _, _ = _train(pack, micro, steps=2)
+    _, ckpt, hist_ckpt, _, _ = _train(pack, micro, steps=2, gradient_checkpointing=True)
+    assert hist_ckpt == hist
+    for k, (up, down) in plain.factors.items():
+        assert torch.equal(ckpt.factors[k][0], up) and torch.equal(ckpt.factors[k][1], down), k
