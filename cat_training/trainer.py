@@ -7,7 +7,7 @@ One step (per micro-batch):
     L_cat  = D( f_{θ+LoRA}(x_t, t, c_noT), sg f_θ(x_t, t, c_noT) )
     L      = L_diff + λ_cat · L_cat
 
-D is the mean squared error in the model's native prediction space (ε for SD1.5/SDXL, like the
+D is the mean squared error in the model's native prediction space (ε for SD1.5, like the
 original CAT code; v for v-prediction models). f_θ is the same model with every adapter bypassed,
 evaluated under no_grad: there is no second copy of the model. Both adapter passes run as one
 batch (the caption and the neutral caption side by side), which fills a GPU better than two

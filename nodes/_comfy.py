@@ -443,7 +443,7 @@ def training_device(patcher=None):
 
 
 class NativePrediction:
-    """The diffusion model's own output (ε for SD1.5/SDXL, v for v-prediction models) at a
+    """The diffusion model's own output (ε for SD1.5, v for v-prediction models) at a
     discrete training timestep, and the matching target and noisy latent."""
 
     def __init__(self, patcher, compute_dtype=None):

@@ -204,6 +204,7 @@ def loss_plot(history) -> torch.Tensor:
 def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target_layers, layer_pattern, steps,
                    learning_rate, optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype,
                    gradient_checkpointing, resume_from="none", node_id=None, preview_every=0, vae=None):
+    _comfy.check_sampling_support(NODE, model, what="training", supported="SD1.5-family models are supported")
     n = latents.shape[0]
     captions = parse_captions(captions, n)
     if lambda_cat > 0 and not triggers:
@@ -286,7 +287,7 @@ class TrainCATLoRA(io.ComfyNode):
             description="Trains a concept LoRA on the MODEL with the CAT term, which keeps the model's prediction on "
                         "the caption without the trigger equal to the base model's.",
             inputs=[
-                io.Model.Input("model", tooltip="The base model to train the LoRA on (SD1.5/SDXL-style, ε- or "
+                io.Model.Input("model", tooltip="The base model to train the LoRA on (SD1.5-family, ε- or "
                                                 "v-prediction). It is not changed: the MODEL output is a copy with the "
                                                 "trained LoRA applied."),
                 io.Clip.Input("clip", tooltip="Text encoder that turns the captions (and, for the CAT term, the "
@@ -332,7 +333,7 @@ class TrainCATLoRA(io.ComfyNode):
                                tooltip="Weight of the CAT term, which keeps the LoRA model's prediction on each "
                                        "caption without the trigger equal to the base model's. 0: plain LoRA "
                                        "training (captions then need not contain the trigger)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate="fixed",
                              tooltip="Seed of every random draw of the run: the LoRA's initial down factors, the "
                                      "images, timesteps and noise of every step, and the noise of the preview "
                                      "images. Same seed and settings: the same LoRA."),
@@ -486,7 +487,8 @@ class SpriteDataset(io.ComfyNode):
                 io.Int.Input("width", default=256, min=64, max=2048, step=8, tooltip="Image width."),
                 io.Int.Input("height", default=256, min=64, max=2048, step=8, tooltip="Image height."),
                 io.String.Input("trigger", default="sks", tooltip="Trigger word used in the captions."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the scenes and placements."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate="fixed",
+                             tooltip="Seed of the scenes and placements."),
                 io.Int.Input("variant", default=0, min=0, max=2, tooltip="Which sprite (colour scheme): "
                                                                          "different variants are different concepts."),
             ],

@@ -16,6 +16,7 @@ class StubServer:
     def __init__(self):
         self.client_id = None
         self.last_node_id = None
+        self.last_prompt_id = None
         self.sockets_metadata = {}
         self.messages = []
 
@@ -32,15 +33,21 @@ class PromptError(RuntimeError):
         self.details = details
 
 
+def register_pack():
+    """Make the pack's nodes known to ComfyUI's node table, as ComfyUI does for custom_nodes."""
+    import nodes
+
+    from comfyui_loraclr import nodes as pack_nodes
+
+    for cls in pack_nodes.NODE_CLASSES:
+        nodes.NODE_CLASS_MAPPINGS.setdefault(cls.define_schema().node_id, cls)
+
+
 class Executor:
     def __init__(self):
         import execution
-        import nodes
 
-        from comfyui_loraclr import nodes as pack_nodes
-
-        for cls in pack_nodes.NODE_CLASSES:
-            nodes.NODE_CLASS_MAPPINGS.setdefault(cls.define_schema().node_id, cls)
+        register_pack()
         self.server = StubServer()
         self.executor = execution.PromptExecutor(self.server, cache_args={"lru": 0, "ram": 0})
 

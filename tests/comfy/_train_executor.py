@@ -3,32 +3,9 @@ as the server does: every node's execute runs under torch.inference_mode(), outp
 between prompts of one executor, and errors come back as execution_error messages."""
 import uuid
 
+from _executor import StubServer, register_pack
+
 MICRO = "loraclr_micro_sd15.safetensors"
-
-
-class StubServer:
-    """What PromptExecutor needs of a PromptServer: it records the messages it is sent."""
-
-    def __init__(self):
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.messages = []
-
-    def send_sync(self, event, data, sid=None):
-        self.messages.append((event, data))
-
-    def queue_updated(self):
-        pass
-
-
-def register_pack():
-    """Make the pack's nodes known to ComfyUI's node table, as ComfyUI does for custom_nodes."""
-    import nodes
-    from comfyui_loraclr.nodes import NODE_CLASSES
-
-    for cls in NODE_CLASSES:
-        nodes.NODE_CLASS_MAPPINGS.setdefault(cls.define_schema().node_id, cls)
 
 
 def new_executor():

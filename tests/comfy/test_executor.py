@@ -148,6 +148,11 @@ def test_spatial_stage_refuses_models_that_need_a_pooled_vector(comfy_env):
     model = comfy.model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(_comfy.NodeError, match=r"Collect LoRA Activations.*SDXL.*pooled"):
         collect_stage(model, None, [Concept(lora=TEST_LORAS[0], prompts=("a sks",))], "spatial")
+    from comfyui_loraclr.nodes.train import train_cat_lora
+
+    with pytest.raises(_comfy.NodeError, match=r"Train CAT LoRA.*SDXL.*pooled.*training"):
+        train_cat_lora(model, None, torch.zeros(1, 4, 8, 8), "a sks", ["sks"], 1, 1.0, "attention", "", 1, 1e-4,
+                       "AdamW", 1, 1, 1.0, 0, "float32", False)
 
 
 def _interrupt_after(n_updates, target):
