@@ -1,5 +1,6 @@
 """LoRACLR in pure torch: activation statistics, the contrastive objective, solvers, baselines
 and low-rank export. Nothing here imports ComfyUI, so scripts and other UIs can use it alone."""
+from . import metrics
 from .export import low_rank_factors
 from .objective import Problem, distance_matrix, loraclr_objective
 from .solvers import (METHODS, MergeConfig, MergeResult, average_merge, least_squares_merge, merge_layer,

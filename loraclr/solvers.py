@@ -95,7 +95,8 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
     b = cfg.lambda_reg
     if a <= 0:
         return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
-    if problem.form == "rows":
+    rows_total = problem.N * problem.rows
+    if problem.form == "rows" and rows_total <= problem.in_features:
         # in the row space: with X (all rows, float64) and K = XXᵀ = UΛUᵀ, ΣG_i = XᵀX has the same
         # non-zero eigenvalues and ΔW(μ) = Rᵀ U (Λ + μ)⁻¹ Uᵀ X lies in the span of the rows, so the
         # null space of ΣG_i (most of it when rows < inputs) cannot pick up rounding
@@ -109,14 +110,20 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
         def solve(mu, keep):
             return (RU * torch.where(keep, 1.0 / (lam + mu), torch.zeros_like(lam))) @ (U.T @ X)
     else:
-        G = problem.G_sum.to(torch.float64)
-        E = problem.E_diag_sum.to(torch.float64)  # (in, out)
+        if problem.form == "rows":  # more rows than inputs: ΣG_i and Σ E_ii from the rows in float64
+            X = problem.X_exact.to(torch.float64).reshape(-1, problem.in_features)
+            G = X.T @ X
+            E = X.T @ problem.R.to(torch.float64).reshape(-1, problem.out_features)
+            rcond = 1e-12
+        else:
+            G = problem.G_sum.to(torch.float64)
+            E = problem.E_diag_sum.to(torch.float64)  # (in, out)
+            # statistics summed in float32 carry rounding of about 1e-7 of their largest eigenvalue:
+            # directions below 1e-6 of it are not determined by the data and stay at ΔW = 0
+            rcond = 1e-12 if problem.G.dtype == torch.float64 else 1e-6
         lam, V = torch.linalg.eigh(G)
         M = E.T @ V  # (out, in) in the eigenbasis
         cn = M.pow(2).sum(0)
-        # statistics summed in float32 carry rounding of about 1e-7 of their largest eigenvalue:
-        # directions below 1e-6 of it are not determined by the data and stay at ΔW = 0
-        rcond = 1e-12 if problem.G.dtype == torch.float64 else 1e-6
 
         def solve(mu, keep):
             return (M * torch.where(keep, 1.0 / (lam + mu), torch.zeros_like(lam))) @ V.T
