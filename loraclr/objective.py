@@ -62,8 +62,11 @@ class Problem:
             X, Y = _fresh(stats.X.to(acc)), _fresh(stats.Y.to(acc))
             B = X @ W0.T  # base outputs X_i W0ᵀ
             R = Y - B  # each concept's own residual target
-            # ||Y_j − B_i||² from the differences themselves (no cancellation of large sums)
-            tt = torch.stack([(Y - B[i]).to(torch.float64).pow(2).sum((1, 2)) for i in range(self.N)])
+            # ||Y_j − B_i||² = ||B_i||² + ||Y_j||² − 2⟨B_i, Y_j⟩ in float64, where the float32 values
+            # are exact and the cancellation costs 1e-16 of ||Y||², not the 1e-7 of float32
+            Yd, Bd = Y.reshape(self.N, -1).to(torch.float64), B.reshape(self.N, -1).to(torch.float64)
+            tt = Bd.pow(2).sum(1)[:, None] + Yd.pow(2).sum(1)[None, :] - 2 * Bd @ Yd.T
+            tt.diagonal().copy_(R.to(torch.float64).pow(2).sum((1, 2)))  # the own-concept term directly
             self.X = _fresh(X.to(dt))
             self.X_exact = X  # the rows at full precision (the closed-form solves use them)
             self.Y, self.B, self.R = Y, B, R

@@ -14,6 +14,9 @@ from .stats import LayerStats
 
 METHODS = ("loraclr", "sum", "average", "least_squares")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# the least ridge of the hinge-free solve on float32 sums, relative to ΣG_i's largest eigenvalue:
+# the rounding level of those sums, below which the data does not determine ΔW
+FLOAT32_RIDGE_FLOOR = 1e-7
 
 
 @dataclass
@@ -80,13 +83,16 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
     (s = the normalisation scale, or 1) and b = λ_reg. Its stationary point solves
     ΔW (ΣG_i + μI) = Σ_i E_iiᵀ with μ = b / (2a ||ΔW||), a ridge solution whose ridge is fixed by a
     one-dimensional equation: μ·||ΔW(μ)|| increases monotonically in μ, so it is found by bisection
-    on one eigen-decomposition (of XXᵀ over the stacked rows in the rows form, of ΣG_i in the Gram
-    form), to relative precision 1e-13 in μ. No ridge floor is imposed (``cfg.ridge`` belongs to
-    the least-squares baseline). The only approximation: directions in which ΣG_i is below the
-    precision of the statistics (eigenvalues under 1e-12 of the largest for float64 rows or
-    statistics, 1e-6 for Gram sums accumulated in float32) are not determined by the data and
-    stay at ΔW = 0. Tolerance of the certificate: at the result the gradient of the hinge-free
-    objective is at the level of float32 rounding of ΔW (tested: below 1e-6 of its size at ΔW = 0).
+    on one eigen-decomposition (of XXᵀ over the stacked rows when there are fewer rows than
+    inputs, else of ΣG_i), to relative precision 1e-13 in μ. ``cfg.ridge`` belongs to the
+    least-squares baseline and is not used here. Approximations, all at the data's own precision:
+    directions with eigenvalues under 1e-12 of the largest are null and stay at ΔW = 0; and where
+    ΣG_i was summed in float32 (many rows), μ is held at least at FLOAT32_RIDGE_FLOOR (1e-7) of
+    the largest eigenvalue, the rounding level of that sum, below which the data does not
+    determine ΔW. Tolerance of the certificate: with float64 data or fewer rows than inputs the
+    gradient of the hinge-free objective at the result is at the level of float32 rounding of ΔW
+    (tested at the default settings: below 1e-6 of its size at ΔW = 0); with float32 sums it is at
+    most FLOAT32_RIDGE_FLOOR · λ_max · ||ΔW|| larger.
     With λ_reg = 0 the result is the minimum-norm least-squares fit.
     When no hinge is active at this point, it is the global minimum of the full objective (the
     hinge terms are non-negative and vanish there)."""
@@ -105,22 +111,18 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
         lam, U = torch.linalg.eigh(X @ X.T)
         RU = R.T @ U  # (out, rows)
         cn = lam.clamp_min(0) * RU.pow(2).sum(0)  # squared norm of each eigen-component of Σ_i E_iiᵀ
-        rcond = 1e-12  # float64 products of the rows
+        rcond, floor = 1e-12, 0.0  # float64 products of the rows
 
         def solve(mu, keep):
             return (RU * torch.where(keep, 1.0 / (lam + mu), torch.zeros_like(lam))) @ (U.T @ X)
     else:
-        if problem.form == "rows":  # more rows than inputs: ΣG_i and Σ E_ii from the rows in float64
-            X = problem.X_exact.to(torch.float64).reshape(-1, problem.in_features)
-            G = X.T @ X
-            E = X.T @ problem.R.to(torch.float64).reshape(-1, problem.out_features)
-            rcond = 1e-12
-        else:
-            G = problem.G_sum.to(torch.float64)
-            E = problem.E_diag_sum.to(torch.float64)  # (in, out)
-            # statistics summed in float32 carry rounding of about 1e-7 of their largest eigenvalue:
-            # directions below 1e-6 of it are not determined by the data and stay at ΔW = 0
-            rcond = 1e-12 if problem.G.dtype == torch.float64 else 1e-6
+        # more rows than inputs (rows form) or Gram statistics: ΣG_i and Σ E_ii as summed in the
+        # problem. Sums in float32 carry rounding of about 1e-7 of their largest eigenvalue, so
+        # below that level the data does not determine ΔW: there the ridge is held at that level
+        G = problem.G_sum.to(torch.float64)
+        E = problem.E_diag_sum.to(torch.float64)  # (in, out)
+        floor = 0.0 if problem.G_sum.dtype == torch.float64 else FLOAT32_RIDGE_FLOOR
+        rcond = 1e-12
         lam, V = torch.linalg.eigh(G)
         M = E.T @ V  # (out, in) in the eigenbasis
         cn = M.pow(2).sum(0)
@@ -128,12 +130,13 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
         def solve(mu, keep):
             return (M * torch.where(keep, 1.0 / (lam + mu), torch.zeros_like(lam))) @ V.T
     top = float(lam.abs().max().clamp_min(1e-300))
+    floor = floor * top
     keep = lam > rcond * top
     lam = torch.where(keep, lam, torch.ones_like(lam))  # values outside ``keep`` are never used
     cn = torch.where(keep, cn, torch.zeros_like(cn))
     target = b / (2 * a)
     if target <= 0:  # no norm penalty: the minimum-norm least-squares fit
-        return solve(0.0, keep)
+        return solve(floor, keep)
     if float(torch.sqrt(cn.sum())) <= target:  # the norm penalty wins: ΔW = 0 (0 is in the subgradient)
         return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
 
@@ -148,7 +151,7 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
         lo, hi = (mid, hi) if scaled_norm(mid) < target else (lo, mid)
         if lo > 0 and hi - lo <= 1e-13 * hi:
             break
-    return solve(0.5 * (lo + hi), keep)
+    return solve(max(0.5 * (lo + hi), floor), keep)
 
 
 def least_squares_merge(W0, stats: LayerStats, ridge: float = 1e-4, problem: Problem | None = None) -> torch.Tensor:
