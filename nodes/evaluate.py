@@ -56,6 +56,7 @@ class LoRACLREvaluate(io.ComfyNode):
             outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="table"),
                      io.String.Output(display_name="json")],
             hidden=[io.Hidden.unique_id],
+            is_output_node=True,  # a measurement ends a graph: queuing it runs it
         )
 
     @classmethod
