@@ -576,6 +576,11 @@ def encode_images(vae, images) -> torch.Tensor:
     return vae.encode(images[:, :, :, :3]).to("cpu", torch.float32)
 
 
+def decode_latents(model, vae, x: torch.Tensor) -> torch.Tensor:
+    """Latents in the model's own space decoded by ``vae`` into a ComfyUI IMAGE (B, H, W, 3), on the CPU."""
+    return vae.decode(model.model.process_latent_out(x)).clamp(0, 1).to("cpu", torch.float32)
+
+
 def model_latents(model, vae_latents: torch.Tensor) -> torch.Tensor:
     """VAE latents in the diffusion model's own latent space (the scaling ComfyUI's samplers apply
     before the model sees a latent, e.g. × 0.18215 for SD1.5)."""

@@ -38,9 +38,11 @@ class LoRACLREvaluate(io.ComfyNode):
                              tooltip="Seed of the probe noise (and of the probe latents without images); concept i "
                                      "uses seed + i. Keep it fixed to compare models on the same probes."),
                 io.Int.Input("probe_width", default=512, min=64, max=4096, step=8,
-                             tooltip="Without reference images: width in pixels of the seeded probe latents."),
+                             tooltip="Width in pixels of the seeded probe latents (used without reference images) "
+                                     "and of the images generated for CLIP alignment."),
                 io.Int.Input("probe_height", default=512, min=64, max=4096, step=8,
-                             tooltip="Without reference images: height in pixels of the seeded probe latents."),
+                             tooltip="Height in pixels of the seeded probe latents (used without reference images) "
+                                     "and of the images generated for CLIP alignment."),
                 io.Int.Input("probe_count", default=2, min=1, max=256,
                              tooltip="Without reference images: seeded probe latents per concept."),
                 io.Int.Input("images_per_concept", default=1, min=1, max=256,
@@ -51,7 +53,20 @@ class LoRACLREvaluate(io.ComfyNode):
                                tooltip="Optional held-out reference images of the concepts (not trained on), "
                                        "images_per_concept per concept, in the concepts' order. Needed for "
                                        "retention, which compares denoising losses against the true noise."),
-                io.Vae.Input("vae", optional=True, tooltip="Encodes the reference images (needed with 'images')."),
+                io.Vae.Input("vae", optional=True, tooltip="Encodes the reference images (needed with 'images') and "
+                                                           "decodes the images generated for CLIP alignment."),
+                io.String.Input("clip_model_name", default="", optional=True,
+                                tooltip="Optional CLIP alignment of generated images: an open_clip model name (e.g. "
+                                        "ViT-L-14; needs the open_clip_torch package). Empty: skipped."),
+                io.String.Input("clip_weights", default="", optional=True,
+                                tooltip="The open_clip model's local weights file: an absolute path or a file in the "
+                                        "clip_vision models folder. Nothing is downloaded; a missing file is an error "
+                                        "naming it. Empty (with an empty model name): skipped."),
+                io.Int.Input("clip_samples", default=1, min=1, max=64, optional=True,
+                             tooltip="CLIP alignment: images generated per concept prompt, by the evaluated model and "
+                                     "by the concept's own LoRA model at equal seeds (seed, seed+1, ...)."),
+                io.Int.Input("clip_steps", default=20, min=1, max=200, optional=True,
+                             tooltip="CLIP alignment: Euler sampling steps (conditional prediction, no CFG) per image."),
             ],
             outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="table"),
                      io.String.Output(display_name="json")],
@@ -61,11 +76,13 @@ class LoRACLREvaluate(io.ComfyNode):
 
     @classmethod
     def execute(cls, base_model, base_clip, model, clip, concepts, kp_prompts, timesteps, seed, probe_width,
-                probe_height, probe_count, images_per_concept, images=None, vae=None):
+                probe_height, probe_count, images_per_concept, images=None, vae=None, clip_model_name="",
+                clip_weights="", clip_samples=1, clip_steps=20):
         result = evaluation.evaluate(
             base_model, base_clip, model, clip, concepts, images, vae, images_per_concept,
             evaluation.parse_kp_prompts(kp_prompts), evaluation.parse_timesteps(timesteps), seed,
             evaluation.probe_shape(base_model, probe_count, probe_width, probe_height),
-            _comfy.Progress(len(concepts or ()) + 1, _comfy.node_id(cls)))
+            _comfy.Progress(len(concepts or ()) + 1, _comfy.node_id(cls)), clip_model_name, clip_weights,
+            clip_samples, clip_steps)
         text = evaluation.format_report(result)
         return io.NodeOutput(text, evaluation.table_image(result), evaluation.to_json(result), ui=ui.PreviewText(text))

@@ -220,9 +220,10 @@ def cat_train_two_then_merge() -> dict:
 
 
 def _evaluate_widgets(images_per_concept=2):
-    # kp_prompts, timesteps, seed (+ its control value), probe_width, probe_height, probe_count, images_per_concept
+    # kp_prompts, timesteps, seed (+ its control value), probe_width, probe_height, probe_count, images_per_concept;
     kp = "a photo of a person\na photo of a dog\na landscape painting of mountains at sunset\na red car parked on a city street"
-    return [kp, "100, 300, 500, 700, 900", 0, "fixed", 512, 512, 2, images_per_concept]
+    # then the optional CLIP alignment widgets: clip_model_name, clip_weights (empty: skipped), clip_samples, clip_steps
+    return [kp, "100, 300, 500, 700, 900", 0, "fixed", 512, 512, 2, images_per_concept, "", "", 1, 20]
 
 
 def merge_then_evaluate() -> dict:

@@ -162,3 +162,72 @@ def test_without_images_fidelity_and_kp_are_measured_and_retention_is_absent(exe
     assert a["fidelity"] == pytest.approx(0.0, abs=1e-5) and res["knowledge_preservation"] > 0
     assert res["settings"]["probes"] == "seeded latents" and res["settings"]["probe_latent_shape"] == [4, 8, 8]
     assert "needs reference images" in out["10"][0][0]
+
+
+TINY_CLIP = "loraclr-test-tiny-clip"
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory):
+    """A small randomly initialised open_clip model (registered under its own name) and its weights file."""
+    import open_clip
+
+    d = tmp_path_factory.mktemp("open_clip")
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (d / f"{TINY_CLIP}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(d / f"{TINY_CLIP}.json"))
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_CLIP)
+    path = d / "tiny_clip.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def test_clip_alignment_of_generated_images(executor, tiny_open_clip):
+    """Concept A's LoRA model scored with a random open_clip model: its images equal its own LoRA's at
+    equal seeds (image alignment 1), and the text alignment equals the cosine recomputed here from an
+    image made by the stock KSampler (Euler, cfg 1, same seed and steps) and VAEDecode."""
+    import open_clip
+    from PIL import Image
+
+    prompt = base_graph()
+    prompt["10"] = evaluate_inputs(["5", 0], ["5", 1], ["2", 0], per_concept=2, clip_model_name=TINY_CLIP,
+                                   clip_weights=tiny_open_clip, clip_samples=1, clip_steps=3)
+    prompt.update({
+        "20": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["5", 1], "text": "photo of a sks"}},
+        "21": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "22": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "positive": ["20", 0], "negative": ["20", 0],
+                                                    "latent_image": ["21", 0], "seed": SEED, "steps": 3, "cfg": 1.0,
+                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "23": {"class_type": "VAEDecode", "inputs": {"samples": ["22", 0], "vae": ["1", 2]}},
+    })
+    out = executor.run(prompt, outputs=["10", "23"])
+    res = json.loads(out["10"][2][0])
+    (a,) = res["concepts"]
+    assert a["clip_image_alignment"] == pytest.approx(1.0, abs=1e-5)
+    assert a["clip_text_alignment"] == pytest.approx(a["clip_text_alignment_lora"], abs=1e-6)
+    assert -1 <= a["clip_image_alignment_ref"] <= 1 and a["clip_image_alignment_ref"] != pytest.approx(1.0, abs=1e-3)
+    assert res["settings"]["clip"]["model"] == TINY_CLIP and "CLIP text alignment" in out["10"][0][0]
+
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP, pretrained=tiny_open_clip)
+    image = out["23"][0][0][0]
+    pixels = (image.clamp(0, 1).numpy() * 255).round().astype("uint8")
+    with torch.no_grad():
+        f_img = model.encode_image(preprocess(Image.fromarray(pixels))[None])
+        f_txt = model.encode_text(open_clip.get_tokenizer(TINY_CLIP)(["photo of a"]))  # trigger removed
+    expected = float(torch.nn.functional.cosine_similarity(f_img, f_txt))
+    assert a["clip_text_alignment"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_clip_alignment_names_the_missing_weights_file(executor, tiny_open_clip):
+    prompt = base_graph()
+    prompt["10"] = evaluate_inputs(["5", 0], ["5", 1], ["2", 0], per_concept=2, clip_model_name=TINY_CLIP,
+                                   clip_weights="/nonexistent/open_clip_pytorch_model.bin")
+    with pytest.raises(PromptError, match=r"\[LoRACLR Evaluate\] field 'clip_weights'.*"
+                                          r"'/nonexistent/open_clip_pytorch_model.bin' is not on this machine"):
+        executor.run(prompt, outputs=["10"])
+    prompt["10"] = evaluate_inputs(["5", 0], ["5", 1], ["2", 0], per_concept=2, clip_model_name="no-such-clip",
+                                   clip_weights=tiny_open_clip)
+    with pytest.raises(PromptError, match=r"field 'clip_model_name': open_clip has no model 'no-such-clip'"):
+        executor.run(prompt, outputs=["10"])
