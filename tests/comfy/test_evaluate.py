@@ -217,7 +217,8 @@ def test_clip_alignment_of_generated_images(executor, tiny_open_clip):
         f_img = model.encode_image(preprocess(Image.fromarray(pixels))[None])
         f_txt = model.encode_text(open_clip.get_tokenizer(TINY_CLIP)(["photo of a"]))  # trigger removed
     expected = float(torch.nn.functional.cosine_similarity(f_img, f_txt))
-    assert a["clip_text_alignment"] == pytest.approx(expected, abs=1e-3)
+    # the same image, bit for bit on the CPU; a sample at another seed moves this by about 1e-4
+    assert a["clip_text_alignment"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_clip_alignment_names_the_missing_weights_file(executor, tiny_open_clip):
