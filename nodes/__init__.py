@@ -1,8 +1,10 @@
 """Thin ComfyUI nodes: widgets in, one library call, outputs out."""
 from .apply import LoRACLRApply, LoRACLRSave
 from .collect import LoRACLRCollect, LoRACLRConcept
+from .evaluate import LoRACLREvaluate
 from .train import SaveCATLoRA, SpriteDataset, TrainCATLoRA
 from .merge import LoRACLRMerge, LoRACLRMergeAllStages, LoRACLRSweepValues
 
 NODE_CLASSES = [LoRACLRConcept, LoRACLRCollect, LoRACLRMerge, LoRACLRApply, LoRACLRSave, LoRACLRMergeAllStages,
-                LoRACLRSweepValues, TrainCATLoRA, SaveCATLoRA, SpriteDataset]
+                LoRACLRSweepValues, TrainCATLoRA, SaveCATLoRA, SpriteDataset,
+                LoRACLREvaluate]

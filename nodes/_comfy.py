@@ -446,7 +446,7 @@ class NativePrediction:
     """The diffusion model's own output (ε for SD1.5, v for v-prediction models) at a
     discrete training timestep, and the matching target and noisy latent."""
 
-    def __init__(self, patcher, compute_dtype=None):
+    def __init__(self, patcher, compute_dtype=None, node: str = "Train CAT LoRA"):
         import comfy.model_sampling as ms_mod
 
         self.patcher = patcher
@@ -461,7 +461,7 @@ class NativePrediction:
         elif isinstance(self.ms, ms_mod.EPS) and type(self.ms).calculate_denoised is ms_mod.EPS.calculate_denoised:
             self.kind = "eps"
         else:
-            raise NodeError("Train CAT LoRA", f"unsupported model prediction type {type(self.ms).__name__} "
+            raise NodeError(node, f"unsupported model prediction type {type(self.ms).__name__} "
                                               "(ε- and v-prediction models are supported)")
         self.sigmas = self.ms.sigmas.detach().to("cpu", torch.float32).clone()
         self.num_timesteps = len(self.sigmas)
@@ -574,6 +574,17 @@ def encode_tokens(clip, tokens) -> torch.Tensor:
 
 def encode_images(vae, images) -> torch.Tensor:
     return vae.encode(images[:, :, :, :3]).to("cpu", torch.float32)
+
+
+def decode_latents(model, vae, x: torch.Tensor) -> torch.Tensor:
+    """Latents in the model's own space decoded by ``vae`` into a ComfyUI IMAGE (B, H, W, 3), on the CPU."""
+    return vae.decode(model.model.process_latent_out(x)).clamp(0, 1).to("cpu", torch.float32)
+
+
+def model_latents(model, vae_latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents in the diffusion model's own latent space (the scaling ComfyUI's samplers apply
+    before the model sees a latent, e.g. × 0.18215 for SD1.5)."""
+    return model.model.process_latent_in(vae_latents).to("cpu", torch.float32)
 
 
 @torch.no_grad()

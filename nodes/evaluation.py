@@ -14,6 +14,9 @@ for the merged models' own predictions.
 """
 from __future__ import annotations
 
+import json
+import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +41,7 @@ def make_probes(model, latents: torch.Tensor | None, timesteps=DEFAULT_TIMESTEPS
                 shape=(2, 4, 32, 32)) -> Probes:
     """Every latent at every timestep, with noise from a generator seeded by ``seed``.
     ``latents`` None: ``shape[0]`` seeded Gaussian latents of ``shape``."""
-    pred = _comfy.NativePrediction(model)
+    pred = _comfy.NativePrediction(model, node=NODE)
     g = torch.Generator().manual_seed(seed)
     has_images = latents is not None
     if latents is None:
@@ -46,7 +49,7 @@ def make_probes(model, latents: torch.Tensor | None, timesteps=DEFAULT_TIMESTEPS
     latents = latents.to("cpu", torch.float32)
     ts = [int(t) for t in timesteps]
     if any(t < 0 or t >= pred.num_timesteps for t in ts):
-        raise _comfy.NodeError(NODE, f"timesteps must lie in [0, {pred.num_timesteps}), got {ts}")
+        raise _comfy.NodeError(NODE, f"field 'timesteps': every timestep must lie in [0, {pred.num_timesteps}), got {ts}")
     x0 = latents.repeat_interleave(len(ts), 0)
     t = torch.tensor(ts, dtype=torch.long).repeat(latents.shape[0])
     noise = torch.randn(x0.shape, generator=g)
@@ -58,7 +61,7 @@ def predict(patcher, probes: Probes, conds: torch.Tensor, batch: int = 8) -> tor
     """Predictions of ``patcher`` (its patches applied) for every prompt's conditioning in
     ``conds`` (P, tokens, width) on every probe: (P, n, C, H, W), float32 on the CPU."""
     _comfy.load_patched(patcher)
-    pred = _comfy.NativePrediction(patcher)
+    pred = _comfy.NativePrediction(patcher, node=NODE)
     out = []
     for c in conds:
         rows = []
@@ -157,3 +160,240 @@ def score(model, clip, refs: References) -> dict:
            "retention": metrics.summary([r["retention"] for r in rows if r["retention"] is not None]),
            "fidelity": metrics.summary([r["fidelity"] for r in rows])}
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the Evaluate node's glue: parsing its fields, the whole evaluation, and its three outputs
+
+DEFAULT_KP_PROMPTS = ("a photo of a person", "a photo of a dog", "a landscape painting of mountains at sunset",
+                      "a red car parked on a city street")
+
+
+def parse_timesteps(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in str(text).replace(";", ",").replace("\n", ",").split(",") if p.strip()]
+    try:
+        ts = tuple(int(p) for p in parts)
+    except ValueError as e:
+        raise _comfy.NodeError(NODE, f"field 'timesteps' must be whole numbers separated by commas, got "
+                                     f"{text!r}") from e
+    if not ts:
+        raise _comfy.NodeError(NODE, "field 'timesteps' is empty: give e.g. '100, 300, 500, 700, 900'")
+    return ts
+
+
+def parse_kp_prompts(text: str) -> tuple[str, ...]:
+    return tuple(ln.strip() for ln in str(text).splitlines() if ln.strip())
+
+
+def reference_latents(model, vae, images, images_per_concept: int, n_concepts: int):
+    """Per concept, its reference images (``images_per_concept`` consecutive images of the batch,
+    in the concepts' order) encoded by ``vae`` into the model's latent space; None without images."""
+    if images is None:
+        return None
+    need = images_per_concept * n_concepts
+    if images.shape[0] != need:
+        raise _comfy.NodeError(NODE, f"field 'images' holds {images.shape[0]} images, but images_per_concept "
+                                     f"{images_per_concept} × {n_concepts} concepts needs {need}")
+    if vae is None:
+        raise _comfy.NodeError(NODE, "field 'vae' is needed to encode the reference 'images'")
+    lat = _comfy.model_latents(model, _comfy.encode_images(vae, images))
+    return list(lat.split(images_per_concept))
+
+
+@torch.no_grad()
+def generate(patcher, clip, vae, prompts, seed: int, per_prompt: int, steps: int, shape) -> torch.Tensor:
+    """Euler samples (conditional prediction, no CFG) of ``patcher`` for every prompt, ``per_prompt``
+    each with noise seeded ``seed + k`` (k = 0 .. per_prompt-1, the same for every prompt and model),
+    decoded by ``vae``: an IMAGE (len(prompts) × per_prompt, H, W, 3), prompt by prompt."""
+    conds = _encode(clip, prompts)
+    sigmas = _comfy.sampling_sigmas(patcher, steps)
+    latents = []
+    for c in conds:
+        for k in range(per_prompt):
+            _comfy.load_patched(patcher)
+            noise = torch.randn((1,) + tuple(shape[1:]), generator=torch.Generator().manual_seed(seed + k))
+            x = _comfy.initial_latent(patcher, noise, sigmas[0])
+            for i in range(steps):
+                den = _comfy.denoise(patcher, x, sigmas[i], c[None])
+                x = x + (x - den) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+            latents.append(x)
+    return _comfy.decode_latents(patcher, vae, torch.cat(latents))
+
+
+def clip_alignment_scores(base_model, base_clip, model, clip, concepts, vae, images, images_per_concept, settings,
+                          seed, shape, progress=None) -> list[dict]:
+    """Per concept, CLIP alignment (:mod:`.clip_alignment`) of the images ``model`` generates from the
+    concept's prompts, against the prompts, the concept's own LoRA model's images at equal seeds, and the
+    reference images when given."""
+    from . import clip_alignment
+
+    if vae is None:
+        raise _comfy.NodeError(NODE, "field 'vae' is needed to decode the generated images for CLIP alignment")
+    scorer = settings["scorer"]
+    refs = list(images.split(images_per_concept)) if images is not None else [None] * len(concepts)
+    rows = []
+    for c, ref in zip(concepts, refs):
+        m_i, c_i = concept_model(base_model, base_clip, c)
+        gen = generate(model, clip, vae, c.prompts, seed, settings["samples"], settings["steps"], shape)
+        gen_lora = generate(m_i, c_i, vae, c.prompts, seed, settings["samples"], settings["steps"], shape)
+        texts = [clip_alignment.without_trigger(p, c.trigger) for p in c.prompts]
+        rows.append(clip_alignment.alignment(scorer, gen, gen_lora, texts, settings["samples"], ref))
+        if progress:
+            progress.step()
+    return rows
+
+
+def load_clip_scorer(model_name: str, weights: str):
+    """The open_clip model for CLIP alignment, or None when both fields are empty (skipped)."""
+    model_name, weights = (model_name or "").strip(), (weights or "").strip()
+    if not model_name and not weights:
+        return None
+    if not model_name:
+        raise _comfy.NodeError(NODE, "field 'clip_model_name' is empty but 'clip_weights' is set: name the open_clip "
+                                     "model (e.g. ViT-L-14) or clear both to skip CLIP alignment")
+    if not weights:
+        raise _comfy.NodeError(NODE, f"field 'clip_weights' is empty: give the local weights file of open_clip model "
+                                     f"'{model_name}' (nothing is downloaded), or clear both fields")
+    from . import clip_alignment
+
+    return clip_alignment.OpenCLIP(model_name, weights)
+
+
+def evaluate(base_model, base_clip, model, clip, concepts, images=None, vae=None, images_per_concept=1,
+             kp_prompts=DEFAULT_KP_PROMPTS, timesteps=DEFAULT_TIMESTEPS, seed=0, shape=(2, 4, 64, 64),
+             progress=None, clip_model_name="", clip_weights="", clip_samples=1, clip_steps=20) -> dict:
+    """References from the base model and each concept's LoRA on it, then ``model``/``clip`` scored
+    against them (:func:`score`), with the settings used; with an open_clip model, also the CLIP
+    alignment of generated images (:func:`clip_alignment_scores`)."""
+    if not concepts:
+        raise _comfy.NodeError(NODE, "input 'concepts' is empty")
+    for m, field_name in ((base_model, "base_model"), (model, "model")):
+        _comfy.check_sampling_support(NODE, m, what=f"evaluation ('{field_name}')",
+                                      supported="SD1.5-family models are supported")
+    latents = reference_latents(base_model, vae, images, images_per_concept, len(concepts))
+    scorer = load_clip_scorer(clip_model_name, clip_weights)  # fails before any long work
+    if progress and scorer is not None:
+        progress.set_total(2 * len(concepts) + 1)
+    refs = references(base_model, base_clip, concepts, latents, kp_prompts, timesteps, seed, shape, progress)
+    result = score(model, clip, refs)
+    if progress:
+        progress.step()
+    if scorer is not None:
+        settings = {"scorer": scorer, "samples": clip_samples, "steps": clip_steps}
+        rows = clip_alignment_scores(base_model, base_clip, model, clip, concepts, vae, images, images_per_concept,
+                                     settings, seed, shape, progress)
+        for r, a in zip(result["concepts"], rows):
+            r.update(a)
+        for k in ("clip_text_alignment", "clip_image_alignment", "clip_image_alignment_ref"):
+            vals = [r[k] for r in rows if r[k] is not None]
+            result[k] = metrics.summary(vals) if vals else None
+    _comfy.load_patched(base_model)
+    result["settings"] = {"timesteps": list(timesteps), "seed": seed, "kp_prompts": list(kp_prompts),
+                          "probes": ("reference images" if latents is not None else "seeded latents"),
+                          "probe_latent_shape": list(latents[0].shape[1:] if latents is not None else shape[1:]),
+                          "probes_per_concept": (images_per_concept if latents is not None else shape[0])}
+    if scorer is not None:
+        result["settings"]["clip"] = {"model": scorer.name, "weights": os.path.basename(scorer.path),
+                                      "samples_per_prompt": clip_samples, "steps": clip_steps,
+                                      "sample_latent_shape": list(shape[1:])}
+    return result
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.4g}"
+
+
+def _summary_text(s: dict) -> str:
+    if not s or not s.get("n"):
+        return "-"
+    extra = f", {s['non_finite']} not finite" if s.get("non_finite") else ""
+    return f"mean {_fmt(s['mean'])} ± {_fmt(s['std'])} (min {_fmt(s['min'])}, max {_fmt(s['max'])}, n {s['n']}{extra})"
+
+
+COLUMNS = ("concept", "loss_base", "loss_lora", "loss", "retention", "fidelity", "kp_lora")
+
+
+def format_report(result: dict) -> str:
+    st = result["settings"]
+    lines = [f"{NODE}: {len(result['concepts'])} concepts, timesteps {st['timesteps']}, seed {st['seed']}, "
+             f"probes: {st['probes']} ({st['probes_per_concept']} per concept, latent {st['probe_latent_shape']})"]
+    for r in result["concepts"]:
+        lines.append(f"{r['concept']}: loss base {_fmt(r['loss_base'])}  lora {_fmt(r['loss_lora'])}  "
+                     f"model {_fmt(r['loss'])}  retention {_fmt(r['retention'])}  fidelity {_fmt(r['fidelity'])}"
+                     + (f"  kp of its LoRA alone {_fmt(r['kp_lora'])}" if r["kp_lora"] is not None else "")
+                     + (f"  CLIP text {_fmt(r['clip_text_alignment'])} (its LoRA {_fmt(r['clip_text_alignment_lora'])})"
+                        f"  image vs LoRA {_fmt(r['clip_image_alignment'])}  vs references "
+                        f"{_fmt(r['clip_image_alignment_ref'])}" if "clip_text_alignment" in r else ""))
+    if result["retention"]["n"] or result["retention"]["non_finite"]:
+        lines.append(f"retention (1 keeps what the LoRA learned, 0 nothing): {_summary_text(result['retention'])}")
+    else:
+        lines.append("retention: needs reference images (wire 'images' and 'vae')")
+    lines.append(f"fidelity (0 = the concept's own LoRA, 1 = as far as the base): {_summary_text(result['fidelity'])}")
+    for k, what in (("clip_text_alignment", "CLIP text alignment (cosine, image vs prompt without trigger)"),
+                    ("clip_image_alignment", "CLIP image alignment vs the concept's own LoRA at equal seeds"),
+                    ("clip_image_alignment_ref", "CLIP image alignment vs the reference images")):
+        if result.get(k):
+            lines.append(f"{what}: {_summary_text(result[k])}")
+    kp = result["knowledge_preservation"]
+    lines.append("knowledge preservation (0 = base untouched): "
+                 + (f"model {_fmt(kp)} on {len(st['kp_prompts'])} prompts" if kp is not None else "no prompts given"))
+    return "\n".join(lines)
+
+
+def table_image(result: dict) -> torch.Tensor:
+    """The per-concept table and the summaries as a ComfyUI IMAGE tensor (1, H, W, 3)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    widths = (170, 90, 90, 90, 90, 90, 90)
+    row_h, pad = 20, 12
+    extra = ["retention: " + _summary_text(result["retention"]), "fidelity: " + _summary_text(result["fidelity"]),
+             "knowledge preservation (model): " + _fmt(result["knowledge_preservation"])]
+    extra += [f"{k.replace('_', ' ')}: {_summary_text(result[k])}" for k in
+              ("clip_text_alignment", "clip_image_alignment", "clip_image_alignment_ref") if result.get(k)]
+    w = pad * 2 + sum(widths)
+    h = pad * 2 + row_h * (len(result["concepts"]) + 1 + len(extra)) + 8
+    img = Image.new("RGB", (w, h), (24, 24, 24))
+    d = ImageDraw.Draw(img)
+
+    def row(y, cells, color):
+        x = pad
+        for cell, cw in zip(cells, widths):
+            d.text((x + 4, y + 4), cell, fill=color)
+            x += cw
+
+    row(pad, COLUMNS, (144, 202, 249))
+    for i, r in enumerate(result["concepts"]):
+        y = pad + row_h * (i + 1)
+        if i % 2 == 0:
+            d.rectangle([pad, y, w - pad, y + row_h - 1], fill=(36, 36, 36))
+        row(y, [str(r["concept"])[:24]] + [_fmt(r[c]) for c in COLUMNS[1:]], (230, 230, 230))
+    y = pad + row_h * (len(result["concepts"]) + 1) + 8
+    d.line([pad, y - 4, w - pad, y - 4], fill=(90, 90, 90))
+    for i, text in enumerate(extra):
+        d.text((pad + 4, y + row_h * i + 4), text, fill=(255, 183, 77))
+    return torch.from_numpy(np.asarray(img).astype("float32") / 255.0)[None]
+
+
+def _json_safe(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def to_json(result: dict) -> str:
+    """Standard JSON (a value that is not finite, e.g. retention of a LoRA that learned nothing,
+    is written as null)."""
+    return json.dumps(_json_safe(result), indent=1)
+
+
+def probe_shape(model, count: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """Shape of ``count`` seeded probe latents for ``width`` × ``height`` pixel images."""
+    down = int(getattr(model.model.latent_format, "spacial_downscale_ratio", 8))
+    return (count, _comfy.latent_channels(model), max(1, height // down), max(1, width // down))

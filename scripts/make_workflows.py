@@ -219,12 +219,55 @@ def cat_train_two_then_merge() -> dict:
     return g.to_json()
 
 
+def _evaluate_widgets(images_per_concept=2):
+    # kp_prompts, timesteps, seed (+ its control value), probe_width, probe_height, probe_count, images_per_concept;
+    kp = "a photo of a person\na photo of a dog\na landscape painting of mountains at sunset\na red car parked on a city street"
+    # then the optional CLIP alignment widgets: clip_model_name, clip_weights (empty: skipped), clip_samples, clip_steps
+    return [kp, "100, 300, 500, 700, 900", 0, "fixed", 512, 512, 2, images_per_concept, "", "", 1, 20]
+
+
+def merge_then_evaluate() -> dict:
+    """Two concept LoRAs merged with LoRACLR (cross-attention k/v), then LoRACLR Evaluate measures
+    how much of each concept the merged model keeps (retention, fidelity) and how far it moved the
+    base model on prompts without a trigger (knowledge preservation), on held-out reference images
+    (two per concept, in the concepts' order)."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", [MICRO], [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
+    prompts = "photo of a {}\na {} in a garden"
+    a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts, pos=(0, 200))
+    b = concept(g, "loraclr_test/concept_c_comfy.safetensors", "zwx", prompts, prev=a, pos=(0, 450))
+    coll = g.add("LoRACLRCollectActivations", ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed"],
+                 [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
+                 [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(400, 0))
+    merge = g.add("LoRACLRMerge", _merge_widgets(), [("activations", "LORACLR_ACTIVATIONS", (coll, 0))],
+                  [("merged", "LORACLR_DELTA"), ("report", "STRING")], pos=(760, 0), size=(340, 380))
+    apply = g.add("LoRACLRApplyDelta", [1.0, 1.0],
+                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("merged", "LORACLR_DELTA", (merge, 0))],
+                  [("MODEL", "MODEL"), ("CLIP", "CLIP")], pos=(1140, 0))
+    # reference images: stand-ins for each concept's held-out photos (replace with LoadImage + ImageBatch)
+    ref_a = g.add("LoRACLRSpriteDataset", [2, 128, 128, "sks", 100, "fixed", 0], [],
+                  [("images", "IMAGE"), ("captions", "STRING")], pos=(400, 450), title="Reference images: sks")
+    ref_b = g.add("LoRACLRSpriteDataset", [2, 128, 128, "zwx", 100, "fixed", 1], [],
+                  [("images", "IMAGE"), ("captions", "STRING")], pos=(400, 700), title="Reference images: zwx")
+    refs = g.add("ImageBatch", [], [("image1", "IMAGE", (ref_a, 0)), ("image2", "IMAGE", (ref_b, 0))],
+                 [("IMAGE", "IMAGE")], pos=(760, 450))
+    ev = g.add("LoRACLREvaluate", _evaluate_widgets(2),
+               [("base_model", "MODEL", (ckpt, 0)), ("base_clip", "CLIP", (ckpt, 1)), ("model", "MODEL", (apply, 0)),
+                ("clip", "CLIP", (apply, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0)), ("images", "IMAGE", (refs, 0)),
+                ("vae", "VAE", (ckpt, 2))],
+               [("report", "STRING"), ("table", "IMAGE"), ("json", "STRING")], pos=(1500, 0), size=(420, 520))
+    g.add("PreviewImage", [], [("images", "IMAGE", (ev, 1))], [], pos=(1960, 0), size=(700, 200))
+    g.add("PreviewAny", [], [("source", "*", (ev, 2))], [], pos=(1960, 260), size=(420, 400), title="Evaluation JSON")
+    return g.to_json()
+
+
 WORKFLOWS = {
     "loraclr_merge_two_concepts.json": merge_two_concepts,
     "loraclr_merge_three_concepts_all_stages.json": merge_three_concepts_all_stages,
     "loraclr_margin_sweep.json": margin_sweep,
     "cat_train_sprite.json": cat_train_sprite,
     "cat_train_two_then_merge.json": cat_train_two_then_merge,
+    "loraclr_merge_then_evaluate.json": merge_then_evaluate,
 }
 
 
