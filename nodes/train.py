@@ -381,6 +381,9 @@ class TrainCATLoRA(io.ComfyNode):
             x = _comfy.encode_images(vae, images)
         else:
             raise _comfy.NodeError(NODE, "give training 'images' (with a 'vae') or 'latents'")
+        # the model learns in its own latent space, where ComfyUI's samplers put every latent
+        # (SD1.5: the VAE's latents × 0.18215)
+        x = _comfy.model_latents(model, x)
         triggers = [t.strip() for t in trigger.split(",") if t.strip()]
         out_model, trained = train_cat_lora(model, clip, x, captions, triggers, rank, alpha, target_layers,
                                             layer_pattern, steps, learning_rate, optimizer, batch_size,

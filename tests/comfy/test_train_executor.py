@@ -9,11 +9,13 @@ CAPTION, NEUTRAL = "a photo of sks dog", "a photo of dog"
 
 
 def _sprite_latents(vae, count=2):
+    """The training images as the model sees them: VAE latents times SD1.5's latent scale factor
+    (what ComfyUI's samplers apply before the UNet sees a latent)."""
     from comfyui_loraclr.cat_training.sprites import sprite_dataset
 
     images, _ = sprite_dataset(count, 64, 64, "sks", 0, 0)
     with torch.inference_mode():
-        return vae.encode(images[:, :, :, :3]).float()
+        return vae.encode(images[:, :, :, :3]).float() * 0.18215
 
 
 def _eps(patcher, x0, noise, t, cond):
