@@ -1,0 +1,385 @@
+"""Evidence: does a merge keep each concept, and does CAT keep the base model's knowledge?
+
+Measured in the micro SD1.5 model's own output space (scripts/setup.sh makes the model), with
+the metrics of loraclr/metrics.py on fixed probes of each concept's held-out images
+(nodes/evaluation.py):
+
+1. Concepts: the twelve sprites of cat_training/sprites.py (each its own trigger and class word),
+   training images and held-out images from different seeds.
+2. Concept LoRAs trained by the pack's own Train CAT LoRA, every concept twice with the same
+   seeds and steps: plain (λ_cat = 0) and CAT (λ_cat = 1). Saved under loras/loraclr_evidence/ (the
+   quick run: loraclr_evidence_quick/) with
+   a stamp of the settings, so a re-run trains nothing.
+3. CAT against plain: each LoRA's held-out denoising loss against its knowledge preservation
+   (KP, lower is better) on class prompts and unrelated prompts without a trigger.
+4. Merges of the first N CAT concepts (N = 2, 5, 8, 12) with every method, for the
+   cross_attention preset and the full three-stage merge; mean and spread of retention and
+   fidelity over the concepts, and KP of the merged model.
+5. An ablation over margin and λ_reg (normalized LoRACLR, cross_attention, N = 5).
+
+    python bench/evidence.py [--comfy .comfyui] [--quick] [--out output/evidence]
+
+Writes results.json, retention_vs_n_<preset>.png and cat_vs_plain.png into --out and prints
+tables. Last line:
+evidence: n=<N> retention_sum=<a> retention_lsq=<b> retention_loraclr=<c> kp_cat_over_plain=<d>
+(means over the concepts of the full three-stage merge at default settings for the largest N;
+d = mean KP of the CAT LoRAs over mean KP of the plain LoRAs, trained with equal steps).
+``--quick`` (2 concepts, a few steps) also checks what must hold whatever the numbers: one concept
+merged with sum keeps retention 1 and fidelity 0; a LoRA merged with an identical copy keeps
+retention ≥ 0.99 with least_squares; a trained LoRA has retention > 0 against the base.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO = "loraclr_micro_sd15.safetensors"
+KP_PROMPTS_UNRELATED = ("a photo of a mountain lake", "a bowl of fruit on a table")
+
+FULL = dict(n_concepts=12, ns=(2, 5, 8, 12), train_images=8, heldout_images=2, size=64, steps=150, rank=4,
+            alpha=4.0, lr=1e-3, batch=2, collect_steps=20, timesteps=(100, 300, 500, 700, 900), ablation_n=5,
+            margins=(0.1, 0.5, 1.0, 2.0), lambda_regs=(0.001, 0.01, 0.1), sub="loraclr_evidence")
+QUICK = dict(n_concepts=2, ns=(2,), train_images=4, heldout_images=1, size=64, steps=12, rank=4, alpha=4.0,
+             lr=1e-3, batch=2, collect_steps=3, timesteps=(300, 700), ablation_n=2, margins=(0.5, 1.0),
+             lambda_regs=(0.001,), sub="loraclr_evidence_quick")
+
+# method variants: (label, preset-independent MergeConfig overrides)
+METHODS = (
+    ("sum", dict(method="sum")),
+    ("average", dict(method="average")),
+    ("least_squares", dict(method="least_squares")),
+    ("loraclr_official", dict(method="loraclr", warm_start=False, iterations=50)),
+    ("loraclr", dict(method="loraclr")),
+    ("loraclr_norm_m0.1", dict(method="loraclr", normalize=True, margin=0.1)),
+    ("loraclr_norm_m0.5", dict(method="loraclr", normalize=True, margin=0.5)),
+    ("loraclr_norm_m1", dict(method="loraclr", normalize=True, margin=1.0)),
+)
+
+
+def setup(comfy_path):
+    import types
+
+    sys.path.insert(0, comfy_path)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import nodes
+
+    if "comfyui_loraclr" not in sys.modules:
+        pkg = types.ModuleType("comfyui_loraclr")
+        pkg.__path__ = [ROOT]
+        sys.modules["comfyui_loraclr"] = pkg
+    import torch
+
+    with torch.inference_mode():  # as the loader node runs on a server
+        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(MICRO)[:3]
+    return model, clip, vae
+
+
+def _stamp(cfg, k, lam) -> str:
+    keys = ("train_images", "size", "steps", "rank", "alpha", "lr", "batch")
+    return json.dumps({"concept": k, "lambda_cat": lam, **{key: cfg[key] for key in keys}, "version": 1},
+                      sort_keys=True)
+
+
+def train_concepts(model, clip, vae, cfg, log):
+    """Both LoRAs of every concept through Train CAT LoRA / Save CAT LoRA (cached by stamp)."""
+    import folder_paths
+    import torch
+
+    import comfyui_loraclr.nodes as pack
+    from comfyui_loraclr.cat_training import sprites
+
+    folder = os.path.join(folder_paths.get_folder_paths("loras")[0], cfg["sub"])
+    os.makedirs(folder, exist_ok=True)
+    out = {}
+    for k in range(cfg["n_concepts"]):
+        images, captions = sprites.concept_dataset(k, cfg["train_images"], cfg["size"], cfg["size"], seed=0)
+        for variant, lam in (("plain", 0.0), ("cat", 1.0)):
+            name = f"{cfg['sub']}/{sprites.TRIGGERS[k]}_{variant}.safetensors"
+            path = os.path.join(folder, os.path.basename(name))
+            stamp = _stamp(cfg, k, lam)
+            if os.path.isfile(path) and os.path.isfile(path + ".stamp") and open(path + ".stamp").read() == stamp:
+                out[(k, variant)] = name
+                continue
+            t0 = time.time()
+            with torch.inference_mode():  # as the executor runs every node
+                res = pack.TrainCATLoRA.execute(model, clip, "\n".join(captions), sprites.TRIGGERS[k], cfg["rank"],
+                                                cfg["alpha"], "attention", "", cfg["steps"], cfg["lr"], "AdamW",
+                                                cfg["batch"], 1, lam, 0, "float32", False, "none", 0, vae=vae,
+                                                images=images)
+                pack.SaveCATLoRA.execute(res.result[1], name[: -len(".safetensors")], "float32", "overwrite", False)
+            with open(path + ".stamp", "w") as f:
+                f.write(stamp)
+            log(f"trained {name} in {time.time() - t0:.1f}s (last loss {json.loads(res.result[2])[-1]['loss']:.4f})")
+            out[(k, variant)] = name
+    return out
+
+
+def concept_objects(cfg, files, variant):
+    from comfyui_loraclr.cat_training import sprites
+    from comfyui_loraclr.loraclr.bundle import Concept
+
+    out = []
+    for k in range(cfg["n_concepts"]):
+        trig, cls = sprites.TRIGGERS[k], sprites.CONCEPTS[k][3]
+        out.append(Concept(lora=files[(k, variant)], trigger=trig,
+                           prompts=(f"a photo of {trig} {cls}", f"a photo of {trig} {cls} in a forest")))
+    return out
+
+
+def heldout_latents(model, vae, cfg):
+    import torch
+
+    from comfyui_loraclr.cat_training import sprites
+    from comfyui_loraclr.nodes import _comfy
+
+    out = []
+    with torch.inference_mode():
+        for k in range(cfg["n_concepts"]):
+            images, _ = sprites.concept_dataset(k, cfg["heldout_images"], cfg["size"], cfg["size"], seed=100)
+            out.append(_comfy.model_latents(model, _comfy.encode_images(vae, images)).clone())
+    return out
+
+
+def kp_prompts():
+    from comfyui_loraclr.cat_training import sprites
+
+    classes = sorted({c[3] for c in sprites.CONCEPTS})
+    return tuple(f"a photo of a {c}" for c in classes) + KP_PROMPTS_UNRELATED
+
+
+def subset(refs, n):
+    from comfyui_loraclr.nodes.evaluation import References
+
+    return References(refs.concepts[:n], refs.kp_prompts, refs.kp_probes, refs.kp_base, refs.info)
+
+
+def merge_and_score(model, clip, concepts, refs, preset, overrides, cfg):
+    import torch
+
+    from comfyui_loraclr.loraclr import MergeConfig
+    from comfyui_loraclr.nodes import evaluation
+    from comfyui_loraclr.nodes.merge import merge_all_stages
+
+    config = MergeConfig(**overrides)
+    with torch.inference_mode():
+        m, c, merged, _ = merge_all_stages(model, clip, concepts, preset, config, steps=cfg["collect_steps"],
+                                           record_steps=cfg["collect_steps"], width=cfg["size"], height=cfg["size"],
+                                           seed=0)
+        scores = evaluation.score(m, c, refs)
+    iters = sum(r["iterations"] for r in merged.report)
+    return scores, iters
+
+
+def fmt(s):
+    return "nan" if s is None or not math.isfinite(s) else f"{s:.3f}"
+
+
+def line_plot(path, title, series, xs, ylabel):
+    """A plain line chart with PIL: series = {label: [y per x]}."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 720, 420, 56
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    vals = [v for ys in series.values() for v in ys if v is not None and math.isfinite(v)]
+    lo, hi = (min(vals + [0.0]), max(vals + [1.0])) if vals else (0.0, 1.0)
+    span = (hi - lo) or 1.0
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+    def px(i, v):
+        x = pad + (i / max(1, len(xs) - 1)) * (w - 2 * pad - 150)
+        return x, h - pad - (v - lo) / span * (h - 2 * pad)
+
+    d.rectangle([pad, pad, w - pad - 150, h - pad], outline=(0, 0, 0))
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        v = lo + frac * span
+        y = h - pad - frac * (h - 2 * pad)
+        d.line([(pad - 4, y), (pad, y)], fill=(0, 0, 0))
+        d.text((4, y - 6), f"{v:.2f}", fill=(0, 0, 0))
+    for i, x in enumerate(xs):
+        d.text((px(i, lo)[0] - 4, h - pad + 6), str(x), fill=(0, 0, 0))
+    for n, (label, ys) in enumerate(series.items()):
+        col = colors[n % len(colors)]
+        pts = [px(i, v) for i, v in enumerate(ys) if v is not None and math.isfinite(v)]
+        if len(pts) > 1:
+            d.line(pts, fill=col, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
+        d.text((w - pad - 140, pad + 16 * n), label, fill=col)
+    d.text((pad, 12), title, fill=(0, 0, 0))
+    d.text((pad, 28), ylabel, fill=(80, 80, 80))
+    img.save(path)
+
+
+def scatter_plot(path, title, groups, xlabel, ylabel):
+    """groups = {label: [(x, y), ...]}."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 560, 420, 60
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    pts = [p for ps in groups.values() for p in ps if all(math.isfinite(v) for v in p)]
+    if not pts:
+        img.save(path)
+        return
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    sx, sy = (x1 - x0) or 1.0, (y1 - y0) or 1.0
+    d.rectangle([pad, pad, w - pad, h - pad], outline=(0, 0, 0))
+    for n, (label, ps) in enumerate(groups.items()):
+        col = ((31, 119, 180), (214, 39, 40))[n % 2]
+        for x, y in ps:
+            cx = pad + (x - x0) / sx * (w - 2 * pad)
+            cy = h - pad - (y - y0) / sy * (h - 2 * pad)
+            d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=col)
+        d.text((w - pad - 80, pad + 6 + 16 * n), label, fill=col)
+    d.text((pad, 12), title, fill=(0, 0, 0))
+    d.text((pad, h - pad + 24), f"{xlabel}: {x0:.4g} .. {x1:.4g}", fill=(0, 0, 0))
+    d.text((pad, 30), f"{ylabel}: {y0:.4g} .. {y1:.4g}", fill=(0, 0, 0))
+    img.save(path)
+
+
+def quick_checks(model, clip, cfg, files, refs_cat, log):
+    """What must hold whatever the numbers; raises on a failure."""
+    from comfyui_loraclr.loraclr.bundle import Concept
+
+    one = concept_objects(cfg, files, "cat")[:1]
+    s, _ = merge_and_score(model, clip, one, subset(refs_cat, 1), "all", dict(method="sum"), cfg)
+    r, f = s["concepts"][0]["retention"], s["concepts"][0]["fidelity"]
+    log(f"check: one concept, sum: retention {r:.6f}, fidelity {f:.2e}")
+    assert abs(r - 1) < 1e-5 and f < 1e-5, (r, f)
+    c0 = one[0]
+    twin = [c0, Concept(lora=c0.lora, trigger=c0.trigger, prompts=c0.prompts)]
+    refs2 = subset(refs_cat, 1)
+    refs2.concepts = [refs_cat.concepts[0], refs_cat.concepts[0]]
+    s, _ = merge_and_score(model, clip, twin, refs2, "all", dict(method="least_squares"), cfg)
+    r = min(c["retention"] for c in s["concepts"])
+    log(f"check: a LoRA and its identical copy, least_squares: retention {r:.4f}")
+    assert r >= 0.99, r
+    for ref in refs_cat.concepts:
+        log(f"check: {ref.label} trained LoRA against the base: held-out loss {ref.loss_lora:.5f} "
+            f"< {ref.loss_base:.5f}")
+        assert ref.loss_lora < ref.loss_base, (ref.label, ref.loss_lora, ref.loss_base)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH") or os.path.join(ROOT, ".comfyui"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "output", "evidence"))
+    args = ap.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
+
+    import torch
+
+    torch.manual_seed(0)
+    model, clip, vae = setup(args.comfy)
+    from comfyui_loraclr.nodes import evaluation
+
+    files = train_concepts(model, clip, vae, cfg, log)
+    log("concept LoRAs ready")
+    latents = heldout_latents(model, vae, cfg)
+    kp = kp_prompts()
+    refs = {}
+    with torch.inference_mode():
+        for variant in ("plain", "cat"):
+            refs[variant] = evaluation.references(model, clip, concept_objects(cfg, files, variant), latents, kp,
+                                                  cfg["timesteps"], seed=0)
+    log("references ready")
+    results = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}, "kp_prompts": kp,
+               "cat_vs_plain": [], "merges": [], "ablation": []}
+
+    # CAT against plain
+    print("\nCAT against plain (held-out denoising loss of each LoRA alone; KP: lower keeps the base better)")
+    print("| concept | loss base | loss plain | loss CAT | KP plain | KP CAT |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for rp, rc in zip(refs["plain"].concepts, refs["cat"].concepts):
+        row = {"concept": rc.label, "loss_base": rc.loss_base, "loss_plain": rp.loss_lora, "loss_cat": rc.loss_lora,
+               "kp_plain": rp.kp_lora, "kp_cat": rc.kp_lora}
+        results["cat_vs_plain"].append(row)
+        print(f"| {rc.label} | {rc.loss_base:.4f} | {rp.loss_lora:.4f} | {rc.loss_lora:.4f} | {rp.kp_lora:.4g} | "
+              f"{rc.kp_lora:.4g} |")
+    kp_plain = sum(r["kp_plain"] for r in results["cat_vs_plain"]) / len(results["cat_vs_plain"])
+    kp_cat = sum(r["kp_cat"] for r in results["cat_vs_plain"]) / len(results["cat_vs_plain"])
+    scatter_plot(os.path.join(args.out, "cat_vs_plain.png"), "held-out loss of each LoRA vs KP (lower is better)",
+                 {"plain": [(r["kp_plain"], r["loss_plain"]) for r in results["cat_vs_plain"]],
+                  "CAT": [(r["kp_cat"], r["loss_cat"]) for r in results["cat_vs_plain"]]},
+                 "knowledge preservation", "held-out loss")
+
+    if args.quick:
+        quick_checks(model, clip, cfg, files, refs["cat"], log)
+
+    # merges
+    concepts = concept_objects(cfg, files, "cat")
+    for preset in ("cross_attention", "all"):
+        for n in cfg["ns"]:
+            for label, overrides in METHODS:
+                t0 = time.time()
+                s, iters = merge_and_score(model, clip, concepts[:n], subset(refs["cat"], n), preset, overrides, cfg)
+                row = {"preset": preset, "n": n, "method": label, "retention": s["retention"],
+                       "fidelity": s["fidelity"], "kp": s["knowledge_preservation"], "iterations": iters,
+                       "seconds": time.time() - t0, "concepts": s["concepts"]}
+                results["merges"].append(row)
+                log(f"{preset} n={n} {label}: retention {fmt(s['retention']['mean'])} ± "
+                    f"{fmt(s['retention']['std'])}, fidelity {fmt(s['fidelity']['mean'])} ± "
+                    f"{fmt(s['fidelity']['std'])}, KP {fmt(s['knowledge_preservation'])}, {iters} it")
+        line_plot(os.path.join(args.out, f"retention_vs_n_{preset}.png"), f"mean retention vs N ({preset})",
+                  {label: [next(r["retention"]["mean"] for r in results["merges"]
+                                if r["preset"] == preset and r["n"] == n and r["method"] == label)
+                           for n in cfg["ns"]] for label, _ in METHODS}, list(cfg["ns"]), "retention (1 keeps all)")
+
+    # ablation: margin and λ_reg (normalized distances, so the margin acts)
+    n = cfg["ablation_n"]
+    for margin in cfg["margins"]:
+        for lam_reg in cfg["lambda_regs"]:
+            s, iters = merge_and_score(model, clip, concepts[:n], subset(refs["cat"], n), "cross_attention",
+                                       dict(method="loraclr", normalize=True, margin=margin, lambda_reg=lam_reg), cfg)
+            results["ablation"].append({"n": n, "margin": margin, "lambda_reg": lam_reg,
+                                        "retention": s["retention"]["mean"], "fidelity": s["fidelity"]["mean"],
+                                        "kp": s["knowledge_preservation"], "iterations": iters})
+            log(f"ablation n={n} margin {margin} λ_reg {lam_reg}: retention {fmt(s['retention']['mean'])}, "
+                f"fidelity {fmt(s['fidelity']['mean'])}, {iters} it")
+
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+    for preset in ("cross_attention", "all"):
+        print(f"\nMerges, preset {preset}: retention mean ± std / fidelity mean ± std / KP (over concepts)")
+        print("| method | " + " | ".join(f"N={n}" for n in cfg["ns"]) + " |")
+        print("| --- | " + " | ".join("---" for _ in cfg["ns"]) + " |")
+        for label, _ in METHODS:
+            cells = []
+            for n in cfg["ns"]:
+                r = next(r for r in results["merges"] if r["preset"] == preset and r["n"] == n and r["method"] == label)
+                cells.append(f"{fmt(r['retention']['mean'])} ± {fmt(r['retention']['std'])} / "
+                             f"{fmt(r['fidelity']['mean'])} ± {fmt(r['fidelity']['std'])} / {r['kp']:.3g}")
+            print(f"| {label} | " + " | ".join(cells) + " |")
+    n_max = cfg["ns"][-1]
+
+    def final(label):
+        r = next(r for r in results["merges"] if r["preset"] == "all" and r["n"] == n_max and r["method"] == label)
+        return r["retention"]["mean"]
+
+    digest = hashlib.sha256(json.dumps(results["merges"], default=str).encode()).hexdigest()[:12]
+    log(f"done; results {os.path.join(args.out, 'results.json')} ({digest})")
+    print(f"evidence: n={n_max} retention_sum={final('sum'):.4f} retention_lsq={final('least_squares'):.4f} "
+          f"retention_loraclr={final('loraclr'):.4f} kp_cat_over_plain={kp_cat / kp_plain:.4f}")
+
+
+if __name__ == "__main__":
+    main()
