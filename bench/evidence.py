@@ -17,6 +17,9 @@ the metrics of loraclr/metrics.py on fixed probes of each concept's held-out ima
    fidelity over the concepts, and KP of the merged model.
 5. An ablation over margin and λ_reg (normalized LoRACLR, cross_attention, N = 5).
 
+The spatial stage samples 20 steps per concept and records 5 of them (evenly spread) to keep the
+first run within an hour on 2 CPU cores; the original method records all 20.
+
     python bench/evidence.py [--comfy .comfyui] [--quick] [--out output/evidence]
 
 Writes results.json, retention_vs_n_<preset>.png and cat_vs_plain.png into --out and prints
@@ -43,10 +46,11 @@ MICRO = "loraclr_micro_sd15.safetensors"
 KP_PROMPTS_UNRELATED = ("a photo of a mountain lake", "a bowl of fruit on a table")
 
 FULL = dict(n_concepts=12, ns=(2, 5, 8, 12), train_images=8, heldout_images=2, size=64, steps=150, rank=4,
-            alpha=4.0, lr=1e-3, batch=2, collect_steps=20, timesteps=(100, 300, 500, 700, 900), ablation_n=5,
+            alpha=4.0, lr=1e-3, batch=2, collect_steps=20, record_steps=5, timesteps=(100, 300, 500, 700, 900),
+            ablation_n=5,
             margins=(0.1, 0.5, 1.0, 2.0), lambda_regs=(0.001, 0.01, 0.1), sub="loraclr_evidence")
 QUICK = dict(n_concepts=2, ns=(2,), train_images=4, heldout_images=1, size=64, steps=12, rank=4, alpha=4.0,
-             lr=1e-3, batch=2, collect_steps=3, timesteps=(300, 700), ablation_n=2, margins=(0.5, 1.0),
+             lr=1e-3, batch=2, collect_steps=3, record_steps=3, timesteps=(300, 700), ablation_n=2, margins=(0.5, 1.0),
              lambda_regs=(0.001,), sub="loraclr_evidence_quick")
 
 # method variants: (label, preset-independent MergeConfig overrides)
@@ -172,7 +176,7 @@ def merge_and_score(model, clip, concepts, refs, preset, overrides, cfg):
     config = MergeConfig(**overrides)
     with torch.inference_mode():
         m, c, merged, _ = merge_all_stages(model, clip, concepts, preset, config, steps=cfg["collect_steps"],
-                                           record_steps=cfg["collect_steps"], width=cfg["size"], height=cfg["size"],
+                                           record_steps=cfg["record_steps"], width=cfg["size"], height=cfg["size"],
                                            seed=0)
         scores = evaluation.score(m, c, refs)
     iters = sum(r["iterations"] for r in merged.report)
