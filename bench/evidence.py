@@ -15,7 +15,9 @@ the metrics of loraclr/metrics.py on fixed probes of each concept's held-out ima
 4. Merges of the first N CAT concepts (N = 2, 5, 8, 12) with every method, for the
    cross_attention preset and the full three-stage merge; mean and spread of retention and
    fidelity over the concepts, and KP of the merged model.
-5. An ablation over margin and λ_reg (normalized LoRACLR, cross_attention, N = 5).
+5. Cross-attention rows: all 77 token rows of each prompt against only the trigger-token rows
+   (what the original method records), for least squares and LoRACLR.
+6. An ablation over margin and λ_reg (normalized LoRACLR, cross_attention, N = 5).
 
 The spatial stage samples 20 steps per concept and records 5 of them (evenly spread) to keep the
 first run within an hour on 2 CPU cores; the original method records all 20.
@@ -166,7 +168,7 @@ def subset(refs, n):
     return References(refs.concepts[:n], refs.kp_prompts, refs.kp_probes, refs.kp_base, refs.info)
 
 
-def merge_and_score(model, clip, concepts, refs, preset, overrides, cfg):
+def merge_and_score(model, clip, concepts, refs, preset, overrides, cfg, token_rows="all"):
     import torch
 
     from comfyui_loraclr.loraclr import MergeConfig
@@ -177,7 +179,7 @@ def merge_and_score(model, clip, concepts, refs, preset, overrides, cfg):
     with torch.inference_mode():
         m, c, merged, _ = merge_all_stages(model, clip, concepts, preset, config, steps=cfg["collect_steps"],
                                            record_steps=cfg["record_steps"], width=cfg["size"], height=cfg["size"],
-                                           seed=0)
+                                           seed=0, token_rows=token_rows)
         scores = evaluation.score(m, c, refs)
     iters = sum(r["iterations"] for r in merged.report)
     return scores, iters
@@ -347,6 +349,20 @@ def main(argv=None):
                                 if r["preset"] == preset and r["n"] == n and r["method"] == label)
                            for n in cfg["ns"]] for label, _ in METHODS}, list(cfg["ns"]), "retention (1 keeps all)")
 
+    # cross-attention rows: all 77 token rows of each prompt, or only the trigger-token rows
+    results["token_rows"] = []
+    for n in cfg["ns"]:
+        for label in ("least_squares", "loraclr_official", "loraclr"):
+            overrides = dict(METHODS)[label]
+            for rows in ("all", "trigger"):
+                s, iters = merge_and_score(model, clip, concepts[:n], subset(refs["cat"], n), "cross_attention",
+                                           overrides, cfg, token_rows=rows)
+                results["token_rows"].append({"n": n, "method": label, "token_rows": rows,
+                                              "retention": s["retention"], "fidelity": s["fidelity"],
+                                              "kp": s["knowledge_preservation"], "iterations": iters})
+                log(f"token rows {rows} n={n} {label}: retention {fmt(s['retention']['mean'])}, "
+                    f"fidelity {fmt(s['fidelity']['mean'])}, KP {fmt(s['knowledge_preservation'])}")
+
     # ablation: margin and λ_reg (normalized distances, so the margin acts)
     n = cfg["ablation_n"]
     for margin in cfg["margins"]:
@@ -373,6 +389,21 @@ def main(argv=None):
                 cells.append(f"{fmt(r['retention']['mean'])} ± {fmt(r['retention']['std'])} / "
                              f"{fmt(r['fidelity']['mean'])} ± {fmt(r['fidelity']['std'])} / {r['kp']:.3g}")
             print(f"| {label} | " + " | ".join(cells) + " |")
+    print("\nCross-attention rows (cross_attention preset): retention / fidelity, all 77 rows vs trigger rows only")
+    print("| method | " + " | ".join(f"N={n}" for n in cfg["ns"]) + " |")
+    print("| --- | " + " | ".join("---" for _ in cfg["ns"]) + " |")
+    for label in ("least_squares", "loraclr_official", "loraclr"):
+        cells = []
+        for n in cfg["ns"]:
+            a, t = (next(r for r in results["token_rows"] if r["n"] == n and r["method"] == label
+                         and r["token_rows"] == rows) for rows in ("all", "trigger"))
+            cells.append(f"{fmt(a['retention']['mean'])} / {fmt(a['fidelity']['mean'])} vs "
+                         f"{fmt(t['retention']['mean'])} / {fmt(t['fidelity']['mean'])}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print("\nAblation (normalized loraclr, cross_attention, N=%d): retention / fidelity" % cfg["ablation_n"])
+    for r in results["ablation"]:
+        print(f"margin {r['margin']}, λ_reg {r['lambda_reg']}: {fmt(r['retention'])} / {fmt(r['fidelity'])}, "
+              f"{r['iterations']} it")
     n_max = cfg["ns"][-1]
 
     def final(label):

@@ -232,6 +232,25 @@ def encode_first_chunk(clip, text: str) -> tuple[torch.Tensor, bool]:
     return cond.detach().to("cpu", torch.float32), cut
 
 
+def trigger_positions(clip, text: str, trigger: str) -> list[int]:
+    """Token positions (in the first 77-token chunk of ``text``, start token included) of every
+    occurrence of ``trigger``'s tokens, in the first text encoder's tokenization."""
+    tokens = clip.tokenize(text)
+    key = next(iter(tokens))
+    ids = [t[0] for t in tokens[key][0]]
+    want = trigger_ids(clip, key, trigger)
+    if not want:
+        return []
+    out, i = [], 0
+    while i <= len(ids) - len(want):
+        if ids[i:i + len(want)] == want:
+            out.extend(range(i, i + len(want)))
+            i += len(want)
+        else:
+            i += 1
+    return out
+
+
 def check_sampling_support(node: str, model, what: str = "the spatial stage",
                            supported: str = "the text_encoder and cross_attention stages and SD1.5-family models "
                                             "are supported"):

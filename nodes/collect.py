@@ -35,6 +35,7 @@ STAGE_PATTERNS = {
                           r"|\.ff\.net\.(0\.proj|2)|\.\d+\.proj_in|\.\d+\.proj_out)\.weight$"),
 }
 INPUTS_FROM = ("concept_lora", "wired")
+TOKEN_ROWS = ("all", "trigger")
 
 
 def parse_prompts(node: str, template: str, trigger: str) -> tuple[str, ...]:
@@ -227,11 +228,39 @@ def collect_text_encoder(clip, concepts, layer_filter="", only_lora_layers=True,
                          _info(model, clip, keys, loaded, notes, n_prompts))
 
 
+def _trigger_rows(clip, concepts, n_prompts, conds, notes):
+    """Only the rows of each prompt at its concept's trigger tokens (the concept's own embedding
+    rows, what the original method records). Every concept must give the same number of rows per
+    prompt: the first k trigger-token rows are kept, k the fewest any concept has."""
+    positions = []
+    for c in concepts:
+        if not c.trigger:
+            raise _comfy.NodeError(NODE, f"field 'token_rows' is 'trigger' but concept '{c.label}' has no trigger")
+        per = []
+        for p in c.prompts[:n_prompts]:
+            pos = _comfy.trigger_positions(clip, p, c.trigger)
+            if not pos:
+                raise _comfy.NodeError(NODE, f"field 'token_rows' is 'trigger' but the prompt '{p}' of concept "
+                                             f"'{c.label}' does not contain its trigger '{c.trigger}'")
+            per.append(pos)
+        positions.append(per)
+    k = min(len(pos) for per in positions for pos in per)
+    if any(len(pos) > k for per in positions for pos in per):
+        notes.append(f"token_rows 'trigger': the first {k} trigger-token rows of each prompt are used (rows pair "
+                     "across concepts, so each concept gives the same number)")
+    out = []
+    for cond, per in zip(conds, positions):
+        rows = [cond[j * 77:(j + 1) * 77][pos[:k]] for j, pos in enumerate(per)]
+        out.append(torch.cat(rows))
+    return out
+
+
 def collect_cross_attention(model, clip, concepts, layer_filter="", only_lora_layers=True,
-                            inputs_from="concept_lora", progress=None) -> ActivationSet:
+                            inputs_from="concept_lora", progress=None, token_rows="all") -> ActivationSet:
     """X_i is the conditioning the UNet receives for the concept's prompts (``inputs_from``:
     the wired CLIP with the concept's CLIP LoRA on it, or the wired CLIP as it is, e.g. the
-    text encoder merged by the previous stage); Y_i = X_i (W0 + ΔW_i)ᵀ from the layer weights."""
+    text encoder merged by the previous stage); Y_i = X_i (W0 + ΔW_i)ᵀ from the layer weights.
+    ``token_rows``: "all" 77 rows per prompt, or "trigger" only the concept's trigger-token rows."""
     _check_concepts(concepts)
     n_prompts, notes = _align_prompt_counts(concepts)
     loaded = _Loaded(model, clip, concepts)
@@ -248,6 +277,8 @@ def collect_cross_attention(model, clip, concepts, layer_filter="", only_lora_la
         xs.append(torch.cat([_encode(clip_i, p, c, notes)[0] for p in c.prompts[:n_prompts]]))
         if progress:
             progress.step()
+    if token_rows == "trigger":
+        xs = _trigger_rows(clip, concepts, n_prompts, xs, notes)
     layers = []
     for key in keys:
         w0, deltas = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts])
@@ -256,7 +287,8 @@ def collect_cross_attention(model, clip, concepts, layer_filter="", only_lora_la
         if progress:
             progress.step()
     return ActivationSet("cross_attention", list(concepts), layers,
-                         _info(model, clip, keys, loaded, notes, n_prompts, inputs_from=inputs_from))
+                         _info(model, clip, keys, loaded, notes, n_prompts, inputs_from=inputs_from,
+                               token_rows=token_rows))
 
 
 def record_schedule(steps: int, record_steps: int) -> list[int]:
@@ -380,22 +412,30 @@ class LoRACLRCollect(io.ComfyNode):
                              tooltip="spatial stage: seed of the initial noise, shared by all concepts (drawn from a "
                                      "generator of its own, never from the global random state). Other stages draw "
                                      "nothing random."),
+                io.Combo.Input("token_rows", options=list(TOKEN_ROWS), default="all",
+                               tooltip="cross_attention stage: which token rows of each prompt are recorded. all: "
+                                       "all 77. trigger: only the rows at the concept's trigger tokens (what the "
+                                       "original method records, its learned concept embeddings); each concept "
+                                       "then gives the first k of them per prompt, k the fewest any concept has. "
+                                       "Other stages always record every row."),
             ],
             outputs=[ACTIVATIONS.Output(display_name="activations"), io.String.Output(display_name="summary")],
         )
 
     @classmethod
     def execute(cls, model, clip, concepts, stage, inputs_from="concept_lora", layer_filter="", only_lora_layers=True,
-                steps=20, record_steps=20, width=512, height=512, seed=0):
+                steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all"):
         acts = collect_stage(model, clip, concepts, stage, inputs_from=inputs_from, layer_filter=layer_filter or "",
                              only_lora_layers=only_lora_layers, steps=steps, record_steps=record_steps,
-                             width=width, height=height, seed=seed)
+                             width=width, height=height, seed=seed, token_rows=token_rows)
         text = describe(acts)
         return io.NodeOutput(acts, text, ui=ui.PreviewText(text))
 
 
 def collect_stage(model, clip, concepts, stage, inputs_from="concept_lora", layer_filter="", only_lora_layers=True,
-                  steps=20, record_steps=20, width=512, height=512, seed=0) -> ActivationSet:
+                  steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all") -> ActivationSet:
+    if token_rows not in TOKEN_ROWS:
+        raise _comfy.NodeError(NODE, f"field 'token_rows' must be one of {list(TOKEN_ROWS)}, got '{token_rows}'")
     if stage not in STAGE_PATTERNS:
         raise _comfy.NodeError(NODE, f"field 'stage' must be one of {list(STAGE_PATTERNS)}, got '{stage}'")
     if inputs_from not in INPUTS_FROM:
@@ -405,6 +445,6 @@ def collect_stage(model, clip, concepts, stage, inputs_from="concept_lora", laye
         return collect_text_encoder(clip, concepts, layer_filter, only_lora_layers, _comfy.Progress(n), model=model)
     if stage == "cross_attention":
         return collect_cross_attention(model, clip, concepts, layer_filter, only_lora_layers, inputs_from,
-                                       _comfy.Progress(n))
+                                       _comfy.Progress(n), token_rows)
     return collect_spatial(model, clip, concepts, layer_filter, only_lora_layers, inputs_from, steps, record_steps,
                            width, height, seed, _comfy.Progress(steps))

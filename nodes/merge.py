@@ -112,7 +112,7 @@ PRESETS = {
 
 
 def merge_all_stages(model, clip, concepts, preset: str, config: MergeConfig, layer_filter="",
-                     steps=20, record_steps=20, width=512, height=512, seed=0):
+                     steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all"):
     """The stages of ``preset`` in order, each collected on the model/CLIP with the previous
     stages' merged deltas applied (the first stage reads the concepts' own LoRAs throughout)."""
     from .collect import collect_stage
@@ -123,7 +123,7 @@ def merge_all_stages(model, clip, concepts, preset: str, config: MergeConfig, la
     for n, stage in enumerate(PRESETS[preset]):
         acts = collect_stage(model, clip, concepts, stage, inputs_from="concept_lora" if n == 0 else "wired",
                              layer_filter=layer_filter, steps=steps, record_steps=record_steps,
-                             width=width, height=height, seed=seed)
+                             width=width, height=height, seed=seed, token_rows=token_rows)
         merged = merge_activations(acts, config, _comfy.Progress(len(acts.layers)))
         model = _comfy.patch_model(model, merged.model, 1.0)
         clip = _comfy.patch_clip(clip, merged.clip, 1.0)

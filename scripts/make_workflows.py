@@ -81,7 +81,8 @@ def merge_two_concepts() -> dict:
     prompts = "photo of a {}\na {} in a garden\nclose-up portrait of {}"
     a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts, pos=(0, 200))
     b = concept(g, "loraclr_test/concept_b_peft.safetensors", "zwx", prompts, prev=a, pos=(0, 450))
-    coll = g.add("LoRACLRCollectActivations", ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed"],
+    coll = g.add("LoRACLRCollectActivations",
+                 ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed", "all"],
                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
                  [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(400, 0))
     merge = g.add("LoRACLRMerge", _merge_widgets(),
@@ -116,7 +117,7 @@ def merge_three_concepts_all_stages() -> dict:
     for n, stage in enumerate(["text_encoder", "cross_attention", "spatial"]):
         x = 400 + 380 * n
         coll = g.add("LoRACLRCollectActivations",
-                     [stage, "concept_lora" if n == 0 else "wired", "", True, 20, 20, 512, 512, 0, "fixed"],
+                     [stage, "concept_lora" if n == 0 else "wired", "", True, 20, 20, 512, 512, 0, "fixed", "all"],
                      [("model", "MODEL", model_src), ("clip", "CLIP", clip_src), ("concepts", "LORACLR_CONCEPTS", (prev, 0))],
                      [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(x, 0), size=(340, 330),
                      title=f"Collect: {stage}")
@@ -144,7 +145,8 @@ def margin_sweep() -> dict:
     prompts = "photo of a {}\na {} in a garden"
     a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts, pos=(0, 200))
     b = concept(g, "loraclr_test/concept_b_peft.safetensors", "zwx", prompts, prev=a, pos=(0, 450))
-    coll = g.add("LoRACLRCollectActivations", ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed"],
+    coll = g.add("LoRACLRCollectActivations",
+                 ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed", "all"],
                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
                  [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(400, 0))
     sweep = g.add("LoRACLRSweepValues", ["0.25, 0.5, 1.0, 2.0"], [], [("value", "FLOAT")], pos=(400, 380))
@@ -203,7 +205,8 @@ def cat_train_two_then_merge() -> dict:
     b = g.add("LoRACLRConcept", ["none", 1.0, 1.0, "zwx", prompts],
               [("concepts", "LORACLR_CONCEPTS", (a, 0)), ("lora_file", "STRING", (save_b, 0))],
               [("concepts", "LORACLR_CONCEPTS")], pos=(1100, 450), size=(340, 200))
-    coll = g.add("LoRACLRCollectActivations", ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed"],
+    coll = g.add("LoRACLRCollectActivations",
+                 ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed", "all"],
                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
                  [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(1480, 0))
     merge = g.add("LoRACLRMerge", _merge_widgets(), [("activations", "LORACLR_ACTIVATIONS", (coll, 0))],
@@ -236,7 +239,8 @@ def merge_then_evaluate() -> dict:
     prompts = "photo of a {}\na {} in a garden"
     a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts, pos=(0, 200))
     b = concept(g, "loraclr_test/concept_c_comfy.safetensors", "zwx", prompts, prev=a, pos=(0, 450))
-    coll = g.add("LoRACLRCollectActivations", ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed"],
+    coll = g.add("LoRACLRCollectActivations",
+                 ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed", "all"],
                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
                  [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(400, 0))
     merge = g.add("LoRACLRMerge", _merge_widgets(), [("activations", "LORACLR_ACTIVATIONS", (coll, 0))],

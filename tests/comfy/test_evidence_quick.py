@@ -21,6 +21,7 @@ def test_evidence_quick_run(tmp_path):
                      r"kp_cat_over_plain=(\S+)", lines[-1])
     assert m, lines[-1]
     assert sum("check:" in ln for ln in lines) >= 4
+    assert {r["token_rows"] for r in results_rows(tmp_path)} == {"all", "trigger"}
     results = json.load(open(tmp_path / "results.json"))
     methods = {r["method"] for r in results["merges"]}
     assert {"sum", "average", "least_squares", "loraclr_official", "loraclr"} <= methods
@@ -32,3 +33,7 @@ def test_evidence_quick_run(tmp_path):
     for r in results["merges"]:
         vals = [c["fidelity"] for c in r["concepts"]]
         assert abs(r["fidelity"]["mean"] - sum(vals) / len(vals)) < 1e-9
+
+
+def results_rows(path):
+    return json.load(open(path / "results.json"))["token_rows"]

@@ -48,7 +48,7 @@ def concept_nodes(loras, triggers=("sks", "zwx", "qrt"), prompts=PROMPTS, first_
     return nodes, prev
 
 
-def merge_prompt(stage, loras=TEST_LORAS[:2], save=None, prompts=PROMPTS, layer_filter="", **merge):
+def merge_prompt(stage, loras=TEST_LORAS[:2], save=None, prompts=PROMPTS, layer_filter="", token_rows="all", **merge):
     nodes, last = concept_nodes(loras, prompts=prompts)
     settings = dict(method="loraclr", margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001,
                     learning_rate=1e-4, iterations=50, warm_start=True, normalize=False, compute_dtype="float32")
@@ -59,7 +59,7 @@ def merge_prompt(stage, loras=TEST_LORAS[:2], save=None, prompts=PROMPTS, layer_
               "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": [last, 0], "stage": stage,
                          "inputs_from": "concept_lora", "layer_filter": layer_filter, "only_lora_layers": True,
                          "steps": 4,
-                         "record_steps": 4, "width": 64, "height": 64, "seed": 3}},
+                         "record_steps": 4, "width": 64, "height": 64, "seed": 3, "token_rows": token_rows}},
         "3": {"class_type": "LoRACLRMerge", "inputs": {"activations": ["2", 0], **settings}},
     })
     if save:
@@ -206,3 +206,32 @@ def test_interrupt_leaves_no_file_and_the_rerun_equals_an_uninterrupted_run(comf
     again = _tensors(path)
     assert again.keys() == reference.keys()
     assert all(torch.equal(again[k], reference[k]) for k in reference)
+
+
+def test_cross_attention_can_record_only_the_trigger_token_rows(executor):
+    """token_rows 'trigger': each prompt contributes only the rows at its concept's trigger
+    tokens (found here by hand in CLIP's own tokenization), the same number for every concept."""
+    import nodes
+
+    out = executor.run(merge_prompt("cross_attention", token_rows="trigger"), outputs=["3"])
+    acts_all = executor.run(merge_prompt("cross_attention"), outputs=["2"])["2"][0][0]
+    acts = out["2"][0][0]
+    assert acts.info["token_rows"] == "trigger"
+    model, clip = nodes.CheckpointLoaderSimple().load_checkpoint(MICRO)[:2]
+    counts = []
+    for i, (lora, trig) in enumerate(zip(TEST_LORAS[:2], ("sks", "zwx"))):
+        clip_i = nodes.LoraLoader().load_lora(model, clip, lora, 0.0, 1.0)[1]
+        rows = []
+        for p in PROMPTS.replace("{}", trig).splitlines():
+            ids = [t[0] for t in clip_i.tokenize(p)["l"][0]]
+            trig_ids = [t[0] for t in clip_i.tokenize(trig)["l"][0]][1:]
+            trig_ids = trig_ids[:trig_ids.index(49407)]  # up to the end token
+            start = next(j for j in range(len(ids)) if ids[j:j + len(trig_ids)] == trig_ids)
+            rows.append(list(range(start, start + len(trig_ids))))
+        counts.append(rows)
+    k = min(len(r) for rows in counts for r in rows)
+    for i, rows in enumerate(counts):
+        expect = torch.cat([acts_all.layers[0].stats.X[i][j * 77:(j + 1) * 77][r[:k]] for j, r in enumerate(rows)])
+        torch.testing.assert_close(acts.layers[0].stats.X[i], expect)
+    assert acts.layers[0].stats.rows == 2 * k
+    assert out["3"][0][0].report  # and the merge runs on them
