@@ -412,7 +412,7 @@ class LoRACLRCollect(io.ComfyNode):
                              tooltip="spatial stage: seed of the initial noise, shared by all concepts (drawn from a "
                                      "generator of its own, never from the global random state). Other stages draw "
                                      "nothing random."),
-                io.Combo.Input("token_rows", options=list(TOKEN_ROWS), default="all",
+                io.Combo.Input("token_rows", options=list(TOKEN_ROWS), default="all", optional=True,
                                tooltip="cross_attention stage: which token rows of each prompt are recorded. all: "
                                        "all 77. trigger: only the rows at the concept's trigger tokens (what the "
                                        "original method records, its learned concept embeddings); each concept "
