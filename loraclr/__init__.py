@@ -9,4 +9,4 @@ from .stats import LayerStats, StatsAccumulator
 
 __all__ = ["LayerStats", "StatsAccumulator", "MergeConfig", "MergeResult", "merge_layer", "loraclr_objective",
            "distance_matrix", "Problem", "sum_merge", "average_merge", "least_squares_merge", "low_rank_factors",
-           "smooth_minimiser", "METHODS"]
+           "smooth_minimiser", "METHODS", "metrics"]
