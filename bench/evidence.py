@@ -44,7 +44,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO = "loraclr_micro_sd15.safetensors"
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from train_speed import setup_micro  # noqa: E402
 KP_PROMPTS_UNRELATED = ("a photo of a mountain lake", "a bowl of fruit on a table")
 
 FULL = dict(n_concepts=12, ns=(2, 5, 8, 12), train_images=8, heldout_images=2, size=64, steps=150, rank=4,
@@ -66,27 +67,6 @@ METHODS = (
     ("loraclr_norm_m0.5", dict(method="loraclr", normalize=True, margin=0.5)),
     ("loraclr_norm_m1", dict(method="loraclr", normalize=True, margin=1.0)),
 )
-
-
-def setup(comfy_path):
-    import types
-
-    sys.path.insert(0, comfy_path)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-    import nodes
-
-    if "comfyui_loraclr" not in sys.modules:
-        pkg = types.ModuleType("comfyui_loraclr")
-        pkg.__path__ = [ROOT]
-        sys.modules["comfyui_loraclr"] = pkg
-    import torch
-
-    with torch.inference_mode():  # as the loader node runs on a server
-        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(MICRO)[:3]
-    return model, clip, vae
 
 
 def _stamp(cfg, k, lam) -> str:
@@ -294,7 +274,7 @@ def main(argv=None):
     import torch
 
     torch.manual_seed(0)
-    model, clip, vae = setup(args.comfy)
+    _, _, model, clip, vae = setup_micro(args.comfy)
     from comfyui_loraclr.nodes import evaluation
 
     files = train_concepts(model, clip, vae, cfg, log)

@@ -25,7 +25,9 @@ from merge_speed import PeakRSS, in_fresh_process  # noqa: E402
 MICRO = "loraclr_micro_sd15.safetensors"
 
 
-def _setup(comfy_path):
+def setup_micro(comfy_path):
+    """ComfyUI imported in-process on the CPU, the pack registered as ``comfyui_loraclr``, and the
+    micro checkpoint loaded by the stock loader: (nodes, pack, MODEL, CLIP, VAE)."""
     import types
 
     sys.path.insert(0, comfy_path)
@@ -44,15 +46,15 @@ def _setup(comfy_path):
     import torch
 
     with torch.inference_mode():  # as the checkpoint loader node runs on a server
-        model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(MICRO)[:3]
-    return nodes, pack, model, clip
+        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(MICRO)[:3]
+    return nodes, pack, model, clip, vae
 
 
 def run_config(mode, comfy_path, size, steps_pair, queue):
     import torch
 
     torch.manual_seed(0)
-    nodes, pack, model, clip = _setup(comfy_path)
+    nodes, pack, model, clip, _ = setup_micro(comfy_path)
     latents = torch.randn(4, 4, size, size, generator=torch.Generator().manual_seed(0))
     captions = "photo of sks on a beach\nsks in a garden\na sks toy\n<sks>, a drawing"
 

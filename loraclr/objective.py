@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .stats import LayerStats
+from .stats import LayerStats, pairwise_sq_distances
 
 _TINY = 1e-30
 
@@ -62,15 +62,12 @@ class Problem:
             X, Y = _fresh(stats.X.to(acc)), _fresh(stats.Y.to(acc))
             B = X @ W0.T  # base outputs X_i W0ᵀ
             R = Y - B  # each concept's own residual target
-            # ||Y_j − B_i||² = ||B_i||² + ||Y_j||² − 2⟨B_i, Y_j⟩ in float64, where the float32 values
-            # are exact and the cancellation costs 1e-16 of ||Y||², not the 1e-7 of float32
-            Yd, Bd = Y.reshape(self.N, -1).to(torch.float64), B.reshape(self.N, -1).to(torch.float64)
-            tt = Bd.pow(2).sum(1)[:, None] + Yd.pow(2).sum(1)[None, :] - 2 * Bd @ Yd.T
+            self.yy = Y.to(torch.float64).pow(2).sum((1, 2))
+            tt = pairwise_sq_distances(B, Y, self.yy)  # ||Y_j − B_i||², float64
             tt.diagonal().copy_(R.to(torch.float64).pow(2).sum((1, 2)))  # the own-concept term directly
             self.X = _fresh(X.to(dt))
             self.X_exact = X  # the rows at full precision (the closed-form solves use them)
             self.Y, self.B, self.R = Y, B, R
-            self.yy = Y.to(torch.float64).pow(2).sum((1, 2))
             flat_x = X.reshape(-1, self.in_features)
             self.G_sum = flat_x.T @ flat_x
             self.E_diag_sum = flat_x.T @ R.reshape(-1, self.out_features)  # Σ_i X_iᵀ (Y_i − X_i W0ᵀ)

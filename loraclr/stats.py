@@ -28,6 +28,17 @@ def _flat(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+def pairwise_sq_distances(B: torch.Tensor, Y: torch.Tensor, yy: torch.Tensor | None = None) -> torch.Tensor:
+    """D[i, j] = ||Y_j − B_i||² for stacks B (N, ...) and Y (N, ...), in float64 as
+    ||B_i||² + ||Y_j||² − 2⟨B_i, Y_j⟩: float32 values are exact in float64, where this loses 1e-16
+    of ||Y||² (the same sum in float32 would lose 1e-7, more than a LoRA's share of the output).
+    ``yy``: ||Y_j||² when already known."""
+    n = B.shape[0]
+    Bd, Yd = B.reshape(n, -1).to(torch.float64), Y.reshape(n, -1).to(torch.float64)
+    yy = Yd.pow(2).sum(1) if yy is None else yy
+    return (Bd.pow(2).sum(1)[:, None] + yy[None, :] - 2 * Bd @ Yd.T).clamp_min(0)
+
+
 class LayerStats:
     def __init__(self, form, rows, in_features, out_features, X=None, Y=None, G=None, E=None, tt=None, yy=None,
                  base=None):
@@ -133,17 +144,10 @@ class StatsAccumulator:
         return Xs @ self.base.T  # (N, n, out)
 
     def _add_distances(self, Ys, Bs):
-        """tt_ij += ||Y_j − B_i||² over this chunk (B_i = X_iW0ᵀ). The chunk's float32 outputs are
-        exact in float64, where ||Y_j||² + ||B_i||² − 2⟨Y_j, B_i⟩ loses nothing that matters
-        (1e-16 of ||Y||², against the 1e-7 that the same sum would lose in float32)."""
-        Yd = Ys.double().reshape(self.n, -1)
-        yy = Yd.pow(2).sum(1)
+        """tt_ij += ||Y_j − B_i||² over this chunk (B_i = X_iW0ᵀ; see :func:`pairwise_sq_distances`)."""
+        yy = Ys.double().reshape(self.n, -1).pow(2).sum(1)
         self.yy += yy
-        if Bs is None:
-            self.tt += yy[None, :]
-            return
-        Bd = Bs.double().reshape(self.n, -1)
-        self.tt += (Bd.pow(2).sum(1)[:, None] + yy[None, :] - 2 * Bd @ Yd.T).clamp_min(0)
+        self.tt += yy[None, :] if Bs is None else pairwise_sq_distances(Bs, Ys, yy)
 
     def add(self, X, Y=None):
         if self.weights is not None:

@@ -116,27 +116,27 @@ def references(model, clip, concepts, latents=None, kp_prompts=(), timesteps=DEF
     latents = list(latents) if latents is not None else [None] * len(concepts)
     if len(latents) != len(concepts):
         raise _comfy.NodeError(NODE, f"got reference latents for {len(latents)} concepts, need {len(concepts)}")
-    refs = []
-    for i, c in enumerate(concepts):
-        probes = make_probes(model, latents[i], timesteps, seed + i, shape)
-        base = predict(model, probes, _encode(clip, c.prompts))
-        m_i, c_i = concept_model(model, clip, c)
-        lora = predict(m_i, probes, _encode(c_i, c.prompts))
-        target = probes.target[None].expand_as(base)
-        refs.append(ConceptReference(c.label, c.prompts, probes, base, lora, metrics.denoising_loss(base, target),
-                                     metrics.denoising_loss(lora, target)))
-        if progress:
-            progress.step()
     kp_probes = kp_base = None
     if kp_prompts:
         given = [x for x in latents if x is not None]
         kp_latents = torch.cat(given) if given else None
         kp_probes = make_probes(model, kp_latents, timesteps, seed + 10_000, shape)
         kp_base = predict(model, kp_probes, _encode(clip, kp_prompts))
-        for i, c in enumerate(concepts):
-            m_i, c_i = concept_model(model, clip, c)
-            refs[i].kp_lora = metrics.knowledge_preservation(
+    refs = []
+    for i, c in enumerate(concepts):
+        probes = make_probes(model, latents[i], timesteps, seed + i, shape)
+        base = predict(model, probes, _encode(clip, c.prompts))
+        m_i, c_i = concept_model(model, clip, c)  # the concept's LoRA read once, for both probe sets
+        lora = predict(m_i, probes, _encode(c_i, c.prompts))
+        target = probes.target[None].expand_as(base)
+        ref = ConceptReference(c.label, c.prompts, probes, base, lora, metrics.denoising_loss(base, target),
+                               metrics.denoising_loss(lora, target))
+        if kp_probes is not None:
+            ref.kp_lora = metrics.knowledge_preservation(
                 predict(m_i, kp_probes, _encode(c_i, kp_prompts)), kp_base, kp_probes.noise[None].expand_as(kp_base))
+        refs.append(ref)
+        if progress:
+            progress.step()
     _comfy.load_patched(model)
     return References(refs, tuple(kp_prompts), kp_probes, kp_base,
                       {"timesteps": list(timesteps), "seed": seed})

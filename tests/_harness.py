@@ -36,3 +36,25 @@ def import_comfy():
     import nodes  # noqa: F401
 
     return COMFY
+
+
+def train_prompt(filename: str, steps: int, captions, learning_rate: float, count: int = 2, save_state: bool = True,
+                 **train) -> dict:
+    """API prompt: micro checkpoint → sprite images → VAE-encoded latents → Train CAT LoRA (rank 2,
+    seed 0, float32) → Save CAT LoRA (float32) as ``filename``. ``captions``: a string, or None to
+    wire the data set's own captions; ``train`` overrides any other Train CAT LoRA input."""
+    inputs = {"model": ["1", 0], "clip": ["1", 1], "latents": ["3", 0],
+              "captions": ["2", 1] if captions is None else captions, "trigger": "sks", "rank": 2, "alpha": 2.0,
+              "target_layers": "attention", "layer_pattern": "", "steps": steps, "learning_rate": learning_rate,
+              "optimizer": "AdamW", "batch_size": 1, "grad_accumulation": 1, "lambda_cat": 1.0, "seed": 0,
+              "training_dtype": "float32", "gradient_checkpointing": False, "resume_from": "none", "preview_every": 0}
+    inputs.update(train)
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "loraclr_micro_sd15.safetensors"}},
+        "2": {"class_type": "LoRACLRSpriteDataset", "inputs": {"count": count, "width": 64, "height": 64,
+                                                               "trigger": "sks", "seed": 0, "variant": 0}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "LoRACLRTrainCAT", "inputs": inputs},
+        "5": {"class_type": "LoRACLRSaveCAT", "inputs": {"lora": ["4", 1], "filename": filename, "dtype": "float32",
+                                                         "if_exists": "error", "save_state": save_state}},
+    }

@@ -16,6 +16,7 @@ import requests
 from safetensors.torch import load_file
 from test_server import _errors, server  # noqa: F401  (the module's own server, started like test_server's)
 
+import _harness
 from _harness import COMFY
 
 import comfy_client  # noqa: E402  (scripts/ is on sys.path through test_server)
@@ -25,22 +26,8 @@ STEPS = 6
 
 
 def train_prompt(name, steps=STEPS, resume_from="none", save_state=True, **train):
-    inputs = {"model": ["1", 0], "clip": ["1", 1], "latents": ["3", 0], "captions": ["2", 1], "trigger": "sks",
-              "rank": 2, "alpha": 2.0, "target_layers": "attention", "layer_pattern": "", "steps": steps,
-              "learning_rate": 1e-3, "optimizer": "AdamW", "batch_size": 1, "grad_accumulation": 1,
-              "lambda_cat": 1.0, "seed": 0, "training_dtype": "float32", "gradient_checkpointing": False,
-              "resume_from": resume_from, "preview_every": 0}
-    inputs.update(train)
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "loraclr_micro_sd15.safetensors"}},
-        "2": {"class_type": "LoRACLRSpriteDataset", "inputs": {"count": 2, "width": 64, "height": 64,
-                                                               "trigger": "sks", "seed": 0, "variant": 0}},
-        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
-        "4": {"class_type": "LoRACLRTrainCAT", "inputs": inputs},
-        "5": {"class_type": "LoRACLRSaveCAT", "inputs": {"lora": ["4", 1], "filename": f"{SUB}/{name}",
-                                                         "dtype": "float32", "if_exists": "error",
-                                                         "save_state": save_state}},
-    }
+    return _harness.train_prompt(f"{SUB}/{name}", steps, None, train.pop("learning_rate", 1e-3), 2, save_state,
+                                 resume_from=resume_from, **train)
 
 
 def lora_dir():
