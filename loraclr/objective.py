@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .stats import LayerStats, pairwise_sq_distances
+from .stats import LayerStats, NeedsExactStatistics, pairwise_sq_distances
 
 _TINY = 1e-30
 
@@ -58,6 +58,15 @@ class Problem:
         if W0.shape != (stats.out_features, stats.in_features):
             raise ValueError(f"W0 has shape {tuple(W0.shape)}, the activations need "
                              f"({stats.out_features}, {stats.in_features})")
+        self.compact = None
+        if stats.form == "compact":
+            # N-independent statistics: the hinge-free terms are exact, the hinges only bounded
+            self.compact = stats
+            self.G_sum, self.E_diag_sum = _fresh(stats.G_sum.to(acc)), _fresh(stats.E_sum.to(acc))
+            self.yy = stats.yy.to(torch.float64)
+            self.tt = stats.tt.to(torch.float64).clamp_min(0)
+            self.scale = float(torch.sqrt(self.yy.mean()).clamp_min(_TINY))
+            return
         if stats.form == "rows":
             X, Y = _fresh(stats.X.to(acc)), _fresh(stats.Y.to(acc))
             B = X @ W0.T  # base outputs X_i W0ᵀ
@@ -93,6 +102,8 @@ class Problem:
 
     def squared_distances(self, dW: torch.Tensor) -> torch.Tensor:
         """D2[i, j] = d(i, j)² for W = W0 + ΔW (differentiable in ΔW)."""
+        if self.compact is not None:
+            raise NeedsExactStatistics(reason="compact statistics give no distances between concepts, only bounds")
         dW = dW.to(self.dtype)
         low = dW.to(self.matmul_dtype)
         if self.form == "rows":
@@ -110,7 +121,11 @@ class Problem:
         return ((q[:, None] - 2 * lin).to(torch.float64) + self.tt).to(self.dtype)
 
     def loss(self, dW, margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001, normalize=False, D2=None):
-        """Objective and its parts; ``D2`` may pass squared distances already computed for ``dW``."""
+        """Objective and its parts; ``D2`` may pass squared distances already computed for ``dW``.
+        With compact statistics the value is exact where the distance bounds show that no hinge
+        is active, and NeedsExactStatistics is raised otherwise."""
+        if self.compact is not None:
+            return self._compact_loss(dW, margin, lambda_con, lambda_mse, lambda_reg, normalize)
         D2 = (self.squared_distances(dW) if D2 is None else D2).clamp_min(0)
         scale2 = self.scale ** 2 if normalize else 1.0
         pos = torch.diagonal(D2) / scale2
@@ -127,6 +142,27 @@ class Problem:
         total = lambda_con * (positive + hinge_m) + lambda_mse * mse + lambda_reg * reg
         parts = {"positive": positive, "hinge": hinge_m, "mse": mse, "reg": reg, "total": total}
         return total, parts
+
+    def negative_lower_bounds(self, dW, normalize=False) -> torch.Tensor:
+        """Compact statistics: lower bounds on d(i, j), i ≠ j (divided by the scale with ``normalize``)."""
+        L = self.compact.negative_lower_bounds(dW)
+        return L / self.scale if normalize else L
+
+    def _compact_loss(self, dW, margin, lambda_con, lambda_mse, lambda_reg, normalize):
+        own = self.compact.own_sum(dW)  # Σ_i d(i,i)², float64
+        if self.N > 1:
+            nearest = float(self.compact.negative_lower_bounds(dW, own.detach()).min()) / (
+                self.scale if normalize else 1.0)
+            if not nearest >= margin:
+                raise NeedsExactStatistics(reason=f"a hinge may be active (nearest other concept at least "
+                                                  f"{nearest:.4g} away, margin {margin})")
+        scale2 = self.scale ** 2 if normalize else 1.0
+        positive = (own / (self.N * scale2)).to(self.dtype)
+        hinge_m = torch.zeros((), dtype=self.dtype)
+        mse = (own / (self.N * self.rows * self.out_features)).to(self.dtype)
+        reg = torch.sqrt(dW.to(self.dtype).pow(2).sum().clamp_min(_TINY))
+        total = lambda_con * positive + lambda_mse * mse + lambda_reg * reg
+        return total, {"positive": positive, "hinge": hinge_m, "mse": mse, "reg": reg, "total": total}
 
     def distance_matrix(self, dW) -> torch.Tensor:
         with torch.no_grad():

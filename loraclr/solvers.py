@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .objective import Problem, as_matrix
-from .stats import LayerStats
+from .stats import LayerStats, NeedsExactStatistics
 
 METHODS = ("loraclr", "sum", "average", "least_squares")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -162,7 +162,14 @@ def least_squares_merge(W0, stats: LayerStats, ridge: float = 1e-4, problem: Pro
     return _least_squares(problem, ridge).to(torch.float32).reshape(W0.shape)
 
 
-def _report(problem: Problem, D2: torch.Tensor) -> list:
+def _report(problem: Problem, D2: torch.Tensor | None, dW: torch.Tensor | None = None) -> list:
+    if D2 is None:  # compact statistics: no per-concept distances, a lower bound on the nearest other
+        if dW is None or problem.N < 2:
+            return [{"concept": i, "positive": None, "nearest_negative": None, "relative_error": None}
+                    for i in range(problem.N)]
+        L = problem.negative_lower_bounds(dW)
+        return [{"concept": i, "positive": None, "nearest_negative": float(L[i].min()), "nearest_is_bound": True,
+                 "relative_error": None} for i in range(problem.N)]
     D = torch.sqrt(D2.clamp_min(0).to(torch.float64))
     base = torch.sqrt(torch.diagonal(problem.tt).to(torch.float64))
     out = []
@@ -234,8 +241,13 @@ def _merge_layer(W0, stats, cfg, deltas):
     kw = dict(margin=cfg.margin, lambda_con=cfg.lambda_con, lambda_mse=cfg.lambda_mse, lambda_reg=cfg.lambda_reg,
               normalize=cfg.normalize)
 
+    compact = problem.compact is not None
+
     def evaluate(dW):
         with torch.no_grad():
+            if compact:  # exact where the bounds certify that no hinge is active, else NeedsExactStatistics
+                total, parts = scoring.loss(dW, **kw)
+                return float(total), {k: float(v) for k, v in parts.items()}, None
             D2 = scoring.squared_distances(dW)
             total, parts = scoring.loss(dW, D2=D2, **kw)
         return float(total), {k: float(v) for k, v in parts.items()}, D2
@@ -248,17 +260,24 @@ def _merge_layer(W0, stats, cfg, deltas):
             raise ValueError(f"got {len(deltas)} deltas for {stats.n_concepts} concepts")
         flat = [as_matrix(d) for d in deltas]
         dW = sum_merge(flat) if cfg.method == "sum" else average_merge(flat)
-        start_value = evaluate(torch.zeros_like(dW))[0]
-        value, parts, D2 = evaluate(dW)
+        try:
+            start_value = evaluate(torch.zeros_like(dW))[0]
+            value, parts, D2 = evaluate(dW)
+        except NeedsExactStatistics:  # the baseline needs no statistics; only its score is unknown
+            start_value = value = None
+            parts, D2 = {}, None
     else:
         certified = False
         if cfg.method == "least_squares":
             start = _least_squares(problem, cfg.ridge).to(torch.float32)
-            start_value, parts, D2 = evaluate(start)
+            try:
+                start_value, parts, D2 = evaluate(start)
+            except NeedsExactStatistics:
+                start_value, parts, D2 = None, {}, None
         elif cfg.warm_start:
             start = smooth_minimiser(problem, cfg).to(torch.float32)
-            start_value, parts, D2 = evaluate(start)
-            certified = _hinges_inactive(scoring, D2, cfg)
+            start_value, parts, D2 = evaluate(start)  # compact: raises unless certified
+            certified = compact or _hinges_inactive(scoring, D2, cfg)
             if not certified:
                 # a hinge is active at the hinge-free optimum: the plain least-squares fit (which
                 # separates the concepts more) may be the better start
@@ -275,4 +294,4 @@ def _merge_layer(W0, stats, cfg, deltas):
             value, parts, D2 = evaluate(dW)
     return MergeResult(delta=dW.to(torch.float32).reshape(shape).contiguous(), method=cfg.method, objective=value,
                        start_objective=start_value, history=history, converged=converged,
-                       iterations_run=iterations, report=_report(scoring, D2), parts=parts)
+                       iterations_run=iterations, report=_report(scoring, D2, dW), parts=parts)

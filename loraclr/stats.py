@@ -211,3 +211,115 @@ class StatsAccumulator:
                 H_ij = self.H[i][:, (j - i) * d:(j - i + 1) * d] if j >= i else self.H[j][:, (i - j) * d:(i - j + 1) * d].T
                 torch.sub(H_ij @ self.weights[j].T, GW0, out=E[i, j])
         return LayerStats("gram", self.rows, d, self.d_out, G=G, E=E, tt=tt, yy=yy, base=self.base)
+
+
+class NeedsExactStatistics(Exception):
+    """A merge of compact statistics could not certify that no hinge is active, so the exact
+    pairwise statistics of this layer are needed (see :class:`CompactStats`)."""
+
+    def __init__(self, key: str = "", reason: str = ""):
+        super().__init__(f"{key}: {reason}" if key else reason)
+        self.key, self.reason = key, reason
+
+
+class CompactStats:
+    """Statistics whose size does not depend on the number of concepts N, for layers whose
+    outputs come from known weights (Y_i = X_i(W0 + ΔW_i)ᵀ):
+
+    * ΣG = Σ_i X_iᵀX_i (in × in) and ΣE = Σ_i X_iᵀR_i (in × out), R_i = X_iΔW_iᵀ: all the
+      hinge-free objective and its minimiser need (Σ_i d(i,i)² is exact from them);
+    * per pair, in float64: tt_ij = ||Y_j − X_iW0ᵀ||² (d(i,j)² at ΔW = 0), oo_ij = ||Y_i − Y_j||²;
+      per concept rr_i = ||R_i||² and yy_i = ||Y_i||².
+
+    From these, every distance between different concepts has a lower bound at any ΔW
+    (:meth:`negative_lower_bounds`), which certifies that no hinge is active without the N²
+    cross terms of the exact Gram form. Where the bound fails, the exact statistics are needed."""
+
+    form = "compact"
+
+    def __init__(self, rows, in_features, out_features, G_sum, E_sum, rr, yy, tt, oo):
+        self.rows, self.in_features, self.out_features = rows, in_features, out_features
+        self.G_sum, self.E_sum = G_sum, E_sum
+        self.rr, self.yy, self.tt, self.oo = rr, yy, tt, oo
+
+    @property
+    def n_concepts(self) -> int:
+        return self.rr.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.G_sum.dtype
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.G_sum, self.E_sum, self.rr, self.yy, self.tt, self.oo))
+
+    def own_sum(self, dW: torch.Tensor) -> torch.Tensor:
+        """Σ_i d(i,i)² = tr(ΔW ΣG ΔWᵀ) − 2 tr(ΔW ΣE) + Σ_i rr_i, exact (differentiable in ΔW)."""
+        dt = self.G_sum.dtype if dW.dtype != torch.float64 else torch.float64
+        dW = dW.to(dt)
+        quad = ((dW @ self.G_sum.to(dt)) * dW).sum()
+        lin = (dW * self.E_sum.to(dt).T).sum()
+        return ((quad - 2 * lin).to(torch.float64) + self.rr.sum()).clamp_min(0)
+
+    def negative_lower_bounds(self, dW: torch.Tensor, own_sum: torch.Tensor | None = None) -> torch.Tensor:
+        """L[i, j] ≤ d(i, j) for i ≠ j at W0 + ΔW (diagonal: +inf), from two triangle inequalities:
+        d(i,j) ≥ ||Y_j − X_iW0ᵀ|| − ||X_iΔWᵀ|| with ||X_iΔWᵀ||² ≤ tr(ΔW ΣG ΔWᵀ), and
+        d(i,j) ≥ ||Y_i − Y_j|| − d(i,i) with d(i,i)² ≤ Σ_k d(k,k)²."""
+        with torch.no_grad():
+            dW = dW.detach().to(torch.float64)
+            q = float(((dW @ self.G_sum.to(torch.float64)) * dW).sum().clamp_min(0)) ** 0.5
+            p = float(self.own_sum(dW) if own_sum is None else own_sum) ** 0.5
+            L = torch.maximum(self.tt.sqrt() - q, self.oo.sqrt() - p).clamp_min(0)
+            return L.fill_diagonal_(float("inf"))
+
+
+class CompactAccumulator:
+    """:class:`CompactStats` accumulated chunk by chunk; every chunk holds the same rows for
+    every concept. ``base``: the layer's W0 (out × in)."""
+
+    def __init__(self, n_concepts: int, base: torch.Tensor, dtype=torch.float32):
+        self.base = _flat(base).to(dtype)
+        self.n = n_concepts
+        self.d_out, self.d_in = self.base.shape
+        self.dtype = dtype
+        self.rows = 0
+        self.G = torch.zeros(self.d_in, self.d_in, dtype=dtype)
+        self.E = torch.zeros(self.d_in, self.d_out, dtype=dtype)
+        self.rr = torch.zeros(n_concepts, dtype=torch.float64)
+        self.yy = torch.zeros(n_concepts, dtype=torch.float64)
+        self.tt = torch.zeros(n_concepts, n_concepts, dtype=torch.float64)
+        self.oo = torch.zeros(n_concepts, n_concepts, dtype=torch.float64)
+
+    @staticmethod
+    def nbytes_for(n_concepts: int, in_features: int, out_features: int, itemsize: int = 4) -> int:
+        return itemsize * (in_features * in_features + in_features * out_features) + 8 * (2 * n_concepts ** 2 + 2 * n_concepts)
+
+    def add(self, X: torch.Tensor, R: torch.Tensor, B: torch.Tensor | None = None):
+        """X (N, n, in) inputs, R (N, n, out) = X_iΔW_iᵀ, B (N, n, out) = X_iW0ᵀ (computed when None)."""
+        if X.ndim != 3 or X.shape[0] != self.n or X.shape[2] != self.d_in:
+            raise ValueError(f"X must be ({self.n}, rows, {self.d_in}), got {tuple(X.shape)}")
+        if R.shape != (self.n, X.shape[1], self.d_out):
+            raise ValueError(f"R must be ({self.n}, {X.shape[1]}, {self.d_out}), got {tuple(R.shape)}")
+        X, R = X.to(self.dtype), R.to(self.dtype)
+        B = X @ self.base.T if B is None else B.to(self.dtype)
+        Xf = X.reshape(-1, self.d_in)
+        self.G.addmm_(Xf.T, Xf)
+        self.E.addmm_(Xf.T, R.reshape(-1, self.d_out))
+        Y = B + R
+        yy = Y.reshape(self.n, -1).double().pow(2).sum(1)
+        rr = R.reshape(self.n, -1).double().pow(2).sum(1)
+        tt = pairwise_sq_distances(B, Y, yy)
+        tt.diagonal().copy_(rr)  # ||Y_i − B_i||² = ||R_i||², without cancellation
+        oo = pairwise_sq_distances(Y, Y, yy)
+        oo.fill_diagonal_(0)
+        self.rr += rr
+        self.yy += yy
+        self.tt += tt
+        self.oo += oo
+        self.rows += X.shape[1]
+
+    def finish(self) -> CompactStats:
+        if self.rows == 0:
+            raise ValueError("no rows were added")
+        return CompactStats(self.rows, self.d_in, self.d_out, self.G, self.E, self.rr, self.yy.clone(),
+                            self.tt.clamp_min(0), self.oo.clamp_min(0))

@@ -1,0 +1,84 @@
+"""Compact (N-independent) statistics against brute force in float64 from raw rows."""
+import pytest
+import torch
+
+from comfyui_loraclr.loraclr import LayerStats, MergeConfig, merge_layer
+from comfyui_loraclr.loraclr.stats import CompactAccumulator, NeedsExactStatistics
+
+from test_loraclr import make_problem
+
+
+def compact_from(X, deltas, W0, chunks=3, dtype=torch.float64):
+    acc = CompactAccumulator(len(X), W0, dtype=dtype)
+    n = X[0].shape[0]
+    step = -(-n // chunks)
+    for s in range(0, n, step):
+        Xc = torch.stack([x[s:s + step] for x in X])
+        R = torch.stack([x[s:s + step] @ d.T for x, d in zip(X, deltas)])
+        acc.add(Xc, R)
+    return acc.finish()
+
+
+def test_compact_statistics_match_their_definitions():
+    W0, deltas, X, Y = make_problem(N=4, n=30, d_in=6, d_out=5)
+    st = compact_from(X, deltas, W0)
+    assert st.rows == 30 and st.n_concepts == 4
+    assert torch.allclose(st.G_sum, sum(x.T @ x for x in X))
+    assert torch.allclose(st.E_sum, sum(x.T @ (x @ d.T) for x, d in zip(X, deltas)))
+    for i in range(4):
+        assert st.rr[i].item() == pytest.approx(float((X[i] @ deltas[i].T).pow(2).sum()), rel=1e-12)
+        assert st.yy[i].item() == pytest.approx(float(Y[i].pow(2).sum()), rel=1e-12)
+        for j in range(4):
+            assert st.tt[i, j].item() == pytest.approx(float((Y[j] - X[i] @ W0.T).pow(2).sum()), rel=1e-10, abs=1e-9)
+            assert st.oo[i, j].item() == pytest.approx(float((Y[i] - Y[j]).pow(2).sum()), rel=1e-10, abs=1e-9)
+
+
+def test_own_sum_is_exact_and_bounds_never_exceed_the_true_distances():
+    W0, deltas, X, Y = make_problem(N=5, n=25, d_in=8, d_out=6, spread=0.6)
+    st = compact_from(X, deltas, W0)
+    g = torch.Generator().manual_seed(1)
+    tight = 0
+    for k in range(40):
+        # from near the average of the deltas (where merges end up) to far from everything
+        dW = sum(deltas) / 5 + (0.02 * k) ** 2 * torch.randn(W0.shape, generator=g, dtype=torch.float64)
+        D = torch.tensor([[float(torch.linalg.norm(X[i] @ (W0 + dW).T - Y[j])) for j in range(5)] for i in range(5)],
+                         dtype=torch.float64)
+        own = float(st.own_sum(dW))
+        assert own == pytest.approx(float(torch.diagonal(D).pow(2).sum()), rel=1e-10)
+        L = st.negative_lower_bounds(dW)
+        off = ~torch.eye(5, dtype=torch.bool)
+        assert (L[off] <= D[off] * (1 + 1e-12) + 1e-12).all(), (L - D)[off].max()
+        tight += int((L[off] > 0.5 * D[off]).any())
+    assert tight > 10  # the bounds are informative, not just 0
+
+
+@pytest.mark.parametrize("method,extra", [("loraclr", {}), ("least_squares", {}), ("sum", {}),
+                                          ("loraclr", {"normalize": True, "margin": 0.05}),
+                                          ("loraclr", {"warm_start": False, "iterations": 20, "lr": 1e-3})])
+def test_compact_merge_equals_the_exact_merge_when_no_hinge_can_act(method, extra):
+    # concepts far apart (independent inputs), margin small: certified from the bounds
+    W0, deltas, X, Y = make_problem(N=4, n=40, d_in=10, d_out=6, spread=1.0)
+    exact = LayerStats.from_rows(X, Y, force="gram", base=W0)
+    compact = compact_from(X, deltas, W0)
+    cfg = MergeConfig(method=method, **extra)
+    a = merge_layer(W0, exact, cfg, deltas=deltas)
+    b = merge_layer(W0, compact, cfg, deltas=deltas)
+    assert torch.allclose(a.delta.double(), b.delta.double(), rtol=1e-4, atol=1e-6 * a.delta.abs().max().item())
+    assert b.objective == pytest.approx(a.objective, rel=1e-5)
+    assert b.iterations_run == a.iterations_run
+    true_nn = [r["nearest_negative"] for r in a.report]
+    bound_nn = [r["nearest_negative"] for r in b.report]
+    assert all(lb <= t * (1 + 1e-6) for lb, t in zip(bound_nn, true_nn))
+
+
+def test_compact_merge_asks_for_exact_statistics_when_a_hinge_may_act():
+    W0, deltas, X, Y = make_problem(N=3, n=40, d_in=10, d_out=6, spread=0.05, delta_scale=0.01)
+    compact = compact_from(X, deltas, W0)
+    cfg = MergeConfig(method="loraclr", margin=1e3)
+    with pytest.raises(NeedsExactStatistics):
+        merge_layer(W0, compact, cfg)
+    # least squares needs no distances: it still merges, with its score unknown
+    res = merge_layer(W0, compact, MergeConfig(method="least_squares", margin=1e3))
+    exact = merge_layer(W0, LayerStats.from_rows(X, Y, force="gram", base=W0), MergeConfig(method="least_squares"))
+    assert res.objective is None
+    assert torch.allclose(res.delta.double(), exact.delta.double(), rtol=1e-4, atol=1e-8)
