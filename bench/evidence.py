@@ -11,7 +11,8 @@ the metrics of loraclr/metrics.py on fixed probes of each concept's held-out ima
    quick run: loraclr_evidence_quick/) with
    a stamp of the settings, so a re-run trains nothing.
 3. CAT against plain: each LoRA's held-out denoising loss against its knowledge preservation
-   (KP, lower is better) on class prompts and unrelated prompts without a trigger.
+   (KP, lower is better) on class prompts and unrelated prompts without a trigger, probed on the
+   first held-out image of every concept at two timesteps.
 4. Merges of the first N CAT concepts (N = 2, 5, 8, 12) with every method, for the
    cross_attention preset and the full three-stage merge; mean and spread of retention and
    fidelity over the concepts, and KP of the merged model.
@@ -20,7 +21,9 @@ the metrics of loraclr/metrics.py on fixed probes of each concept's held-out ima
 6. An ablation over margin and λ_reg (normalized LoRACLR, cross_attention, N = 5).
 
 The spatial stage samples 20 steps per concept and records 5 of them (evenly spread) to keep the
-first run within an hour on 2 CPU cores; the original method records all 20.
+first run within an hour on 2 CPU cores; the original method records all 20. A sweep collects
+each preset's first stage once per N and shares it between the methods (it reads only the
+concepts' own LoRAs), and a merge whose text encoder is untouched reuses the base encodings.
 
     python bench/evidence.py [--comfy .comfyui] [--quick] [--out output/evidence]
 
@@ -50,10 +53,11 @@ KP_PROMPTS_UNRELATED = ("a photo of a mountain lake", "a bowl of fruit on a tabl
 
 FULL = dict(n_concepts=12, ns=(2, 5, 8, 12), train_images=8, heldout_images=2, size=64, steps=150, rank=4,
             alpha=4.0, lr=1e-3, batch=2, collect_steps=20, record_steps=5, timesteps=(100, 300, 500, 700, 900),
-            ablation_n=5,
+            kp_images=1, kp_timesteps=(300, 700), ablation_n=5,
             margins=(0.1, 0.5, 1.0, 2.0), lambda_regs=(0.001, 0.01, 0.1), sub="loraclr_evidence")
 QUICK = dict(n_concepts=2, ns=(2,), train_images=4, heldout_images=1, size=64, steps=12, rank=4, alpha=4.0,
-             lr=1e-3, batch=2, collect_steps=3, record_steps=3, timesteps=(300, 700), ablation_n=2, margins=(0.5, 1.0),
+             lr=1e-3, batch=2, collect_steps=3, record_steps=3, timesteps=(300, 700), kp_images=1, kp_timesteps=(500,),
+             ablation_n=2, margins=(0.5, 1.0),
              lambda_regs=(0.001,), sub="loraclr_evidence_quick")
 
 # method variants: (label, preset-independent MergeConfig overrides)
@@ -148,7 +152,28 @@ def subset(refs, n):
     return References(refs.concepts[:n], refs.kp_prompts, refs.kp_probes, refs.kp_base, refs.info)
 
 
-def merge_and_score(model, clip, concepts, refs, preset, overrides, cfg, token_rows="all"):
+class FirstStages:
+    """The first stage of a preset collected once per (preset, concepts, token rows): it reads
+    only the concepts' own LoRAs, so every merge method of a sweep shares it."""
+
+    def __init__(self, model, clip, cfg):
+        self.model, self.clip, self.cfg, self.cache = model, clip, cfg, {}
+
+    def get(self, preset, concepts, token_rows):
+        from comfyui_loraclr.nodes.collect import collect_stage
+        from comfyui_loraclr.nodes.merge import PRESETS
+
+        key = (preset, tuple(c.lora for c in concepts), token_rows)
+        if key not in self.cache:
+            self.cache.clear()  # sweeps go preset by preset, N by N: keep one at a time
+            cfg = self.cfg
+            self.cache[key] = collect_stage(self.model, self.clip, concepts, PRESETS[preset][0], "concept_lora",
+                                            steps=cfg["collect_steps"], record_steps=cfg["record_steps"],
+                                            width=cfg["size"], height=cfg["size"], seed=0, token_rows=token_rows)
+        return self.cache[key]
+
+
+def merge_and_score(model, clip, concepts, refs, preset, overrides, cfg, token_rows="all", first=None):
     import torch
 
     from comfyui_loraclr.loraclr import MergeConfig
@@ -157,9 +182,10 @@ def merge_and_score(model, clip, concepts, refs, preset, overrides, cfg, token_r
 
     config = MergeConfig(**overrides)
     with torch.inference_mode():
+        first_stage = first.get(preset, concepts, token_rows) if first is not None else None
         m, c, merged, _ = merge_all_stages(model, clip, concepts, preset, config, steps=cfg["collect_steps"],
                                            record_steps=cfg["record_steps"], width=cfg["size"], height=cfg["size"],
-                                           seed=0, token_rows=token_rows)
+                                           seed=0, token_rows=token_rows, first_stage=first_stage)
         scores = evaluation.score(m, c, refs)
     iters = sum(r["iterations"] for r in merged.report)
     return scores, iters
@@ -281,12 +307,14 @@ def main(argv=None):
     log("concept LoRAs ready")
     latents = heldout_latents(model, vae, cfg)
     kp = kp_prompts()
+    kp_latents = torch.cat([x[:cfg["kp_images"]] for x in latents])
     refs = {}
     with torch.inference_mode():
         for variant in ("plain", "cat"):
             refs[variant] = evaluation.references(model, clip, concept_objects(cfg, files, variant), latents, kp,
-                                                  cfg["timesteps"], seed=0)
-    log("references ready")
+                                                  cfg["timesteps"], seed=0, kp_latents=kp_latents,
+                                                  kp_timesteps=cfg["kp_timesteps"])
+    log(f"references ready ({refs['cat'].info['kp_probes']} knowledge-preservation probes × {len(kp)} prompts)")
     results = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}, "kp_prompts": kp,
                "cat_vs_plain": [], "merges": [], "ablation": []}
 
@@ -312,11 +340,13 @@ def main(argv=None):
 
     # merges
     concepts = concept_objects(cfg, files, "cat")
+    first = FirstStages(model, clip, cfg)
     for preset in ("cross_attention", "all"):
         for n in cfg["ns"]:
             for label, overrides in METHODS:
                 t0 = time.time()
-                s, iters = merge_and_score(model, clip, concepts[:n], subset(refs["cat"], n), preset, overrides, cfg)
+                s, iters = merge_and_score(model, clip, concepts[:n], subset(refs["cat"], n), preset, overrides, cfg,
+                                           first=first)
                 row = {"preset": preset, "n": n, "method": label, "retention": s["retention"],
                        "fidelity": s["fidelity"], "kp": s["knowledge_preservation"], "iterations": iters,
                        "seconds": time.time() - t0, "concepts": s["concepts"]}
@@ -335,8 +365,14 @@ def main(argv=None):
         for label in ("least_squares", "loraclr_official", "loraclr"):
             overrides = dict(METHODS)[label]
             for rows in ("all", "trigger"):
-                s, iters = merge_and_score(model, clip, concepts[:n], subset(refs["cat"], n), "cross_attention",
-                                           overrides, cfg, token_rows=rows)
+                done = next((r for r in results["merges"] if rows == "all" and r["preset"] == "cross_attention"
+                             and r["n"] == n and r["method"] == label), None)
+                if done is not None:  # the same merge as in the table above: all rows is the default
+                    s, iters = {k: done[k] for k in ("retention", "fidelity")}, done["iterations"]
+                    s["knowledge_preservation"] = done["kp"]
+                else:
+                    s, iters = merge_and_score(model, clip, concepts[:n], subset(refs["cat"], n), "cross_attention",
+                                               overrides, cfg, token_rows=rows, first=first)
                 results["token_rows"].append({"n": n, "method": label, "token_rows": rows,
                                               "retention": s["retention"], "fidelity": s["fidelity"],
                                               "kp": s["knowledge_preservation"], "iterations": iters})
@@ -348,7 +384,8 @@ def main(argv=None):
     for margin in cfg["margins"]:
         for lam_reg in cfg["lambda_regs"]:
             s, iters = merge_and_score(model, clip, concepts[:n], subset(refs["cat"], n), "cross_attention",
-                                       dict(method="loraclr", normalize=True, margin=margin, lambda_reg=lam_reg), cfg)
+                                       dict(method="loraclr", normalize=True, margin=margin, lambda_reg=lam_reg), cfg,
+                                       first=first)
             results["ablation"].append({"n": n, "margin": margin, "lambda_reg": lam_reg,
                                         "retention": s["retention"]["mean"], "fidelity": s["fidelity"]["mean"],
                                         "kp": s["knowledge_preservation"], "iterations": iters})

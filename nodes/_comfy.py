@@ -215,6 +215,31 @@ def clip_with_patches(clip, patches: dict, strength: float):
     return c
 
 
+def same_text_encoder(a, b) -> bool:
+    """Whether CLIP objects ``a`` and ``b`` encode every prompt identically: the same
+    underlying text encoder and tokenizer, the same layer choice and the very same weight
+    patches (clones share their patch entries until a patch is added)."""
+    if a is b:
+        return True
+    if a.cond_stage_model is not b.cond_stage_model or a.tokenizer is not b.tokenizer:
+        return False
+    if getattr(a, "layer_idx", None) != getattr(b, "layer_idx", None):
+        return False
+    pa, pb = a.patcher, b.patcher
+    if pa.model is not pb.model or pa.patches.keys() != pb.patches.keys():
+        return False
+    if any(len(pa.patches[k]) != len(pb.patches[k]) or any(x is not y for x, y in zip(pa.patches[k], pb.patches[k]))
+           for k in pa.patches):
+        return False
+    if pa.object_patches.keys() != pb.object_patches.keys() or any(
+            pa.object_patches[k] is not pb.object_patches[k] for k in pa.object_patches):
+        return False
+    try:
+        return bool(pa.model_options == pb.model_options)
+    except Exception:  # options holding tensors or objects that refuse comparison
+        return False
+
+
 def encode_prompt(clip, text: str) -> torch.Tensor:
     """The conditioning tensor the UNet receives for ``text`` (batch 1, tokens × width)."""
     tokens = clip.tokenize(text)

@@ -95,6 +95,19 @@ class References:
     kp_probes: Probes | None
     kp_base: torch.Tensor | None
     info: dict = field(default_factory=dict)
+    base_clip: object = None  # the CLIP the references were encoded with
+    base_conds: dict = field(default_factory=dict)  # prompt -> its conditioning by base_clip
+
+    def encode(self, clip, prompts) -> torch.Tensor:
+        """``prompts`` encoded by ``clip``; when ``clip`` is the references' own text encoder
+        with the same patches (a merge that left the text encoder alone), the conditionings
+        computed for the references are reused instead of encoding again."""
+        if self.base_clip is None or not _comfy.same_text_encoder(clip, self.base_clip):
+            return _encode(clip, prompts)
+        missing = [p for p in prompts if p not in self.base_conds]
+        if missing:
+            self.base_conds.update(zip(missing, _encode(self.base_clip, missing)))
+        return torch.stack([self.base_conds[p] for p in prompts])
 
 
 def concept_model(model, clip, concept, node=NODE):
@@ -107,25 +120,29 @@ def concept_model(model, clip, concept, node=NODE):
 
 
 def references(model, clip, concepts, latents=None, kp_prompts=(), timesteps=DEFAULT_TIMESTEPS, seed=0,
-               shape=(2, 4, 32, 32), progress=None) -> References:
+               shape=(2, 4, 32, 32), progress=None, kp_latents=None, kp_timesteps=None) -> References:
     """Base and per-concept-LoRA predictions on each concept's probes (``latents[i]``: that
     concept's reference latents, or None), and the base predictions on the knowledge-preservation
-    prompts (probes from every concept's reference latents, or seeded latents)."""
+    prompts. The knowledge-preservation probes are ``kp_latents`` at ``kp_timesteps`` when given,
+    else every concept's reference latents (or seeded latents) at ``timesteps``."""
     if not concepts:
         raise _comfy.NodeError(NODE, "input 'concepts' is empty")
     latents = list(latents) if latents is not None else [None] * len(concepts)
     if len(latents) != len(concepts):
         raise _comfy.NodeError(NODE, f"got reference latents for {len(latents)} concepts, need {len(concepts)}")
     kp_probes = kp_base = None
+    refs_out = References([], tuple(kp_prompts), None, None, {"timesteps": list(timesteps), "seed": seed},
+                          base_clip=clip)
     if kp_prompts:
-        given = [x for x in latents if x is not None]
-        kp_latents = torch.cat(given) if given else None
-        kp_probes = make_probes(model, kp_latents, timesteps, seed + 10_000, shape)
-        kp_base = predict(model, kp_probes, _encode(clip, kp_prompts))
+        if kp_latents is None:
+            given = [x for x in latents if x is not None]
+            kp_latents = torch.cat(given) if given else None
+        kp_probes = make_probes(model, kp_latents, kp_timesteps or timesteps, seed + 10_000, shape)
+        kp_base = predict(model, kp_probes, refs_out.encode(clip, kp_prompts))
     refs = []
     for i, c in enumerate(concepts):
         probes = make_probes(model, latents[i], timesteps, seed + i, shape)
-        base = predict(model, probes, _encode(clip, c.prompts))
+        base = predict(model, probes, refs_out.encode(clip, c.prompts))
         m_i, c_i = concept_model(model, clip, c)  # the concept's LoRA read once, for both probe sets
         lora = predict(m_i, probes, _encode(c_i, c.prompts))
         target = probes.target[None].expand_as(base)
@@ -138,8 +155,11 @@ def references(model, clip, concepts, latents=None, kp_prompts=(), timesteps=DEF
         if progress:
             progress.step()
     _comfy.load_patched(model)
-    return References(refs, tuple(kp_prompts), kp_probes, kp_base,
-                      {"timesteps": list(timesteps), "seed": seed})
+    refs_out.concepts, refs_out.kp_probes, refs_out.kp_base = refs, kp_probes, kp_base
+    if kp_probes is not None:
+        refs_out.info["kp_probes"] = int(kp_probes.x_t.shape[0])
+        refs_out.info["kp_timesteps"] = sorted({int(t) for t in kp_probes.t})
+    return refs_out
 
 
 def score(model, clip, refs: References) -> dict:
@@ -147,14 +167,14 @@ def score(model, clip, refs: References) -> dict:
     ones), and its knowledge preservation on the references' prompts."""
     rows = []
     for r in refs.concepts:
-        pred = predict(model, r.probes, _encode(clip, r.prompts))
+        pred = predict(model, r.probes, refs.encode(clip, r.prompts))
         loss = metrics.denoising_loss(pred, r.probes.target[None].expand_as(pred))
         rows.append({"concept": r.label, "loss_base": r.loss_base, "loss_lora": r.loss_lora, "loss": loss,
                      "retention": metrics.retention(r.loss_base, loss, r.loss_lora) if r.probes.has_images else None,
                      "fidelity": metrics.fidelity(pred, r.lora, r.base), "kp_lora": r.kp_lora})
     kp = None
     if refs.kp_probes is not None:
-        pred = predict(model, refs.kp_probes, _encode(clip, refs.kp_prompts))
+        pred = predict(model, refs.kp_probes, refs.encode(clip, refs.kp_prompts))
         kp = metrics.knowledge_preservation(pred, refs.kp_base, refs.kp_probes.noise[None].expand_as(pred))
     out = {"concepts": rows, "knowledge_preservation": kp,
            "retention": metrics.summary([r["retention"] for r in rows if r["retention"] is not None]),

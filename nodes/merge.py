@@ -112,18 +112,23 @@ PRESETS = {
 
 
 def merge_all_stages(model, clip, concepts, preset: str, config: MergeConfig, layer_filter="",
-                     steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all"):
+                     steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all", first_stage=None):
     """The stages of ``preset`` in order, each collected on the model/CLIP with the previous
-    stages' merged deltas applied (the first stage reads the concepts' own LoRAs throughout)."""
+    stages' merged deltas applied (the first stage reads the concepts' own LoRAs throughout).
+    ``first_stage``: the first stage's activations when already collected with these settings
+    (they do not depend on the merge settings, so a sweep over methods collects them once)."""
     from .collect import collect_stage
 
     if preset not in PRESETS:
         raise _comfy.NodeError("LoRACLR Merge (all stages)", f"field 'preset' must be one of {list(PRESETS)}")
     merged_all, texts = None, []
     for n, stage in enumerate(PRESETS[preset]):
-        acts = collect_stage(model, clip, concepts, stage, inputs_from="concept_lora" if n == 0 else "wired",
-                             layer_filter=layer_filter, steps=steps, record_steps=record_steps,
-                             width=width, height=height, seed=seed, token_rows=token_rows)
+        if n == 0 and first_stage is not None:
+            acts = first_stage
+        else:
+            acts = collect_stage(model, clip, concepts, stage, inputs_from="concept_lora" if n == 0 else "wired",
+                                 layer_filter=layer_filter, steps=steps, record_steps=record_steps,
+                                 width=width, height=height, seed=seed, token_rows=token_rows)
         merged = merge_activations(acts, config, _comfy.Progress(len(acts.layers)))
         model = _comfy.patch_model(model, merged.model, 1.0)
         clip = _comfy.patch_clip(clip, merged.clip, 1.0)
