@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 STAGES = ("text_encoder", "cross_attention", "spatial")
 
@@ -28,6 +29,52 @@ class Concept:
         return self.trigger or self.lora
 
 
+class ConceptDelta:
+    """One concept's ΔW on one layer, kept small: ``factors`` (U (out, r), D (r, in, *kernel))
+    with ΔW = U·D for a plain LoRA, or ``full`` ΔW in the weight's shape. ``apply`` adds the
+    layer's extra output for an input without forming ΔW."""
+
+    def __init__(self, factors=None, full=None):
+        self.factors, self.full = factors, full
+        self._cache = {}
+
+    @property
+    def nbytes(self) -> int:
+        ts = self.factors if self.factors is not None else (self.full,)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def matrix(self, shape) -> torch.Tensor:
+        """ΔW in the weight's shape, float32 on the CPU."""
+        if self.full is not None:
+            return self.full.reshape(shape)
+        U, D = self.factors
+        return (U @ D.reshape(D.shape[0], -1)).reshape(shape)
+
+    def _on(self, like: torch.Tensor):
+        key = (like.device, like.dtype)
+        if key not in self._cache:
+            ts = self.factors if self.factors is not None else (self.full,)
+            self._cache[key] = tuple(t.to(like.device, like.dtype) for t in ts)
+        return self._cache[key]
+
+    def apply(self, module, x: torch.Tensor) -> torch.Tensor:
+        """This concept's extra output of ``module`` for input ``x``."""
+        conv = isinstance(module, torch.nn.Conv2d)
+        if self.factors is not None:
+            U, D = self._on(x)
+            if conv:
+                h = F.conv2d(x, D, None, module.stride, module.padding, module.dilation, module.groups)
+                return F.conv2d(h, U.reshape(U.shape[0], U.shape[1], 1, 1))
+            return (x @ D.reshape(D.shape[0], -1).T) @ U.T
+        (W,) = self._on(x)
+        if conv:
+            return F.conv2d(x, W, None, module.stride, module.padding, module.dilation, module.groups)
+        return x @ W.reshape(W.shape[0], -1).T
+
+    def release(self):
+        self._cache.clear()
+
+
 @dataclass
 class LayerData:
     """Everything the solver needs for one layer: the base weight, each concept's own delta
@@ -36,12 +83,17 @@ class LayerData:
 
     key: str  # model state-dict key of the weight
     target: str  # "model" or "clip"
-    base: torch.Tensor  # W0, float32
-    deltas: list  # per concept: float32 tensor or None
-    stats: Any  # loraclr.LayerStats
+    base: Any  # W0, float32, or a function that returns it (so that a collection holds no copy)
+    deltas: list  # per concept: float32 tensor, ConceptDelta, or None
+    stats: Any  # loraclr.LayerStats or CompactStats
+
+    def weight(self) -> torch.Tensor:
+        return self.base() if callable(self.base) else self.base
 
     def delta_list(self) -> list[torch.Tensor]:
-        return [d if d is not None else torch.zeros_like(self.base) for d in self.deltas]
+        w = self.weight()
+        return [torch.zeros_like(w) if d is None else d.matrix(w.shape) if isinstance(d, ConceptDelta) else d
+                for d in self.deltas]
 
 
 @dataclass
@@ -50,12 +102,20 @@ class ActivationSet:
     concepts: list[Concept]
     layers: list[LayerData]
     info: dict = field(default_factory=dict)
+    # keys -> those layers' LayerData with exact statistics, collected again from the same noise;
+    # set where a layer's compact statistics may not suffice (see CompactStats)
+    exact_source: Any = None
+    # {key: merged ΔW} -> {key: exact N × N squared distances at W0 + ΔW}: certifies a compact
+    # layer's merge without its exact statistics
+    distance_source: Any = None
 
     def nbytes(self) -> int:
         total = 0
         for layer in self.layers:
-            total += layer.base.numel() * layer.base.element_size()
-            total += sum(d.numel() * d.element_size() for d in layer.deltas if d is not None)
+            if isinstance(layer.base, torch.Tensor):
+                total += layer.base.numel() * layer.base.element_size()
+            total += sum(d.nbytes if isinstance(d, ConceptDelta) else d.numel() * d.element_size()
+                         for d in layer.deltas if d is not None)
             total += layer.stats.nbytes()
         return total
 

@@ -122,9 +122,9 @@ class Problem:
 
     def loss(self, dW, margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001, normalize=False, D2=None):
         """Objective and its parts; ``D2`` may pass squared distances already computed for ``dW``.
-        With compact statistics the value is exact where the distance bounds show that no hinge
-        is active, and NeedsExactStatistics is raised otherwise."""
-        if self.compact is not None:
+        With compact statistics and no ``D2`` the value is exact where the distance bounds show
+        that no hinge is active, and NeedsExactStatistics is raised otherwise."""
+        if self.compact is not None and D2 is None:
             return self._compact_loss(dW, margin, lambda_con, lambda_mse, lambda_reg, normalize)
         D2 = (self.squared_distances(dW) if D2 is None else D2).clamp_min(0)
         scale2 = self.scale ** 2 if normalize else 1.0

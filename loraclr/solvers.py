@@ -222,14 +222,20 @@ def _optimise(problem: Problem, start: torch.Tensor, cfg: MergeConfig):
     return best_dW, history, converged, it
 
 
-def merge_layer(W0: torch.Tensor, stats: LayerStats, config: MergeConfig | None = None, deltas=None) -> MergeResult:
+def merge_layer(W0: torch.Tensor, stats: LayerStats, config: MergeConfig | None = None, deltas=None,
+                distances: torch.Tensor | None = None) -> MergeResult:
     """Merge one layer with ``config.method``. Safe to call under ``torch.inference_mode()`` (as
-    ComfyUI runs nodes): the optimisation runs with autograd enabled on fresh tensors."""
+    ComfyUI runs nodes): the optimisation runs with autograd enabled on fresh tensors.
+
+    With compact statistics (:class:`CompactStats`), ``loraclr`` raises NeedsExactStatistics when
+    the distance bounds cannot show that no hinge is active; when that happens at the hinge-free
+    minimiser the exception carries it as ``candidate``, and ``distances`` (the exact N × N
+    squared distances at that point, measured on the same rows) certify it or not."""
     with torch.inference_mode(False), torch.enable_grad():
-        return _merge_layer(W0, stats, config or MergeConfig(), deltas)
+        return _merge_layer(W0, stats, config or MergeConfig(), deltas, distances)
 
 
-def _merge_layer(W0, stats, cfg, deltas):
+def _merge_layer(W0, stats, cfg, deltas, distances=None):
     if cfg.method not in METHODS:
         raise ValueError(f"unknown merge method {cfg.method!r}; choose one of {METHODS}")
     if cfg.compute_dtype not in COMPUTE_DTYPES:
@@ -274,10 +280,24 @@ def _merge_layer(W0, stats, cfg, deltas):
                 start_value, parts, D2 = evaluate(start)
             except NeedsExactStatistics:
                 start_value, parts, D2 = None, {}, None
+        elif cfg.warm_start and compact:
+            start = smooth_minimiser(problem, cfg).to(torch.float32)
+            try:
+                start_value, parts, D2 = evaluate(start)  # certified by the distance bounds
+            except NeedsExactStatistics as e:
+                if distances is None:
+                    raise NeedsExactStatistics(reason=e.reason, candidate=start) from None
+                D2 = distances.to(torch.float64).clamp_min(0)
+                if not _hinges_inactive(scoring, D2, cfg):
+                    raise NeedsExactStatistics(reason="a hinge is active at the hinge-free minimiser") from None
+                with torch.no_grad():
+                    total, p = scoring.loss(start, D2=D2, **kw)
+                start_value, parts = float(total), {k: float(v) for k, v in p.items()}
+            certified = True
         elif cfg.warm_start:
             start = smooth_minimiser(problem, cfg).to(torch.float32)
-            start_value, parts, D2 = evaluate(start)  # compact: raises unless certified
-            certified = compact or _hinges_inactive(scoring, D2, cfg)
+            start_value, parts, D2 = evaluate(start)
+            certified = _hinges_inactive(scoring, D2, cfg)
             if not certified:
                 # a hinge is active at the hinge-free optimum: the plain least-squares fit (which
                 # separates the concepts more) may be the better start

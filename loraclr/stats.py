@@ -217,9 +217,12 @@ class NeedsExactStatistics(Exception):
     """A merge of compact statistics could not certify that no hinge is active, so the exact
     pairwise statistics of this layer are needed (see :class:`CompactStats`)."""
 
-    def __init__(self, key: str = "", reason: str = ""):
+    def __init__(self, key: str = "", reason: str = "", candidate=None):
         super().__init__(f"{key}: {reason}" if key else reason)
         self.key, self.reason = key, reason
+        # the hinge-free minimiser, when that is what could not be certified: exact distances
+        # at this one point (see merge_layer's ``distances``) may still certify it
+        self.candidate = candidate
 
 
 class CompactStats:
@@ -275,20 +278,26 @@ class CompactStats:
 
 class CompactAccumulator:
     """:class:`CompactStats` accumulated chunk by chunk; every chunk holds the same rows for
-    every concept. ``base``: the layer's W0 (out × in)."""
+    every concept. ``base``: the layer's W0 (out × in), needed only when ``add`` is not given the
+    base outputs. Sums live on ``device`` (where the rows arrive)."""
 
-    def __init__(self, n_concepts: int, base: torch.Tensor, dtype=torch.float32):
-        self.base = _flat(base).to(dtype)
-        self.n = n_concepts
-        self.d_out, self.d_in = self.base.shape
+    def __init__(self, n_concepts: int, in_features: int, out_features: int, base: torch.Tensor | None = None,
+                 dtype=torch.float32, device=None):
+        self.n, self.d_in, self.d_out = n_concepts, in_features, out_features
         self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.base = None if base is None else _flat(base).to(self.device, dtype)
+        if self.base is not None and self.base.shape != (out_features, in_features):
+            raise ValueError(f"base must be ({out_features}, {in_features}), got {tuple(self.base.shape)}")
         self.rows = 0
-        self.G = torch.zeros(self.d_in, self.d_in, dtype=dtype)
-        self.E = torch.zeros(self.d_in, self.d_out, dtype=dtype)
-        self.rr = torch.zeros(n_concepts, dtype=torch.float64)
-        self.yy = torch.zeros(n_concepts, dtype=torch.float64)
-        self.tt = torch.zeros(n_concepts, n_concepts, dtype=torch.float64)
-        self.oo = torch.zeros(n_concepts, n_concepts, dtype=torch.float64)
+        kw = dict(dtype=dtype, device=self.device)
+        self.G = torch.zeros(self.d_in, self.d_in, **kw)
+        self.E = torch.zeros(self.d_in, self.d_out, **kw)
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.rr = torch.zeros(n_concepts, **f64)
+        self.yy = torch.zeros(n_concepts, **f64)
+        self.tt = torch.zeros(n_concepts, n_concepts, **f64)
+        self.oo = torch.zeros(n_concepts, n_concepts, **f64)
 
     @staticmethod
     def nbytes_for(n_concepts: int, in_features: int, out_features: int, itemsize: int = 4) -> int:
@@ -300,8 +309,10 @@ class CompactAccumulator:
             raise ValueError(f"X must be ({self.n}, rows, {self.d_in}), got {tuple(X.shape)}")
         if R.shape != (self.n, X.shape[1], self.d_out):
             raise ValueError(f"R must be ({self.n}, {X.shape[1]}, {self.d_out}), got {tuple(R.shape)}")
-        X, R = X.to(self.dtype), R.to(self.dtype)
-        B = X @ self.base.T if B is None else B.to(self.dtype)
+        X, R = X.to(self.device, self.dtype), R.to(self.device, self.dtype)
+        if B is None and self.base is None:
+            raise ValueError("give the base outputs B, or construct the accumulator with base")
+        B = X @ self.base.T if B is None else B.to(self.device, self.dtype)
         Xf = X.reshape(-1, self.d_in)
         self.G.addmm_(Xf.T, Xf)
         self.E.addmm_(Xf.T, R.reshape(-1, self.d_out))
@@ -321,5 +332,6 @@ class CompactAccumulator:
     def finish(self) -> CompactStats:
         if self.rows == 0:
             raise ValueError("no rows were added")
-        return CompactStats(self.rows, self.d_in, self.d_out, self.G, self.E, self.rr, self.yy.clone(),
-                            self.tt.clamp_min(0), self.oo.clamp_min(0))
+        cpu = torch.device("cpu")  # merges run on the CPU; the big sums move once, at the end
+        return CompactStats(self.rows, self.d_in, self.d_out, self.G.to(cpu), self.E.to(cpu), self.rr.to(cpu),
+                            self.yy.to(cpu), self.tt.clamp_min(0).to(cpu), self.oo.clamp_min(0).to(cpu))

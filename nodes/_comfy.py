@@ -190,6 +190,34 @@ def patch_delta(patch, base: torch.Tensor, key: str, strength: float) -> torch.T
     return (out.to(torch.float32) - base)
 
 
+def lora_factors(patch, weight_shape, strength: float):
+    """(U, D) with ΔW = U·D (U: out × r, D: r × the weight's trailing dimensions), float32, for a
+    plain LoRA patch at ``strength`` (scaled as ComfyUI's LoRA adapter scales it: strength ·
+    alpha / rank); None for every other adapter (LoCon mid weights, DoRA, LoHa, LoKr, diff...)."""
+    v = None
+    try:
+        from comfy.weight_adapter import LoRAAdapter
+
+        if isinstance(patch, LoRAAdapter):
+            v = patch.weights
+    except ImportError:  # older ComfyUI: ("lora", (up, down, alpha, mid, dora_scale, reshape))
+        pass
+    if v is None and isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "lora":
+        v = patch[1]
+    if v is None or len(v) < 2 or any(x is not None for x in v[3:6]):
+        return None
+    up, down, alpha = v[0], v[1], v[2]
+    rank = down.shape[0]
+    if up.shape[1] != rank or up.shape[0] != weight_shape[0] or up[0].numel() != rank:
+        return None
+    if down[0].numel() != int(torch.Size(weight_shape[1:]).numel()):
+        return None
+    scale = float(strength) * (float(alpha) / rank if alpha is not None else 1.0)
+    U = up.reshape(up.shape[0], rank).to(torch.float32) * scale
+    D = down.to(torch.float32).reshape((rank,) + tuple(weight_shape[1:]))
+    return U, D
+
+
 def state_keys(patcher) -> list[str]:
     return list(patcher.model.state_dict().keys())
 

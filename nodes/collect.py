@@ -21,8 +21,10 @@ from comfy_api.latest import io, ui
 
 from ..loraclr import LayerStats
 from ..loraclr.bundle import ActivationSet, Concept, LayerData
-from ..loraclr.streaming import AdaptiveLayerStats
+from ..loraclr.stats import CompactAccumulator, pairwise_sq_distances
+from ..loraclr.streaming import AdaptiveLayerStats, cross_gram_nbytes, gram_nbytes
 from . import _comfy
+from .memory import PeakMemory
 
 CONCEPTS = io.Custom("LORACLR_CONCEPTS")
 ACTIVATIONS = io.Custom("LORACLR_ACTIVATIONS")
@@ -298,24 +300,220 @@ def record_schedule(steps: int, record_steps: int) -> list[int]:
     return sorted({round(i * steps / record_steps) for i in range(record_steps)})
 
 
+SPATIAL_STATISTICS = ("compact", "exact")
+DEFAULT_MEMORY_BUDGET_GIB = 4.0
+
+
 def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=True, inputs_from="concept_lora",
-                    steps=20, record_steps=20, width=512, height=512, seed=0, progress=None) -> ActivationSet:
+                    steps=20, record_steps=20, width=512, height=512, seed=0, progress=None, statistics="compact",
+                    memory_budget_gib=DEFAULT_MEMORY_BUDGET_GIB, keys_only=None) -> ActivationSet:
     """Samples every concept's prompts with its LoRA (Euler, conditional prediction only, the
     same initial noise for all concepts) and records the spatial layers' inputs at the recorded
     steps. The concept's LoRA is applied to this stage's layers, and with ``inputs_from`` =
     concept_lora also to the rest of the UNet and to CLIP; with ``wired`` the rest of the model
-    is as wired (e.g. with the earlier stages' merged deltas applied)."""
+    is as wired (e.g. with the earlier stages' merged deltas applied).
+
+    ``statistics``: ``compact`` runs all concepts through one batched forward per step
+    (:mod:`.concept_batch`) and keeps, per layer, statistics whose size does not depend on the
+    number of concepts (:class:`CompactStats`); a merge that needs the exact pairwise statistics
+    of some layers gets them from ``exact_source``, which samples again from the same noise for
+    groups of layers that fit ``memory_budget_gib``. ``exact`` keeps the exact statistics of every
+    layer at once, sampling the concepts one after another (``keys_only``: only these layers)."""
+    if statistics not in SPATIAL_STATISTICS:
+        raise _comfy.NodeError(NODE, f"field 'spatial_statistics' must be one of {list(SPATIAL_STATISTICS)}, "
+                                     f"got '{statistics}'")
+    if not memory_budget_gib > 0:
+        raise _comfy.NodeError(NODE, f"field 'memory_budget_gib' must be above 0, got {memory_budget_gib}")
+    n_prompts, notes, loaded, keys = _spatial_layers(model, clip, concepts, layer_filter, only_lora_layers, keys_only)
+    extra = dict(steps=steps, width=width, height=height, seed=seed, statistics=statistics,
+                 memory_budget_gib=memory_budget_gib)
+    if not keys:
+        return ActivationSet("spatial", list(concepts), [],
+                             _info(model, clip, keys, loaded, notes, n_prompts, inputs_from=inputs_from, **extra))
+    if statistics == "compact":
+        why = _hooks_cannot_apply(model, loaded, keys, inputs_from)
+        if why:
+            notes.append(f"compact statistics need every LoRA change as a layer term; {why}: the exact statistics "
+                         "were collected instead")
+            statistics = extra["statistics"] = "exact"
+    modules = _comfy.unet_modules(model)
+    conds, sigmas, record, noise = _sampling_inputs(model, clip, concepts, loaded, n_prompts, notes, inputs_from,
+                                                    steps, record_steps, width, height, seed)
+    with PeakMemory(getattr(model, "load_device", None)) as peak:
+        if statistics == "exact":
+            layers = _spatial_exact(model, concepts, loaded, keys, modules, conds, sigmas, record, noise, inputs_from,
+                                    progress)
+        else:
+            layers = _spatial_compact(model, concepts, loaded, keys, modules, conds, sigmas, record, noise,
+                                      inputs_from, progress)
+    acts = ActivationSet("spatial", list(concepts), layers,
+                         _info(model, clip, keys, loaded, notes, n_prompts, inputs_from=inputs_from,
+                               recorded_steps=sorted(record), **extra))
+    acts.info["memory"] = {"planned_bytes": _planned_bytes(layers, len(concepts), statistics),
+                           "held_bytes": acts.nbytes(), "peak_bytes": peak.peak_bytes,
+                           "device": str(getattr(model, "load_device", "cpu"))}
+    if statistics == "compact":
+        def exact_source(group):
+            again = collect_spatial(model, clip, concepts, layer_filter, only_lora_layers, inputs_from, steps,
+                                    record_steps, width, height, seed, None, "exact", memory_budget_gib, set(group))
+            return again.layers
+
+        def distance_source(candidates):
+            return spatial_distances(model, clip, concepts, candidates, layer_filter, only_lora_layers, inputs_from,
+                                     steps, record_steps, width, height, seed)
+
+        acts.exact_source = exact_source
+        acts.distance_source = distance_source
+    return acts
+
+
+def _spatial_layers(model, clip, concepts, layer_filter, only_lora_layers, keys_only=None):
     _check_concepts(concepts)
     n_prompts, notes = _align_prompt_counts(concepts)
     _comfy.check_sampling_support(NODE, model)
     loaded = _Loaded(model, clip, concepts)
     keys = _select_keys("spatial", _comfy.state_keys(model), loaded.unet, layer_filter, only_lora_layers, notes)
-    if not keys:
-        return ActivationSet("spatial", list(concepts), [],
-                             _info(model, clip, keys, loaded, notes, n_prompts, inputs_from=inputs_from))
-    modules = {k: m for k, m in _comfy.unet_modules(model).items() if k in keys}
+    if keys_only is not None:
+        keys = [k for k in keys if k in keys_only]
+    return n_prompts, notes, loaded, keys
+
+
+def _sampling_inputs(model, clip, concepts, loaded, n_prompts, notes, inputs_from, steps, record_steps, width, height,
+                     seed):
+    """Per concept its prompts' conditioning, the sigmas, the recorded steps and the shared noise."""
+    conds = []
+    for i, c in enumerate(concepts):
+        clip_i = _concept_clip(clip, loaded, i, c, inputs_from)
+        conds.append(torch.cat([_encode(clip_i, p, c, notes) for p in c.prompts[:n_prompts]]))
+    sigmas = _comfy.sampling_sigmas(model, steps)
+    record = set(record_schedule(steps, record_steps))
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n_prompts, _comfy.latent_channels(model), height // 8, width // 8), generator=g)
+    return conds, sigmas, record, noise
+
+
+def spatial_distances(model, clip, concepts, candidates: dict, layer_filter="", only_lora_layers=True,
+                      inputs_from="concept_lora", steps=20, record_steps=20, width=512, height=512, seed=0) -> dict:
+    """For each layer key in ``candidates`` (a merged ΔW), the exact squared distances
+    d(i, j)² = ||X_i(W0 + ΔW)ᵀ − Y_j||² (N × N, float64) over the same rows a collection with
+    these settings records: one batched sampling pass, N² numbers per layer."""
+    n_prompts, notes, loaded, keys = _spatial_layers(model, clip, concepts, layer_filter, only_lora_layers,
+                                                     set(candidates))
+    modules = _comfy.unet_modules(model)
+    conds, sigmas, record, noise = _sampling_inputs(model, clip, concepts, loaded, n_prompts, notes, inputs_from,
+                                                    steps, record_steps, width, height, seed)
+    n = len(concepts)
+    device = getattr(model, "load_device", torch.device("cpu"))
+    cand = {k: candidates[k].reshape(candidates[k].shape[0], -1).to(device, torch.float32) for k in keys}
+    D2 = {k: torch.zeros(n, n, dtype=torch.float64, device=device) for k in keys}
+
+    def on_record(key, X, R, B):
+        Q = X.to(device) @ cand[key].T  # X_i ΔWᵀ
+        pred, Y = B.to(device) + Q, B.to(device) + R.to(device)
+        d = pairwise_sq_distances(pred, Y)
+        d.diagonal().copy_((Q - R.to(device)).reshape(n, -1).double().pow(2).sum(1))  # own terms without cancellation
+        D2[key] += d
+
+    deltas = _concept_deltas(model, loaded, concepts, modules, keys, inputs_from)
+    _run_batched(model, modules, deltas, n, set(keys), on_record, conds, sigmas, record, noise, None)
+    return {k: v.clamp_min(0).cpu() for k, v in D2.items()}
+
+
+def exact_layer_bytes(n_concepts: int, in_features: int, out_features: int) -> int:
+    """Memory of one layer's exact statistics while collecting: each concept's full weight plus
+    the larger of the folded statistics (cross-Grams and the final C_ij)."""
+    weights = 4 * n_concepts * in_features * out_features
+    stats = gram_nbytes(n_concepts, in_features, out_features)
+    if in_features <= 2 * out_features:
+        stats += cross_gram_nbytes(n_concepts, in_features)
+    return weights + stats
+
+
+def _planned_bytes(layers, n, statistics) -> int:
+    total = 0
+    for layer in layers:
+        d_in, d_out = layer.stats.in_features, layer.stats.out_features
+        total += (CompactAccumulator.nbytes_for(n, d_in, d_out) if statistics == "compact"
+                  else exact_layer_bytes(n, d_in, d_out))
+    return total
+
+
+def _hooks_cannot_apply(model, loaded, keys, inputs_from) -> str:
+    """Why a per-sample hook could not reproduce some concept's LoRA (a patch on a bias or norm,
+    an offset key, a non-linear layer), or '' when every change is a linear or conv weight term."""
+    modules = _comfy.unet_modules(model)
+    wanted = set(keys)
+    for i, patches in enumerate(loaded.unet):
+        for k in patches:
+            if inputs_from != "concept_lora" and k not in wanted:
+                continue
+            m = modules.get(k) if isinstance(k, str) else None
+            if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                return f"a LoRA changes '{k if isinstance(k, str) else k[0]}', which is not a linear or conv weight"
+    for k in keys:
+        m = modules[k]
+        if isinstance(m, torch.nn.Conv2d) and tuple(m.kernel_size) != (1, 1):
+            return f"layer '{k}' is a {tuple(m.kernel_size)} convolution"
+    return ""
+
+
+def _concept_deltas(model, loaded, concepts, modules, keys, inputs_from) -> dict:
+    """key → each concept's ConceptDelta (or None) on every layer the hooks must change: the
+    stage's layers, plus with ``concept_lora`` every other layer the concepts' LoRAs touch."""
+    from .concept_batch import concept_delta
+
+    hooked = set(k for p in loaded.unet for k in p) if inputs_from == "concept_lora" else set(keys)
+    hooked = sorted(k for k in hooked if isinstance(k, str) and k in modules)
+    deltas = {}
+    for k in hooked:
+        shape = modules[k].weight.shape
+        ds = [concept_delta(loaded.unet[i][k], k, shape, c.strength_model, lambda k=k: _comfy.base_weight(model, k))
+              if k in loaded.unet[i] else None for i, c in enumerate(concepts)]
+        if any(d is not None for d in ds):
+            deltas[k] = ds
+    return deltas
+
+
+def _run_batched(model, modules, deltas, n, record_keys, on_record, conds, sigmas, record, noise, progress):
+    """Euler sampling of all concepts in one batch from the shared noise, each concept's LoRA
+    applied to its slice by hooks; ``on_record(key, X, R, B)`` at the recorded steps."""
+    from .concept_batch import ConceptBatchHooks
+
+    _comfy.load_patched(model)  # the wired model's own weights; concepts come in through the hooks
+    cond = torch.cat(conds)  # (N·P, tokens, width), concept by concept
+    x = _comfy.initial_latent(model, noise.repeat(n, 1, 1, 1), sigmas[0])
+    with ConceptBatchHooks(modules, deltas, n, record_keys, on_record) as hooks:
+        for s in range(len(sigmas) - 1):
+            hooks.recording = s in record
+            den = _comfy.denoise(model, x, sigmas[s], cond)
+            x = x + (x - den) / sigmas[s] * (sigmas[s + 1] - sigmas[s])
+            if progress:
+                progress.step()
+            else:
+                _comfy.check_cancel()
+
+
+def _spatial_compact(model, concepts, loaded, keys, modules, conds, sigmas, record, noise, inputs_from, progress):
+    n = len(concepts)
+    deltas = _concept_deltas(model, loaded, concepts, modules, keys, inputs_from)
+    device = getattr(model, "load_device", torch.device("cpu"))
+    accs = {}
+    for k in keys:
+        w = modules[k].weight
+        accs[k] = CompactAccumulator(n, w[0].numel(), w.shape[0], device=device)
+
+    def on_record(key, X, R, B):
+        accs[key].add(X, R, B)
+
+    _run_batched(model, modules, deltas, n, set(keys), on_record, conds, sigmas, record, noise, progress)
+    return [LayerData(key=k, target="model", base=lambda k=k: _comfy.base_weight(model, k),
+                      deltas=deltas.get(k, [None] * n), stats=accs[k].finish()) for k in keys]
+
+
+def _spatial_exact(model, concepts, loaded, keys, modules, conds, sigmas, record, noise, inputs_from, progress):
+    modules = {k: m for k, m in modules.items() if k in keys}
     key_set = set(keys)
-    clones, conds = [], []
+    clones = []
     for i, c in enumerate(concepts):
         patches = loaded.unet[i] if inputs_from == "concept_lora" else {
             k: v for k, v in loaded.unet[i].items() if k in key_set}
@@ -323,8 +521,6 @@ def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=Tru
         if patches:
             m.add_patches(patches, c.strength_model)
         clones.append(m)
-        clip_i = _concept_clip(clip, loaded, i, c, inputs_from)
-        conds.append(torch.cat([_encode(clip_i, p, c, notes) for p in c.prompts[:n_prompts]]))
     weights = {}
     for key in keys:
         weights[key] = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts])
@@ -334,11 +530,7 @@ def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=Tru
         # outputs are X_i (W0 + ΔW_i)ᵀ: only inputs are kept, folded into cross-Grams when larger
         acc[key] = AdaptiveLayerStats(len(concepts), w0[0].numel(), w0.shape[0],
                                       weights=[w0 if d is None else w0 + d for d in deltas], base=w0)
-
-    sigmas = _comfy.sampling_sigmas(model, steps)
-    record = set(record_schedule(steps, record_steps))
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n_prompts, _comfy.latent_channels(model), height // 8, width // 8), generator=g)
+    steps = len(sigmas) - 1
     xs = [_comfy.initial_latent(model, noise, sigmas[0]) for _ in concepts]
     for s in range(steps):
         step_rows = []
@@ -355,11 +547,8 @@ def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=Tru
         if progress:
             progress.step()
     _comfy.load_patched(model)  # leave the shared module with the wired model's own weights
-    layers = [LayerData(key=k, target="model", base=weights[k][0], deltas=weights[k][1], stats=acc[k].finish())
-              for k in keys]
-    return ActivationSet("spatial", list(concepts), layers,
-                         _info(model, clip, keys, loaded, notes, n_prompts, inputs_from=inputs_from,
-                               steps=steps, recorded_steps=sorted(record), width=width, height=height, seed=seed))
+    return [LayerData(key=k, target="model", base=weights[k][0], deltas=weights[k][1], stats=acc[k].finish())
+            for k in keys]
 
 
 def describe(acts: ActivationSet) -> str:
@@ -373,6 +562,12 @@ def describe(acts: ActivationSet) -> str:
              f"layers: {len(acts.layers)}; rows per concept: {acts.layers[0].stats.rows} (first layer); "
              f"storage: {', '.join(forms)}", f"memory held: {mib:.1f} MiB",
              f"concepts whose LoRA touches a layer: min {min(touched)}, max {max(touched)} of {len(acts.concepts)}"]
+    mem = acts.info.get("memory")
+    if mem:
+        peak = "unknown" if mem.get("peak_bytes") is None else f"{mem['peak_bytes'] / 2**20:.1f} MiB"
+        lines.append(f"memory: planned {mem['planned_bytes'] / 2**20:.1f} MiB for the statistics, held "
+                     f"{mem['held_bytes'] / 2**20:.1f} MiB, peak while sampling {peak} above the start "
+                     f"({mem['device']}); budget for exact re-collection {acts.info.get('memory_budget_gib')} GiB")
     lines += acts.info.get("notes", [])
     return "\n".join(lines)
 
@@ -418,22 +613,35 @@ class LoRACLRCollect(io.ComfyNode):
                                        "original method records, its learned concept embeddings); each concept "
                                        "then gives the first k of them per prompt, k the fewest any concept has. "
                                        "Other stages always record every row."),
+                io.Combo.Input("spatial_statistics", options=list(SPATIAL_STATISTICS), default="compact", optional=True,
+                               tooltip="spatial stage: compact runs all concepts through one batched forward per step "
+                                       "and keeps per layer only sums whose size does not grow with the number of "
+                                       "concepts (enough whenever no contrastive hinge can act, and the merge "
+                                       "collects exact statistics for the layers where one may). exact keeps every "
+                                       "concept pair's statistics for every layer at once (memory grows with N²)."),
+                io.Float.Input("memory_budget_gib", default=DEFAULT_MEMORY_BUDGET_GIB, min=0.05, max=1024.0, step=0.25,
+                               optional=True,
+                               tooltip="spatial stage: when a merge needs exact statistics for some layers, they are "
+                                       "collected again (same noise) in groups of layers that fit this many GiB."),
             ],
             outputs=[ACTIVATIONS.Output(display_name="activations"), io.String.Output(display_name="summary")],
         )
 
     @classmethod
     def execute(cls, model, clip, concepts, stage, inputs_from="concept_lora", layer_filter="", only_lora_layers=True,
-                steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all"):
+                steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all", spatial_statistics="compact",
+                memory_budget_gib=DEFAULT_MEMORY_BUDGET_GIB):
         acts = collect_stage(model, clip, concepts, stage, inputs_from=inputs_from, layer_filter=layer_filter or "",
                              only_lora_layers=only_lora_layers, steps=steps, record_steps=record_steps,
-                             width=width, height=height, seed=seed, token_rows=token_rows)
+                             width=width, height=height, seed=seed, token_rows=token_rows,
+                             spatial_statistics=spatial_statistics, memory_budget_gib=memory_budget_gib)
         text = describe(acts)
         return io.NodeOutput(acts, text, ui=ui.PreviewText(text))
 
 
 def collect_stage(model, clip, concepts, stage, inputs_from="concept_lora", layer_filter="", only_lora_layers=True,
-                  steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all") -> ActivationSet:
+                  steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all",
+                  spatial_statistics="compact", memory_budget_gib=DEFAULT_MEMORY_BUDGET_GIB) -> ActivationSet:
     if token_rows not in TOKEN_ROWS:
         raise _comfy.NodeError(NODE, f"field 'token_rows' must be one of {list(TOKEN_ROWS)}, got '{token_rows}'")
     if stage not in STAGE_PATTERNS:
@@ -447,4 +655,4 @@ def collect_stage(model, clip, concepts, stage, inputs_from="concept_lora", laye
         return collect_cross_attention(model, clip, concepts, layer_filter, only_lora_layers, inputs_from,
                                        _comfy.Progress(n), token_rows)
     return collect_spatial(model, clip, concepts, layer_filter, only_lora_layers, inputs_from, steps, record_steps,
-                           width, height, seed, _comfy.Progress(steps))
+                           width, height, seed, _comfy.Progress(steps), spatial_statistics, memory_budget_gib)

@@ -5,6 +5,7 @@ from comfy_api.latest import io, ui
 
 from ..loraclr import METHODS, MergeConfig, merge_layer
 from ..loraclr.bundle import ActivationSet, MergedDelta
+from ..loraclr.stats import NeedsExactStatistics
 from . import _comfy
 from .collect import ACTIVATIONS, CONCEPTS
 
@@ -12,22 +13,93 @@ MERGED = io.Custom("LORACLR_DELTA")
 
 
 def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None) -> MergedDelta:
+    """One merged ΔW per layer. Layers with compact statistics whose merge cannot show that no
+    hinge is active are merged again from exact statistics, collected for groups of such layers
+    that fit the activations' memory budget (``acts.exact_source``)."""
+    results, pending, reasons = {}, [], {}
+    by_key = {layer.key: layer for layer in acts.layers}
+
+    def one(layer, distances=None):
+        deltas = layer.delta_list() if config.method in ("sum", "average") else None
+        return merge_layer(layer.weight(), layer.stats, config, deltas=deltas, distances=distances)
+
+    candidates = {}
+    for layer in acts.layers:
+        try:
+            results[layer.key] = one(layer)
+        except NeedsExactStatistics as e:
+            pending.append(layer.key)
+            reasons[layer.key] = e.reason
+            if e.candidate is not None:
+                candidates[layer.key] = e.candidate
+        if progress:
+            progress.step()
+    notes = list(acts.info.get("notes", []))
+    if candidates and acts.distance_source is not None:
+        # the bounds could not certify the hinge-free minimiser: measure its exact distances
+        # (one more sampling pass, N² numbers per layer) and certify it with those
+        exact = acts.distance_source(candidates)
+        certified = 0
+        for key in candidates:
+            try:
+                results[key] = one(by_key[key], exact[key])
+                pending.remove(key)
+                certified += 1
+            except NeedsExactStatistics as e:
+                reasons[key] = e.reason
+        notes.append(f"{len(candidates)} layer(s) not certified by the distance bounds: {certified} certified by "
+                     "exact distances at the hinge-free minimiser (one more sampling pass)")
+    if pending:
+        if acts.exact_source is None:
+            raise _comfy.NodeError("LoRACLR Merge", f"layer {pending[0]} needs exact statistics "
+                                                    f"({reasons[pending[0]]}), and these activations cannot be "
+                                                    "collected again")
+        groups = exact_groups(acts, pending)
+        notes.append(f"{len(pending)} layer(s) needed exact statistics ({reasons[pending[0]]}): collected again "
+                     f"from the same noise in {len(groups)} group(s) within the memory budget")
+        for group in groups:
+            for layer in acts.exact_source(group):
+                results[layer.key] = one(layer)
+                by_key[layer.key] = layer
     model, clip, report = {}, {}, []
     for layer in acts.layers:
-        deltas = layer.delta_list() if config.method in ("sum", "average") else None
-        res = merge_layer(layer.base, layer.stats, config, deltas=deltas)
+        res = results[layer.key]
         (model if layer.target == "model" else clip)[layer.key] = res.delta
         report.append({
             "layer": layer.key, "target": layer.target, "objective": res.objective,
             "start_objective": res.start_objective, "iterations": res.iterations_run,
-            "converged": res.converged,
+            "converged": res.converged, "statistics": by_key[layer.key].stats.form,
             "concepts": [dict(r, concept=acts.concepts[r["concept"]].label) for r in res.report],
         })
-        if progress:
-            progress.step()
     settings = {k: getattr(config, k) for k in config.__dataclass_fields__}
+    info = dict(acts.info)
+    info["notes"] = notes
     return MergedDelta(stage=acts.stage, method=config.method, concepts=acts.concepts, model=model, clip=clip,
-                       settings=settings, report=report, info=dict(acts.info))
+                       settings=settings, report=report, info=info)
+
+
+def exact_groups(acts: ActivationSet, keys) -> list[list[str]]:
+    """``keys`` in order, split into groups whose exact statistics fit the memory budget."""
+    from .collect import DEFAULT_MEMORY_BUDGET_GIB, exact_layer_bytes
+
+    budget = float(acts.info.get("memory_budget_gib", DEFAULT_MEMORY_BUDGET_GIB)) * 2 ** 30
+    n = len(acts.concepts)
+    shapes = {layer.key: (layer.stats.in_features, layer.stats.out_features) for layer in acts.layers}
+    groups, current, used = [], [], 0
+    for k in keys:
+        need = exact_layer_bytes(n, *shapes[k])
+        if need > budget:
+            raise _comfy.NodeError("LoRACLR Merge", f"layer {k} needs {need / 2**30:.2f} GiB for its exact statistics "
+                                                    f"with {n} concepts, above the memory budget of "
+                                                    f"{budget / 2**30:.2f} GiB: raise memory_budget_gib")
+        if current and used + need > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(k)
+        used += need
+    if current:
+        groups.append(current)
+    return groups
 
 
 def format_report(merged: MergedDelta) -> str:
@@ -112,7 +184,8 @@ PRESETS = {
 
 
 def merge_all_stages(model, clip, concepts, preset: str, config: MergeConfig, layer_filter="",
-                     steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all", first_stage=None):
+                     steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all", first_stage=None,
+                     memory_budget_gib=None):
     """The stages of ``preset`` in order, each collected on the model/CLIP with the previous
     stages' merged deltas applied (the first stage reads the concepts' own LoRAs throughout).
     ``first_stage``: the first stage's activations when already collected with these settings
@@ -128,7 +201,8 @@ def merge_all_stages(model, clip, concepts, preset: str, config: MergeConfig, la
         else:
             acts = collect_stage(model, clip, concepts, stage, inputs_from="concept_lora" if n == 0 else "wired",
                                  layer_filter=layer_filter, steps=steps, record_steps=record_steps,
-                                 width=width, height=height, seed=seed, token_rows=token_rows)
+                                 width=width, height=height, seed=seed, token_rows=token_rows,
+                                 **({} if memory_budget_gib is None else {"memory_budget_gib": memory_budget_gib}))
         merged = merge_activations(acts, config, _comfy.Progress(len(acts.layers)))
         model = _comfy.patch_model(model, merged.model, 1.0)
         clip = _comfy.patch_clip(clip, merged.clip, 1.0)
@@ -165,6 +239,9 @@ class LoRACLRMergeAllStages(io.ComfyNode):
                 io.Int.Input("sample_seed", default=0, min=0, max=2**31 - 1, control_after_generate="fixed",
                              tooltip="spatial stage: seed of the initial noise, shared by all concepts (drawn from a "
                                      "generator of its own, never from the global random state)."),
+                io.Float.Input("memory_budget_gib", default=4.0, min=0.05, max=1024.0, step=0.25, optional=True,
+                               tooltip="spatial stage: layers whose merge needs exact statistics (a contrastive hinge "
+                                       "may act) are collected again in groups that fit this many GiB."),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), MERGED.Output(display_name="merged"),
                      io.String.Output(display_name="report")],
@@ -173,12 +250,13 @@ class LoRACLRMergeAllStages(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, preset, layer_filter, method, margin, lambda_con, lambda_mse, lambda_reg,
                 learning_rate, iterations, warm_start, normalize, compute_dtype, steps, record_steps, width,
-                height, sample_seed):
+                height, sample_seed, memory_budget_gib=4.0):
         config = MergeConfig(method=method, margin=margin, lambda_con=lambda_con, lambda_mse=lambda_mse,
                              lambda_reg=lambda_reg, lr=learning_rate, iterations=iterations,
                              warm_start=warm_start, normalize=normalize, compute_dtype=compute_dtype)
         m, c, merged, text = merge_all_stages(model, clip, concepts, preset, config, layer_filter or "", steps,
-                                              record_steps, width, height, sample_seed)
+                                              record_steps, width, height, sample_seed,
+                                              memory_budget_gib=memory_budget_gib)
         return io.NodeOutput(m, c, merged, text, ui=ui.PreviewText(text))
 
 

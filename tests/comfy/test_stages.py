@@ -69,15 +69,20 @@ def test_spatial_stage_samples_in_lockstep_with_bounded_memory(micro, pack):
     assert rows == 2 * 8 * 8 * 3  # prompts × latent positions × recorded steps
     assert acts.info["recorded_steps"] == [0, 1, 2]
 
-    # more recorded steps: gram statistics, memory independent of the number of steps
-    more = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", steps=24, record_steps=24, width=64,
-                                       height=64, seed=7).result[0]
-    assert more.layers[0].stats.form == "gram" and more.layers[0].stats.rows == 2 * 64 * 24
-    twice = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", steps=48, record_steps=48, width=64,
-                                        height=64, seed=7).result[0]
-    assert twice.nbytes() == more.nbytes()
+    # more recorded steps: memory independent of the number of steps, in both forms
+    for form, name in (("exact", "gram"), ("compact", "compact")):
+        more = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", steps=24, record_steps=24, width=64,
+                                           height=64, seed=7, spatial_statistics=form).result[0]
+        assert more.layers[0].stats.form == name and more.layers[0].stats.rows == 2 * 64 * 24
+        twice = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", steps=48, record_steps=48, width=64,
+                                            height=64, seed=7, spatial_statistics=form).result[0]
+        assert twice.nbytes() == more.nbytes()
 
+    # compact statistics (the default): no per-concept errors, a certified bound on the nearest other
     merged = pack.LoRACLRMerge.execute(acts, "loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 20, True, False).result[0]
+    assert all(r["statistics"] == "compact" and r["objective"] is not None for r in merged.report)
+    exact = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", **SMALL, spatial_statistics="exact").result[0]
+    merged = pack.LoRACLRMerge.execute(exact, "loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 20, True, False).result[0]
     for r in merged.report:
         for c in r["concepts"]:
             assert c["relative_error"] < 1.0
@@ -86,8 +91,8 @@ def test_spatial_stage_samples_in_lockstep_with_bounded_memory(micro, pack):
 def test_spatial_inputs_differ_per_concept_and_are_deterministic(micro, pack):
     model, clip, _ = micro
     concepts = _concepts(pack)
-    a = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", **SMALL).result[0]
-    b = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", **SMALL).result[0]
+    a = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", **SMALL, spatial_statistics="exact").result[0]
+    b = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", **SMALL, spatial_statistics="exact").result[0]
     sa, sb = a.layers[0].stats, b.layers[0].stats
     torch.testing.assert_close(sa.X[0], sb.X[0])
     assert not torch.allclose(sa.X[0], sa.X[1])  # each concept sampled with its own LoRA

@@ -9,7 +9,7 @@ from test_loraclr import make_problem
 
 
 def compact_from(X, deltas, W0, chunks=3, dtype=torch.float64):
-    acc = CompactAccumulator(len(X), W0, dtype=dtype)
+    acc = CompactAccumulator(len(X), W0.shape[1], W0.shape[0], base=W0, dtype=dtype)
     n = X[0].shape[0]
     step = -(-n // chunks)
     for s in range(0, n, step):
