@@ -76,6 +76,12 @@ class LoRACLRConcept(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, lora_name=None, lora_file=None, **kwargs):
+        # the file's identity, so a LoRA replaced or deleted after a run is read again instead of
+        # being answered from ComfyUI's cache under the same name
+        return _comfy.file_fingerprint(lora_file or lora_name)
+
+    @classmethod
     def execute(cls, lora_name, strength_model, strength_clip, trigger, prompts, concepts=None, lora_file=None):
         node = "LoRACLR Concept"
         if lora_file:
@@ -105,9 +111,10 @@ class _Loaded:
     """Each concept's LoRA read once: patches split into UNet and CLIP keys, and file hashes."""
 
     def __init__(self, model, clip, concepts):
-        self.unet, self.te, self.sha256 = [], [], {}
+        self.unet, self.te, self.sha256, self.notes = [], [], {}, []
+        self.names = [c.lora for c in concepts]
         for c in concepts:
-            unet, te, path = _comfy.load_lora_patches(NODE, c.lora, model, clip)
+            unet, te, path = _comfy.load_lora_patches(NODE, c.lora, model, clip, self.notes)
             self.unet.append(unet)
             self.te.append(te)
             self.sha256[c.lora] = _comfy.file_sha256(path)
@@ -132,9 +139,11 @@ def _select_keys(stage, all_keys, patch_sets, layer_filter, only_lora_layers, no
     return keys
 
 
-def _deltas(patcher, key, patch_sets, strengths):
+def _deltas(patcher, key, patch_sets, strengths, names=None):
     w0 = _comfy.base_weight(patcher, key)
-    deltas = [(_comfy.patch_delta(p[key], w0, key, s) if key in p else None) for p, s in zip(patch_sets, strengths)]
+    names = names or [""] * len(patch_sets)
+    deltas = [(_comfy.patch_delta(p[key], w0, key, s, NODE, n) if key in p else None)
+              for p, s, n in zip(patch_sets, strengths, names)]
     return w0, deltas
 
 
@@ -150,7 +159,7 @@ def _concept_clip(clip, loaded, i, concept, inputs_from):
 
 
 def _info(model, clip, keys, loaded, notes, n_prompts, **extra):
-    info = {"lora_sha256": loaded.sha256, "notes": notes, "prompts_per_concept": n_prompts,
+    info = {"lora_sha256": loaded.sha256, "notes": loaded.notes + notes, "prompts_per_concept": n_prompts,
             "lora_keys": lora_key_names(model, clip, keys)}
     if model is not None:
         info["base_model"] = type(model.model.model_config).__name__
@@ -218,7 +227,7 @@ def collect_text_encoder(clip, concepts, layer_filter="", only_lora_layers=True,
         keys = [k for k in keys if k not in missing]
     layers = []
     for key in keys:
-        w0, deltas = _deltas(clip.patcher, key, loaded.te, [c.strength_clip for c in concepts])
+        w0, deltas = _deltas(clip.patcher, key, loaded.te, [c.strength_clip for c in concepts], loaded.names)
         X = [x[key] for x in xs]
         layers.append(LayerData(key=key, target="clip", base=w0, deltas=deltas,
                                 stats=LayerStats.from_rows(X, [_outputs(x, w0, d) for x, d in zip(X, deltas)], base=w0)))
@@ -281,7 +290,7 @@ def collect_cross_attention(model, clip, concepts, layer_filter="", only_lora_la
         xs = _trigger_rows(clip, concepts, n_prompts, xs, notes)
     layers = []
     for key in keys:
-        w0, deltas = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts])
+        w0, deltas = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts], loaded.names)
         layers.append(LayerData(key=key, target="model", base=w0, deltas=deltas,
                                 stats=LayerStats.from_rows(xs, [_outputs(x, w0, d) for x, d in zip(xs, deltas)], base=w0)))
         if progress:
@@ -327,7 +336,7 @@ def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=Tru
         conds.append(torch.cat([_encode(clip_i, p, c, notes) for p in c.prompts[:n_prompts]]))
     weights = {}
     for key in keys:
-        weights[key] = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts])
+        weights[key] = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts], loaded.names)
     acc = {}
     for key in keys:
         w0, deltas = weights[key]
