@@ -103,14 +103,16 @@ def resolve_output_file(node: str, filename: str, if_exists: str) -> tuple[str, 
     """Turn a user file name (may contain sub-folders) into an absolute path inside the first
     loras folder. Refuses names that escape the folder. ``if_exists``: error | increment |
     overwrite. Returns (absolute path, name as the LoRA loaders list it)."""
+    from .filenames import EXTENSION, name_problem
+
     base = os.path.realpath(loras_output_dir())
+    problem = name_problem(filename) if isinstance(filename, str) else "is not text"
+    if problem:
+        shown = filename if not isinstance(filename, str) or len(filename) <= 80 else filename[:77] + "…"
+        raise NodeError(node, f"field 'filename' {problem}: {shown!r}")
     name = filename.strip().replace("\\", "/")
-    if not name:
-        raise NodeError(node, "field 'filename' is empty")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
-    if os.path.isabs(name) or any(part in ("..", "") for part in name.split("/")[:-1]):
-        raise NodeError(node, f"field 'filename' must be a relative name inside the loras folder, got '{filename}'")
+    if not name.endswith(EXTENSION):
+        name += EXTENSION
     path = os.path.realpath(os.path.join(base, name))
     if os.path.commonpath([base, path]) != base:
         raise NodeError(node, f"field 'filename' escapes the loras folder: '{filename}'")
@@ -129,29 +131,34 @@ def resolve_output_file(node: str, filename: str, if_exists: str) -> tuple[str, 
     return path, os.path.relpath(path, base).replace(os.sep, "/")
 
 
-def atomic_write_bytes(path: str, data: bytes):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+@contextlib.contextmanager
+def _atomic(path: str, node: str):
+    """Yields a temporary path beside ``path``; renamed onto ``path`` only when the block
+    finishes, removed otherwise, so a failed or cancelled save leaves nothing behind. A system
+    error (disk full, permissions, name refused by the file system) names the node and file."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise NodeError(node, f"could not write '{path}': {e.strerror or e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(path: str, data: bytes, node: str = "LoRACLR"):
+    with _atomic(path, node) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
-def atomic_save_safetensors(tensors: dict, path: str, metadata: dict):
+def atomic_save_safetensors(tensors: dict, path: str, metadata: dict, node: str = "LoRACLR"):
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+    with _atomic(path, node) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------------------------
