@@ -441,8 +441,33 @@ class LoRACLRCollect(io.ComfyNode):
         return io.NodeOutput(acts, text, ui=ui.PreviewText(text))
 
 
+def distinct_concepts(concepts) -> tuple[list, list[str]]:
+    """Concepts that are the same in everything a merge sees (the LoRA file's content, both
+    strengths and the prompts) cannot be told apart: the contrastive term would push a concept
+    away from its own target, and a sum would count the LoRA twice. Each is kept once, with a note."""
+    seen, keep, notes = {}, [], []
+    for c in concepts or ():
+        key = (_comfy.file_sha256(_comfy.lora_path(NODE, c.lora)), c.strength_model, c.strength_clip, c.prompts)
+        if key in seen:
+            notes.append(f"concept '{c.label}' ({c.lora}) is identical to '{seen[key].label}' ({seen[key].lora}): same "
+                         "LoRA content, strengths and prompts, so the two cannot be told apart; it is merged once")
+        else:
+            seen[key] = c
+            keep.append(c)
+    return keep, notes
+
+
 def collect_stage(model, clip, concepts, stage, inputs_from="concept_lora", layer_filter="", only_lora_layers=True,
                   steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all") -> ActivationSet:
+    concepts, duplicates = distinct_concepts(concepts)
+    acts = _collect_stage(model, clip, concepts, stage, inputs_from, layer_filter, only_lora_layers, steps,
+                          record_steps, width, height, seed, token_rows)
+    acts.info["notes"] = duplicates + list(acts.info.get("notes", []))
+    return acts
+
+
+def _collect_stage(model, clip, concepts, stage, inputs_from, layer_filter, only_lora_layers, steps, record_steps,
+                   width, height, seed, token_rows) -> ActivationSet:
     if token_rows not in TOKEN_ROWS:
         raise _comfy.NodeError(NODE, f"field 'token_rows' must be one of {list(TOKEN_ROWS)}, got '{token_rows}'")
     if stage not in STAGE_PATTERNS:
