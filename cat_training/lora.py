@@ -108,6 +108,10 @@ class AdapterSet:
                 a.down.copy_(sd[f"{key}::down"])
                 a.up.copy_(sd[f"{key}::up"])
 
+    def all_finite(self) -> bool:
+        with torch.no_grad():
+            return all(bool(torch.isfinite(p).all()) for p in self.parameters())
+
     def deltas(self) -> dict:
         with torch.no_grad():
             return {k: a.delta().detach().float().clone() for k, a in self.adapters.items()}

@@ -8,9 +8,12 @@ one of them, this file is where it is mended.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import os
+import threading
 
 import torch
 
@@ -28,6 +31,12 @@ class NodeError(ValueError):
 
     def __init__(self, node: str, message: str):
         super().__init__(f"[{node}] {message}")
+
+
+# ComfyUI shows an error's type as "module.ClassName" beside its message (here that was
+# "...custom_nodes/comfyui-loraclr.nodes._comfy.NodeError"); a builtins-module type is shown by its
+# name alone, so the user reads "NodeError: [Train CAT LoRA] field ..." with the node's name first.
+NodeError.__module__ = "builtins"
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,8 +59,10 @@ def read_lora(node: str, name: str) -> tuple[dict, str]:
     path = lora_path(node, name)
     try:
         sd = comfy.utils.load_torch_file(path, safe_load=True)
-    except Exception as e:  # corrupt or not a tensor file
+    except Exception as e:  # corrupt, truncated, not a tensor file, or a pickle that is refused
         raise NodeError(node, f"could not read LoRA file '{name}' ({path}): {e}") from e
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise NodeError(node, f"LoRA file '{name}' ({path}) is not a LoRA: it holds no named tensors")
     return sd, path
 
 
@@ -61,6 +72,16 @@ def safetensors_metadata(node: str, name: str, path: str) -> dict:
     except Exception as e:  # corrupt or not a tensor file
         raise NodeError(node, f"could not read LoRA file '{name}' ({path}): {e}") from e
     return meta or {}
+
+
+def file_fingerprint(name) -> str:
+    """Size, modification time and inode of a file in the loras folder (cheap, changes whenever
+    the file is rewritten or replaced), or "missing"."""
+    path = folder_paths.get_full_path("loras", name) if isinstance(name, str) and name != "none" else None
+    if path is None or not os.path.isfile(path):
+        return f"missing:{name}"
+    st = os.stat(path)
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
@@ -82,14 +103,16 @@ def resolve_output_file(node: str, filename: str, if_exists: str) -> tuple[str, 
     """Turn a user file name (may contain sub-folders) into an absolute path inside the first
     loras folder. Refuses names that escape the folder. ``if_exists``: error | increment |
     overwrite. Returns (absolute path, name as the LoRA loaders list it)."""
+    from .filenames import EXTENSION, name_problem
+
     base = os.path.realpath(loras_output_dir())
+    problem = name_problem(filename) if isinstance(filename, str) else "is not text"
+    if problem:
+        shown = filename if not isinstance(filename, str) or len(filename) <= 80 else filename[:77] + "…"
+        raise NodeError(node, f"field 'filename' {problem}: {shown!r}")
     name = filename.strip().replace("\\", "/")
-    if not name:
-        raise NodeError(node, "field 'filename' is empty")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
-    if os.path.isabs(name) or any(part in ("..", "") for part in name.split("/")[:-1]):
-        raise NodeError(node, f"field 'filename' must be a relative name inside the loras folder, got '{filename}'")
+    if not name.endswith(EXTENSION):
+        name += EXTENSION
     path = os.path.realpath(os.path.join(base, name))
     if os.path.commonpath([base, path]) != base:
         raise NodeError(node, f"field 'filename' escapes the loras folder: '{filename}'")
@@ -108,29 +131,34 @@ def resolve_output_file(node: str, filename: str, if_exists: str) -> tuple[str, 
     return path, os.path.relpath(path, base).replace(os.sep, "/")
 
 
-def atomic_write_bytes(path: str, data: bytes):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+@contextlib.contextmanager
+def _atomic(path: str, node: str):
+    """Yields a temporary path beside ``path``; renamed onto ``path`` only when the block
+    finishes, removed otherwise, so a failed or cancelled save leaves nothing behind. A system
+    error (disk full, permissions, name refused by the file system) names the node and file."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise NodeError(node, f"could not write '{path}': {e.strerror or e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(path: str, data: bytes, node: str = "LoRACLR"):
+    with _atomic(path, node) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
-def atomic_save_safetensors(tensors: dict, path: str, metadata: dict):
+def atomic_save_safetensors(tensors: dict, path: str, metadata: dict, node: str = "LoRACLR"):
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+    with _atomic(path, node) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,25 +174,135 @@ def lora_key_map(model=None, clip=None) -> dict:
     return key_map
 
 
-def load_lora_patches(node: str, name: str, model, clip) -> tuple[dict, dict, str]:
+class _ThreadLog(logging.Handler):
+    """Keeps the log records of one thread (the one running the node), whatever their logger."""
+
+    def __init__(self, level):
+        super().__init__(level)
+        self.thread = threading.get_ident()
+        self.records = []
+
+    def emit(self, record):
+        if record.thread == self.thread:
+            self.records.append(record)
+
+
+@contextlib.contextmanager
+def captured_log(level=logging.WARNING):
+    """The messages this thread logs at ``level`` or above inside the block. ComfyUI's LoRA code
+    reports problems (a key it cannot load, a factor of the wrong shape) by logging them and
+    carrying on; the pack turns them into errors."""
+    handler = _ThreadLog(level)
+    root = logging.getLogger()
+    old = root.level
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > level:
+        root.setLevel(level)
+    try:
+        yield handler.records
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
+
+
+def _lora_stem(key_map: dict, tensor_key: str):
+    return next((s for s in key_map if tensor_key.startswith(s + ".") or tensor_key.startswith(s + "_lora")), None)
+
+
+def check_finite_tensors(node: str, name: str, sd: dict, key_map: dict | None = None):
+    """Every floating tensor of a LoRA file is finite; otherwise an error naming the file, the
+    tensor and the model layer it belongs to."""
+    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        k = bad[0]
+        v = sd[k]
+        n_nan, n_inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+        stem = _lora_stem(key_map or {}, k)
+        layer = f" (layer '{key_map[stem]}')" if stem is not None and isinstance(key_map[stem], str) else ""
+        raise NodeError(node, f"LoRA '{name}' holds non-finite values: tensor '{k}'{layer} has {n_nan} NaN and "
+                              f"{n_inf} Inf values" + (f"; {len(bad) - 1} more tensors too" if len(bad) > 1 else "")
+                        + ". The file is damaged or was saved from a diverged training run")
+
+
+def _patch_tensors(patch):
+    if torch.is_tensor(patch):
+        yield patch
+    elif isinstance(patch, (tuple, list)):
+        for p in patch:
+            yield from _patch_tensors(p)
+    elif hasattr(patch, "weights"):
+        yield from _patch_tensors(patch.weights)
+
+
+def patch_shape_problem(patch, shape, key: str) -> str | None:
+    """Why ``patch`` cannot apply to a weight of ``shape``, or None. ComfyUI's weight calculation
+    only logs such a mismatch and leaves the weight unchanged (the concept would silently count
+    as "no change"), so it is checked before use: plain LoRA factors by their shapes, any other
+    adapter by running ComfyUI's own calculation on a zero weight and watching its log."""
+    shape = tuple(shape)
+    out_f, in_f = shape[0], math.prod(shape[1:])
+    w = getattr(patch, "weights", None)
+    if getattr(patch, "name", None) == "lora" and w is not None and len(w) > 5 and w[3] is None and w[5] is None:
+        up, down = w[0], w[1]
+        if up.shape[0] != out_f or down.flatten(1).shape[1] != in_f or up.flatten(1).shape[1] != down.shape[0]:
+            return (f"up {tuple(up.shape)} · down {tuple(down.shape)} gives a {up.shape[0]}×"
+                    f"{down.flatten(1).shape[1]} change, the layer's weight is {shape}")
+        return None
+    if isinstance(patch, tuple) and len(patch) == 2 and patch[0] == "diff":
+        diff = patch[1][0]
+        if tuple(diff.shape) != shape:
+            return f"its full weight difference is {tuple(diff.shape)}, the layer's weight is {shape}"
+        return None
+    with captured_log() as logs:
+        comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], torch.zeros(shape), key,
+                                    intermediate_dtype=torch.float32)
+    if logs:
+        return f"the layer's weight is {shape}; ComfyUI's weight calculation says: {logs[0].getMessage()}"
+    return None
+
+
+def load_lora_patches(node: str, name: str, model, clip, notes: list | None = None) -> tuple[dict, dict, str]:
     """Read a LoRA of any format ComfyUI understands and split its patches into UNet keys and
-    CLIP keys (model state-dict keys). Raises if nothing in it matches the model."""
+    CLIP keys (model state-dict keys). Raises if nothing in it matches the model, if a factor does
+    not fit its layer's shape, or if a value is NaN/Inf; tensors that match no layer are ignored,
+    and ``notes`` (when given) gets a line saying how many and which."""
     sd, path = read_lora(node, name)
     key_map = lora_key_map(model, clip)
+    check_finite_tensors(node, name, sd, key_map)
+    n_tensors = len(sd)
     sd = comfy.lora_convert.convert_lora(sd)
-    patches = comfy.lora.load_lora(sd, key_map, log_missing=False)
-    model_keys = set(model.model.state_dict().keys()) if model is not None else set()
-    clip_keys = set(clip.cond_stage_model.state_dict().keys()) if clip is not None else set()
+    with captured_log() as logs:
+        patches = comfy.lora.load_lora(sd, key_map, log_missing=True)
+    prefix = "lora key not loaded: "
+    unloaded = [r.getMessage()[len(prefix):] for r in logs if r.getMessage().startswith(prefix)]
+    shapes = {}
+    if model is not None:
+        shapes.update({k: tuple(v.shape) for k, v in model.model.state_dict().items()})
+    clip_shapes = {k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()} if clip is not None else {}
     unet, te = {}, {}
     for k, p in patches.items():
         key = k[0] if isinstance(k, tuple) else k
-        if key in model_keys:
+        if key in shapes:
             unet[k] = p
-        elif key in clip_keys:
+        elif key in clip_shapes:
             te[k] = p
+        else:
+            continue
+        if isinstance(k, tuple):  # a slice of a fused weight (not in SD1.5-family models)
+            continue
+        problem = patch_shape_problem(p, shapes.get(key) or clip_shapes[key], key)
+        if problem:
+            raise NodeError(node, f"LoRA '{name}' does not fit this model at layer '{key}': {problem}. "
+                                  "Is it a LoRA for another base model (e.g. SDXL)?")
     if not unet and not te:
-        raise NodeError(node, f"LoRA '{name}' has no key that matches this model/CLIP "
-                              "(is it for another base model?)")
+        example = next(iter(sd), "")
+        raise NodeError(node, f"LoRA '{name}' has no key that matches this model/CLIP: none of its {n_tensors} "
+                              f"tensors (e.g. '{example}') names a layer of this model (is it for another base "
+                              "model, e.g. SDXL, SD3 or Flux?)")
+    if unloaded and notes is not None:
+        shown = ", ".join(unloaded[:3]) + (", …" if len(unloaded) > 3 else "")
+        notes.append(f"LoRA '{name}': {len(unloaded)} of its {n_tensors} tensors match no layer of this model and "
+                     f"are ignored ({shown}); {len(unet) + len(te)} layers are used")
     return unet, te, path
 
 
@@ -182,12 +320,23 @@ def base_weight(patcher, key: str) -> torch.Tensor:
     return w
 
 
-def patch_delta(patch, base: torch.Tensor, key: str, strength: float) -> torch.Tensor:
+def patch_delta(patch, base: torch.Tensor, key: str, strength: float, node: str = "LoRACLR",
+                source: str = "") -> torch.Tensor:
     """ΔW of one loaded LoRA patch on ``base`` at ``strength``, computed with the adapter's own
-    weight calculation (LoRA, LoHa, LoKr, DoRA, diff, ...)."""
-    out = comfy.lora.calculate_weight([(strength, patch, 1.0, None, None)], base.clone(), key,
-                                      intermediate_dtype=torch.float32)
-    return (out.to(torch.float32) - base)
+    weight calculation (LoRA, LoHa, LoKr, DoRA, diff, ...). A calculation that ComfyUI reports as
+    failed (it logs and returns the weight unchanged) or a non-finite ΔW is an error naming
+    ``source`` (the LoRA file) and the layer."""
+    with captured_log() as logs:
+        out = comfy.lora.calculate_weight([(strength, patch, 1.0, None, None)], base.clone(), key,
+                                          intermediate_dtype=torch.float32)
+    what = f"LoRA '{source}'" if source else "a LoRA"
+    if logs:
+        raise NodeError(node, f"{what} could not be applied to layer '{key}': {logs[0].getMessage()}")
+    delta = out.to(torch.float32) - base
+    if not torch.isfinite(delta).all():
+        raise NodeError(node, f"{what} gives a non-finite weight change (NaN/Inf) at layer '{key}' "
+                              f"at strength {strength}")
+    return delta
 
 
 def lora_factors(patch, weight_shape, strength: float):

@@ -6,9 +6,9 @@ import json
 import torch
 from comfy_api.latest import io, ui
 
-from ..loraclr import low_rank_factors
+from ..loraclr import MergeConfig, low_rank_factors
 from ..loraclr.bundle import MergedDelta
-from . import _comfy
+from . import _comfy, filenames
 from .merge import MERGED
 
 PACK_VERSION = "0.1.0"
@@ -37,6 +37,7 @@ class LoRACLRApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, merged, strength_model, strength_clip):
+        check_finite("Apply Merged ΔW", merged)
         return io.NodeOutput(_comfy.patch_model(model, merged.model, strength_model),
                              _comfy.patch_clip(clip, merged.clip, strength_clip))
 
@@ -50,6 +51,10 @@ def build_lora_tensors(merged: MergedDelta, rank: int, key_style: str, dtype: to
         stem = (names.get(key) or {}).get(key_style)
         if stem is None:
             raise _comfy.NodeError(node, f"no {key_style} LoRA key is known for layer '{key}'")
+        _comfy.check_cancel()  # one SVD per layer: a cancel stops the save before anything is written
+        if not torch.isfinite(delta).all():
+            raise _comfy.NodeError(node, f"input 'merged' holds NaN/Inf values at layer '{key}' "
+                                         f"({merged.stage} stage, method {merged.method}); nothing was saved")
         up, down, e = low_rank_factors(delta, rank)
         tensors[f"{stem}.lora_up.weight"] = up.to(dtype)
         tensors[f"{stem}.lora_down.weight"] = down.to(dtype)
@@ -83,18 +88,35 @@ def build_metadata(merged: MergedDelta, rank: int, key_style: str, energy: dict)
     return meta
 
 
-def fill_filename(node: str, template: str, merged: MergedDelta) -> str:
-    """Replace {method}, {stage} and any merge setting ({margin}, {lambda_con}, {iterations}, ...)
-    in a file name, so each result of a sweep gets its own name."""
-    fields = {"method": merged.method, "stage": merged.stage}
+def filename_fields(merged: MergedDelta | None = None) -> dict:
+    """The placeholders a Save Merged LoRA file name may use, with their values for ``merged``
+    (None: the names only, for checking a name before anything has run)."""
+    fields = {k: None for k in ("method", "stage", *MergeConfig.__dataclass_fields__)}
+    if merged is None:
+        return fields
+    fields.update(method=merged.method, stage=merged.stage)
     settings = merged.settings
     for v in ([settings] if "method" in settings else list(settings.values())):
         if isinstance(v, dict):
-            fields.update({k: val for k, val in v.items() if k not in fields})
-    try:
-        return template.format(**{k: (f"{v:g}" if isinstance(v, float) else v) for k, v in fields.items()})
-    except (KeyError, IndexError, ValueError) as e:
-        raise _comfy.NodeError(node, f"field 'filename': unknown placeholder {e} (known: {sorted(fields)})") from e
+            fields.update({k: val for k, val in v.items() if fields.get(k) is None})
+    return fields
+
+
+def fill_filename(node: str, template: str, merged: MergedDelta) -> str:
+    """Replace {method}, {stage} and any merge setting ({margin}, {lambda_con}, {iterations}, ...)
+    in a file name, so each result of a sweep gets its own name. Only plain {name} placeholders."""
+    fields = filename_fields(merged)
+    problem = filenames.placeholders_problem(template, fields)
+    if problem:
+        raise _comfy.NodeError(node, f"field 'filename': {problem}")
+    return filenames.fill(template, fields)
+
+
+def check_finite(node: str, merged: MergedDelta):
+    for key, d in list(merged.model.items()) + list(merged.clip.items()):
+        if not torch.isfinite(d).all():
+            raise _comfy.NodeError(node, f"input 'merged' holds NaN/Inf values at layer '{key}' "
+                                         f"({merged.stage} stage, method {merged.method})")
 
 
 class LoRACLRSave(io.ComfyNode):
@@ -129,6 +151,12 @@ class LoRACLRSave(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename=None):
+        # at queue time, before any node of the prompt runs (placeholders stand in as 'x')
+        problem = filenames.template_problem(filename, filename_fields())
+        return True if problem is None else f"[Save Merged LoRA] field 'filename' {problem}"
+
+    @classmethod
     def execute(cls, merged, filename, rank, key_style, dtype, if_exists, merged_2=None, merged_3=None):
         node = "Save Merged LoRA"
         combined = merged.combined_with(merged_2).combined_with(merged_3)
@@ -136,7 +164,7 @@ class LoRACLRSave(io.ComfyNode):
             raise _comfy.NodeError(node, "input 'merged' holds no layer")
         path, name = _comfy.resolve_output_file(node, fill_filename(node, filename, combined), if_exists)
         tensors, energy = build_lora_tensors(combined, rank, key_style, SAVE_DTYPES[dtype], node)
-        _comfy.atomic_save_safetensors(tensors, path, build_metadata(combined, rank, key_style, energy))
+        _comfy.atomic_save_safetensors(tensors, path, build_metadata(combined, rank, key_style, energy), node)
         worst = min(energy.values())
         text = (f"saved {name} ({len(energy)} layers, rank {'full' if rank <= 0 else rank}, {key_style} keys)\n"
                 f"retained energy: min {worst:.4f}, mean {sum(energy.values()) / len(energy):.4f}\nfile: {path}")

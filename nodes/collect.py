@@ -78,6 +78,12 @@ class LoRACLRConcept(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, lora_name=None, lora_file=None, **kwargs):
+        # the file's identity, so a LoRA replaced or deleted after a run is read again instead of
+        # being answered from ComfyUI's cache under the same name
+        return _comfy.file_fingerprint(lora_file or lora_name)
+
+    @classmethod
     def execute(cls, lora_name, strength_model, strength_clip, trigger, prompts, concepts=None, lora_file=None):
         node = "LoRACLR Concept"
         if lora_file:
@@ -107,9 +113,10 @@ class _Loaded:
     """Each concept's LoRA read once: patches split into UNet and CLIP keys, and file hashes."""
 
     def __init__(self, model, clip, concepts):
-        self.unet, self.te, self.sha256 = [], [], {}
+        self.unet, self.te, self.sha256, self.notes = [], [], {}, []
+        self.names = [c.lora for c in concepts]
         for c in concepts:
-            unet, te, path = _comfy.load_lora_patches(NODE, c.lora, model, clip)
+            unet, te, path = _comfy.load_lora_patches(NODE, c.lora, model, clip, self.notes)
             self.unet.append(unet)
             self.te.append(te)
             self.sha256[c.lora] = _comfy.file_sha256(path)
@@ -134,9 +141,11 @@ def _select_keys(stage, all_keys, patch_sets, layer_filter, only_lora_layers, no
     return keys
 
 
-def _deltas(patcher, key, patch_sets, strengths):
+def _deltas(patcher, key, patch_sets, strengths, names=None):
     w0 = _comfy.base_weight(patcher, key)
-    deltas = [(_comfy.patch_delta(p[key], w0, key, s) if key in p else None) for p, s in zip(patch_sets, strengths)]
+    names = names or [""] * len(patch_sets)
+    deltas = [(_comfy.patch_delta(p[key], w0, key, s, NODE, n) if key in p else None)
+              for p, s, n in zip(patch_sets, strengths, names)]
     return w0, deltas
 
 
@@ -152,7 +161,7 @@ def _concept_clip(clip, loaded, i, concept, inputs_from):
 
 
 def _info(model, clip, keys, loaded, notes, n_prompts, **extra):
-    info = {"lora_sha256": loaded.sha256, "notes": notes, "prompts_per_concept": n_prompts,
+    info = {"lora_sha256": loaded.sha256, "notes": loaded.notes + notes, "prompts_per_concept": n_prompts,
             "lora_keys": lora_key_names(model, clip, keys)}
     if model is not None:
         info["base_model"] = type(model.model.model_config).__name__
@@ -220,7 +229,7 @@ def collect_text_encoder(clip, concepts, layer_filter="", only_lora_layers=True,
         keys = [k for k in keys if k not in missing]
     layers = []
     for key in keys:
-        w0, deltas = _deltas(clip.patcher, key, loaded.te, [c.strength_clip for c in concepts])
+        w0, deltas = _deltas(clip.patcher, key, loaded.te, [c.strength_clip for c in concepts], loaded.names)
         X = [x[key] for x in xs]
         layers.append(LayerData(key=key, target="clip", base=w0, deltas=deltas,
                                 stats=LayerStats.from_rows(X, [_outputs(x, w0, d) for x, d in zip(X, deltas)], base=w0)))
@@ -283,7 +292,7 @@ def collect_cross_attention(model, clip, concepts, layer_filter="", only_lora_la
         xs = _trigger_rows(clip, concepts, n_prompts, xs, notes)
     layers = []
     for key in keys:
-        w0, deltas = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts])
+        w0, deltas = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts], loaded.names)
         layers.append(LayerData(key=key, target="model", base=w0, deltas=deltas,
                                 stats=LayerStats.from_rows(xs, [_outputs(x, w0, d) for x, d in zip(xs, deltas)], base=w0)))
         if progress:
@@ -467,7 +476,8 @@ def _concept_deltas(model, loaded, concepts, modules, keys, inputs_from) -> dict
     deltas = {}
     for k in hooked:
         shape = modules[k].weight.shape
-        ds = [concept_delta(loaded.unet[i][k], k, shape, c.strength_model, lambda k=k: _comfy.base_weight(model, k))
+        ds = [concept_delta(loaded.unet[i][k], k, shape, c.strength_model, lambda k=k: _comfy.base_weight(model, k),
+                            NODE, loaded.names[i])
               if k in loaded.unet[i] else None for i, c in enumerate(concepts)]
         if any(d is not None for d in ds):
             deltas[k] = ds
@@ -523,7 +533,7 @@ def _spatial_exact(model, concepts, loaded, keys, modules, conds, sigmas, record
         clones.append(m)
     weights = {}
     for key in keys:
-        weights[key] = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts])
+        weights[key] = _deltas(model, key, loaded.unet, [c.strength_model for c in concepts], loaded.names)
     acc = {}
     for key in keys:
         w0, deltas = weights[key]
@@ -639,9 +649,35 @@ class LoRACLRCollect(io.ComfyNode):
         return io.NodeOutput(acts, text, ui=ui.PreviewText(text))
 
 
+def distinct_concepts(concepts) -> tuple[list, list[str]]:
+    """Concepts that are the same in everything a merge sees (the LoRA file's content, both
+    strengths and the prompts) cannot be told apart: the contrastive term would push a concept
+    away from its own target, and a sum would count the LoRA twice. Each is kept once, with a note."""
+    seen, keep, notes = {}, [], []
+    for c in concepts or ():
+        key = (_comfy.file_sha256(_comfy.lora_path(NODE, c.lora)), c.strength_model, c.strength_clip, c.prompts)
+        if key in seen:
+            notes.append(f"concept '{c.label}' ({c.lora}) is identical to '{seen[key].label}' ({seen[key].lora}): same "
+                         "LoRA content, strengths and prompts, so the two cannot be told apart; it is merged once")
+        else:
+            seen[key] = c
+            keep.append(c)
+    return keep, notes
+
+
 def collect_stage(model, clip, concepts, stage, inputs_from="concept_lora", layer_filter="", only_lora_layers=True,
                   steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all",
                   spatial_statistics="compact", memory_budget_gib=DEFAULT_MEMORY_BUDGET_GIB) -> ActivationSet:
+    concepts, duplicates = distinct_concepts(concepts)
+    acts = _collect_stage(model, clip, concepts, stage, inputs_from, layer_filter, only_lora_layers, steps,
+                          record_steps, width, height, seed, token_rows, spatial_statistics, memory_budget_gib)
+    acts.info["notes"] = duplicates + list(acts.info.get("notes", []))
+    return acts
+
+
+def _collect_stage(model, clip, concepts, stage, inputs_from, layer_filter, only_lora_layers, steps, record_steps,
+                   width, height, seed, token_rows, spatial_statistics="compact",
+                   memory_budget_gib=DEFAULT_MEMORY_BUDGET_GIB) -> ActivationSet:
     if token_rows not in TOKEN_ROWS:
         raise _comfy.NodeError(NODE, f"field 'token_rows' must be one of {list(TOKEN_ROWS)}, got '{token_rows}'")
     if stage not in STAGE_PATTERNS:

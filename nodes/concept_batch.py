@@ -20,13 +20,14 @@ from ..loraclr.bundle import ConceptDelta
 from . import _comfy
 
 
-def concept_delta(patch, key: str, weight_shape, strength: float, base_fn) -> ConceptDelta:
+def concept_delta(patch, key: str, weight_shape, strength: float, base_fn, node: str = "LoRACLR",
+                  source: str = "") -> ConceptDelta:
     """The ΔW of one loaded patch at ``strength``: a plain LoRA keeps its factors; anything else
     is computed in full by ComfyUI's weight calculation on the base weight (``base_fn()``)."""
     f = _comfy.lora_factors(patch, weight_shape, strength)
     if f is not None:
         return ConceptDelta(factors=f)
-    return ConceptDelta(full=_comfy.patch_delta(patch, base_fn(), key, strength))
+    return ConceptDelta(full=_comfy.patch_delta(patch, base_fn(), key, strength, node, source))
 
 
 class ConceptBatchHooks:

@@ -1,6 +1,7 @@
 """LoRACLR Merge node: one merged ΔW per layer from collected activations."""
 from __future__ import annotations
 
+import torch
 from comfy_api.latest import io, ui
 
 from ..loraclr import METHODS, MergeConfig, merge_layer
@@ -64,6 +65,9 @@ def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None) -
     model, clip, report = {}, {}, []
     for layer in acts.layers:
         res = results[layer.key]
+        if not torch.isfinite(res.delta).all():
+            raise _comfy.NodeError("LoRACLR Merge", f"the {config.method} merge gave NaN/Inf values at layer "
+                                                    f"'{layer.key}' ({acts.stage} stage); nothing is passed on")
         (model if layer.target == "model" else clip)[layer.key] = res.delta
         report.append({
             "layer": layer.key, "target": layer.target, "objective": res.objective,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io as _io
 import json
+import math
 import os
 import re
 
@@ -12,10 +13,11 @@ from comfy_api.latest import io, ui
 
 from ..cat_training import (DTYPES, OPTIMIZERS, AdapterSet, CATTrainer, LoRAWeight, TrainConfig, TrainedLoRA, TriggerNotFound,
                             TriggerRemover)
-from . import _comfy
+from . import _comfy, filenames
 
 TRAINED = io.Custom("LORACLR_TRAINED_LORA")
 NODE = "Train CAT LoRA"
+SAVE_FIELDS = {"trigger": None, "steps": None}  # placeholders of Save CAT LoRA's file name
 STATE_SUFFIX = ".loraclr-state"  # not a LoRA extension, so loaders never list the sidecar
 TARGETS = {
     "attention": re.compile(r"^diffusion_model\..*\.attn[12]\.to_(q|k|v|out\.0)\.weight$"),
@@ -201,6 +203,29 @@ def loss_plot(history) -> torch.Tensor:
     return torch.from_numpy(__import__("numpy").asarray(img).astype("float32") / 255.0)[None]
 
 
+def check_finite_input(field: str, x: torch.Tensor):
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise _comfy.NodeError(NODE, f"input '{field}' holds {bad} NaN/Inf values (of {x.numel()}): training on them "
+                                     "gives a LoRA of NaN; check the node that made them")
+
+
+def check_rank_alpha(rank: int, alpha: float, keys, shapes):
+    """alpha = 0 scales every update to zero (a LoRA with no effect), so it is refused; so is a
+    rank above the smallest adapted layer's width (min(out, in)), where the factors would be
+    larger than the full matrix they stand for."""
+    if not alpha > 0:
+        raise _comfy.NodeError(NODE, f"field 'alpha' is {alpha}: each update is up·down × alpha / rank, so the LoRA "
+                                     "would have no effect; use alpha > 0 (alpha = rank gives scale 1)")
+    if rank < 1:
+        raise _comfy.NodeError(NODE, f"field 'rank' is {rank}: it must be at least 1")
+    width, key = min((min(shapes[k][0], math.prod(shapes[k][1:])), k) for k in keys)
+    if rank > width:
+        raise _comfy.NodeError(NODE, f"field 'rank' is {rank}, but layer '{key}' is only {width} wide (min of its "
+                                     f"output and input sizes): a rank above {width} cannot add anything there; set "
+                                     f"rank to {width} or less, or adapt other layers")
+
+
 def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target_layers, layer_pattern, steps,
                    learning_rate, optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype,
                    gradient_checkpointing, resume_from="none", node_id=None, preview_every=0, vae=None):
@@ -214,6 +239,7 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
     if training_dtype not in DTYPES:
         raise _comfy.NodeError(NODE, f"field 'training_dtype' must be one of {list(DTYPES)}, got {training_dtype!r}")
     keys = target_keys(model, target_layers, layer_pattern)
+    check_rank_alpha(rank, alpha, keys, _comfy.model_weight_shapes(model))
     conds = torch.cat([_comfy.encode_prompt(clip, c) for c in captions])
     neutral = None
     if lambda_cat > 0:
@@ -259,6 +285,10 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
             for _ in range(remaining):
                 _comfy.check_cancel()
                 rec = trainer.step()
+                if not trainer.adapters.all_finite():
+                    raise _comfy.NodeError(NODE, f"training diverged at step {rec.step}: the loss is {rec.loss:.4g} "
+                                                 "and the LoRA's factors are no longer finite; nothing is output. "
+                                                 "Lower 'learning_rate' (or use training_dtype float32)")
                 _comfy.send_message("loraclr.train", {"node": node_id, "step": rec.step, "loss": rec.loss,
                                                       "diffusion_loss": rec.diffusion, "cat_loss": rec.cat})
                 progress.step()
@@ -374,13 +404,21 @@ class TrainCATLoRA(io.ComfyNode):
                 optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype, gradient_checkpointing,
                 resume_from="none", preview_every=0, vae=None, images=None, latents=None):
         if latents is not None:
+            field = "latents"
             x = latents["samples"].to("cpu", torch.float32)
         elif images is not None:
+            field = "images"
             if vae is None:
                 raise _comfy.NodeError(NODE, "input 'vae' is needed to encode 'images'")
+            if images.shape[0] == 0:
+                raise _comfy.NodeError(NODE, "input 'images' is an empty batch (0 images): nothing to train on")
+            check_finite_input("images", images)
             x = _comfy.encode_images(vae, images)
         else:
             raise _comfy.NodeError(NODE, "give training 'images' (with a 'vae') or 'latents'")
+        if x.shape[0] == 0:
+            raise _comfy.NodeError(NODE, f"input '{field}' is an empty batch (0 latents): nothing to train on")
+        check_finite_input(field, x)
         # the model learns in its own latent space, where ComfyUI's samplers put every latent
         # (SD1.5: the VAE's latents × 0.18215)
         x = _comfy.model_latents(model, x)
@@ -444,11 +482,19 @@ class SaveCATLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename=None):
+        # at queue time, before Train CAT LoRA runs: a bad name never costs a training run
+        problem = filenames.template_problem(filename, SAVE_FIELDS)
+        return True if problem is None else f"[Save CAT LoRA] field 'filename' {problem}"
+
+    @classmethod
     def execute(cls, lora, filename, dtype, if_exists, save_state):
         node = "Save CAT LoRA"
         dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-        name = filename.replace("{trigger}", re.sub(r"[^A-Za-z0-9_-]+", "_", "_".join(lora.triggers) or "lora"))
-        name = name.replace("{steps}", str(lora.steps))
+        problem = filenames.placeholders_problem(filename, SAVE_FIELDS)
+        if problem:
+            raise _comfy.NodeError(node, f"field 'filename': {problem}")
+        name = filenames.fill(filename, {"trigger": filenames.trigger_slug(lora.triggers), "steps": lora.steps})
         path, rel = _comfy.resolve_output_file(node, name, if_exists)
         tensors = lora_tensors(lora, dt)
         meta = {
@@ -465,9 +511,9 @@ class SaveCATLoRA(io.ComfyNode):
             torch.save(lora.state, buf)
             # the LoRA names its sidecar's hash, so a resume can tell a sidecar left by another save
             meta["loraclr_state_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
-            _comfy.atomic_write_bytes(side, buf.getvalue())
+            _comfy.atomic_write_bytes(side, buf.getvalue(), node)
         try:
-            _comfy.atomic_save_safetensors(tensors, path, meta)
+            _comfy.atomic_save_safetensors(tensors, path, meta, node)
         except BaseException:
             if save_state and os.path.exists(side):
                 os.remove(side)  # no sidecar without its LoRA
