@@ -11,7 +11,8 @@ from .collect import ACTIVATIONS, CONCEPTS
 MERGED = io.Custom("LORACLR_DELTA")
 
 
-def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None) -> MergedDelta:
+def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, on_layer=None) -> MergedDelta:
+    """``on_layer(report_so_far)`` is called after every merged layer (the editor's live chart)."""
     model, clip, report = {}, {}, []
     for layer in acts.layers:
         deltas = layer.delta_list() if config.method in ("sum", "average") else None
@@ -23,6 +24,8 @@ def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None) -
             "converged": res.converged,
             "concepts": [dict(r, concept=acts.concepts[r["concept"]].label) for r in res.report],
         })
+        if on_layer:
+            on_layer(report)
         if progress:
             progress.step()
     settings = {k: getattr(config, k) for k in config.__dataclass_fields__}
@@ -95,12 +98,16 @@ class LoRACLRMerge(io.ComfyNode):
         config = MergeConfig(method=method, margin=margin, lambda_con=lambda_con, lambda_mse=lambda_mse,
                              lambda_reg=lambda_reg, lr=learning_rate, iterations=iterations,
                              warm_start=warm_start, normalize=normalize, compute_dtype=compute_dtype)
-        merged = merge_activations(activations, config, _comfy.Progress(len(activations.layers)))
+        node, total = _comfy.node_id(cls), len(activations.layers)
+
+        def chart(report):
+            _comfy.send_message("loraclr.merge", {
+                "node": node, "stage": activations.stage, "method": method, "total": total,
+                "layers": [{"layer": r["layer"], "objective": r["objective"], "start_objective": r["start_objective"]}
+                           for r in report]})
+
+        merged = merge_activations(activations, config, _comfy.Progress(total), on_layer=chart)
         text = format_report(merged)
-        _comfy.send_message("loraclr.merge", {
-            "node": _comfy.node_id(cls), "stage": merged.stage, "method": method,
-            "layers": [{"layer": r["layer"], "objective": r["objective"], "start_objective": r["start_objective"]}
-                       for r in merged.report]})
         return io.NodeOutput(merged, text, ui=ui.PreviewText(text))
 
 
