@@ -247,7 +247,7 @@ def main(argv=None):
             shot = os.path.join(args.out, f"{key}_opened.png")
             page.screenshot(path=shot)
             if args.update_docs:
-                page.screenshot(path=os.path.join(make_workflows.OUT_DIR, stem + ".jpg"), type="jpeg", quality=55)
+                page.screenshot(path=os.path.join(make_workflows.OUT_DIR, stem + ".jpg"), type="jpeg", quality=40)
             if key not in run:
                 continue
             try:

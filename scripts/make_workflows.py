@@ -44,7 +44,7 @@ TITLE_H = 30  # the title bar above a node's position
 GAP = 40
 # The saved view: the whole graph inside a 1920×1080 window, clear of the editor's bars, the
 # floating Run toolbar (top right) and the minimap (bottom right).
-VIEW = {"left": 80, "top": 160, "width": 1560, "height": 860}
+VIEW = {"left": 80, "top": 150, "width": 1560, "height": 890}
 
 
 class Graph:
@@ -283,12 +283,12 @@ def cat_train_two_then_merge() -> Graph:
     _, _, save_a = train_concept(g, ckpt, "sks", 0, col=0, preview_every=0)
     _, _, save_b = train_concept(g, ckpt, "zwx", 1, col=0, preview_every=0)
     prompts = "a photo of {}\na {} in a garden"
-    a = concept(g, "none", "sks", prompts, col=3, lora_file=(save_a, 0))
-    b = concept(g, "none", "zwx", prompts, prev=a, col=3, lora_file=(save_b, 0))
-    coll = collect(g, (ckpt, 0), (ckpt, 1), b, col=4)
-    m = merge(g, coll, col=5)
-    ap = apply(g, (ckpt, 0), (ckpt, 1), m, col=6)
-    save_merged(g, [m], "loraclr/cat_pair_{method}", col=6, rank=0)
+    a = concept(g, "none", "sks", prompts, col=2, lora_file=(save_a, 0))
+    b = concept(g, "none", "zwx", prompts, prev=a, col=2, lora_file=(save_b, 0))
+    coll = collect(g, (ckpt, 0), (ckpt, 1), b, col=3)
+    m = merge(g, coll, col=4)
+    ap = apply(g, (ckpt, 0), (ckpt, 1), m, col=5)
+    save_merged(g, [m], "loraclr/cat_pair_{method}", col=5, rank=0)
     sample_and_save(g, (ap, 0), (ap, 1), (ckpt, 2), "a photo of sks and zwx on a beach", "loraclr/cat_pair", col=7)
     return g
 
@@ -303,14 +303,15 @@ def evaluate_widgets(images_per_concept=2):
             "clip_weights": "", "clip_samples": 1, "clip_steps": 20}
 
 
-def evaluate(g, ckpt, model_src, clip_src, concepts_src, refs, col):
+def evaluate(g, ckpt, model_src, clip_src, concepts_src, refs, col, json_preview=True):
     ev = g.add("LoRACLREvaluate", evaluate_widgets(2),
                [("base_model", "MODEL", (ckpt, 0)), ("base_clip", "CLIP", (ckpt, 1)), ("model", "MODEL", model_src),
                 ("clip", "CLIP", clip_src), ("concepts", "LORACLR_CONCEPTS", (concepts_src, 0)),
                 ("images", "IMAGE", (refs, 0)), ("vae", "VAE", (ckpt, 2))],
                [("report", "STRING"), ("table", "IMAGE"), ("json", "STRING")], col=col, size=(460, 700))
     g.add("PreviewImage", {}, [("images", "IMAGE", (ev, 1))], [], col=col + 1, size=(700, 260), title="Evaluation table")
-    g.add("PreviewAny", {}, [("source", "*", (ev, 2))], [], col=col + 1, size=(700, 400), title="Evaluation JSON")
+    if json_preview:
+        g.add("PreviewAny", {}, [("source", "*", (ev, 2))], [], col=col + 1, size=(700, 400), title="Evaluation JSON")
     return ev
 
 
@@ -343,14 +344,14 @@ def merge_then_evaluate() -> Graph:
 def whole_story() -> Graph:
     g = Graph("The whole story on the micro model, in about a minute: train two concepts with CAT (sprites, "
               "tiny settings), merge the two fresh LoRAs with every LoRACLR stage (text encoder, cross-attention, "
-              "spatial) in one node, save the merged LoRA, evaluate the merged model against each concept's own "
-              "LoRA on held-out images, and sample both triggers together.")
+              "spatial) in one node, save the merged LoRA, and evaluate the merged model against each concept's own "
+              "LoRA on held-out images (the report shows on the Evaluate node, the table beside it).")
     ckpt = checkpoint(g)
     _, _, save_a = train_concept(g, ckpt, "sks", 0, col=0, preview_every=0)
     _, _, save_b = train_concept(g, ckpt, "zwx", 1, col=0, preview_every=0)
     prompts = "a photo of {}\na {} in a garden"
-    a = concept(g, "none", "sks", prompts, col=3, lora_file=(save_a, 0))
-    b = concept(g, "none", "zwx", prompts, prev=a, col=3, lora_file=(save_b, 0))
+    a = concept(g, "none", "sks", prompts, col=2, lora_file=(save_a, 0))
+    b = concept(g, "none", "zwx", prompts, prev=a, col=2, lora_file=(save_b, 0))
     refs = reference_images(g, [("sks", 0), ("zwx", 1)], col=3)
     widgets = {"preset": "all", "layer_filter": "", **merge_widgets(), "steps": 4, "record_steps": 2, "width": 128,
                "height": 128, "sample_seed": 0}
@@ -359,8 +360,7 @@ def whole_story() -> Graph:
                  [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("merged", "LORACLR_DELTA"), ("report", "STRING")], col=4,
                  size=(420, 0))
     save_merged(g, [allm], "loraclr/story_{method}", col=4, rank=0)
-    evaluate(g, ckpt, (allm, 0), (allm, 1), b, refs, col=5)
-    sample_and_save(g, (allm, 0), (allm, 1), (ckpt, 2), "a photo of sks and zwx on a beach", "loraclr/story", col=7)
+    evaluate(g, ckpt, (allm, 0), (allm, 1), b, refs, col=5, json_preview=False)
     return g
 
 

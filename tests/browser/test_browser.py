@@ -66,6 +66,11 @@ def _frontend():
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    if os.environ.get("LORACLR_BROWSER_REPORT"):  # judge a record made earlier (developing the checks)
+        with open(os.environ["LORACLR_BROWSER_REPORT"]) as f:
+            rep = json.load(f)
+        rep["expected_version"], rep["out"], rep["server_log"] = rep["frontend_version"], "(given)", "(given)"
+        return rep
     py = os.path.join(BROWSER_VENV, "bin", "python")
     if not os.access(CHROMIUM, os.X_OK):
         _unavailable(f"no chromium at {CHROMIUM} (scripts/setup_browser.sh installs Debian's)")
@@ -131,7 +136,15 @@ def test_template_values_are_what_the_file_means(report, key):
     assert not wrong, f"widget values the frontend read (node, type, widget, frontend, intended): {wrong}"
     assert sum(len(w) for w in rec["intent"].values()) > 0
     # the pack's own converter (used by the server tests) reads the file as the frontend does
-    assert rec["converter_prompt"] == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in fe.items()}
+    conv = rec["converter_prompt"]
+    assert set(conv) == set(fe)
+    for nid, node in conv.items():
+        assert node["class_type"] == fe[nid]["class_type"]
+        assert node["inputs"] == {k: fe[nid]["inputs"].get(k) for k in node["inputs"]}, (nid, node, fe[nid])
+        extra = set(fe[nid]["inputs"]) - set(node["inputs"])
+        # a core node's frontend-only widget (Preview Any's "preview") is sent too; the pack's
+        # text and chart widgets must never be
+        assert not (extra and node["class_type"].startswith("LoRACLR")), (nid, extra)
     outside = []
     for n in rec["graph"]["nodes"]:
         for w in n["widgets"]:
@@ -202,8 +215,11 @@ def test_results_come_back_after_a_tab_switch(report, key):
 
 
 def test_no_console_error_request_failure_or_page_error_from_the_pack(report):
-    pack = [c for c in report["console"] if c["type"] == "error"
+    # the frontend also asks the Comfy registry (api.comfy.org) about every node, which fails
+    # offline for all packs alike; only what this server serves or the pack's code does counts
+    local = report["url"]
+    pack = [c for c in report["console"] if c["type"] == "error" and not c["url"].startswith("https://api.comfy.org/")
             and ("loraclr" in c["text"].lower() or "loraclr" in c["url"].lower())]
     assert not pack, pack
     assert not [e for e in report["page_errors"] if "loraclr" in (e["message"] + e["stack"]).lower()]
-    assert not [r for r in report["failed_requests"] if "loraclr" in r["url"].lower()]
+    assert not [r for r in report["failed_requests"] if r["url"].startswith(local) and "loraclr" in r["url"].lower()]
