@@ -173,7 +173,9 @@ def test_template_layout_and_saved_view(report, key):
     assert not small, f"nodes smaller than their widgets need: {small}"
     hidden = [(n["id"], n["type"], n["title_covered_by"]) for n in nodes if not n["title_on_top"]]
     assert not hidden, f"node titles hidden at the saved view: {hidden}"
-    assert g["scale"] >= MIN_SCALE and abs(g["scale"] - rec["file_view"]["scale"]) < 1e-3
+    # frontend 1.32 opens a template at its saved view; 1.58 fits the graph to the window itself:
+    # either way every title must be visible (above) at a zoom no smaller than MIN_SCALE
+    assert g["scale"] >= MIN_SCALE, (g["scale"], rec["file_view"])
     cut = [(n["id"], w["name"], w["value"]) for n in nodes if n["type"].startswith("LoRACLR") for w in n["widgets"]
            if w["type"] in ("combo", "text", "number") and w["text_width"] + 60 > n["size"][0]]
     assert not cut, f"widget labels or values too wide for their node: {cut}"
