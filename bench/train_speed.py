@@ -63,14 +63,11 @@ def run_config(mode, comfy_path, size, steps_pair, queue):
                                          lam, 0, "float32", False, "none", latents={"samples": latents})
 
     def comfy(steps):
-        import comfy_extras.nodes_train as nt
+        from comfy_trainer import train_lora_node
 
         cond = nodes.CLIPTextEncode().encode(clip, "photo of sks")[0]
-        return nt.TrainLoraNode.execute(
-            model=[model], latents=[{"samples": latents[i:i + 1]} for i in range(latents.shape[0])],
-            positive=[cond], batch_size=[1], grad_accumulation_steps=[1], steps=[steps], learning_rate=[1e-4],
-            rank=[4], optimizer=["AdamW"], loss_function=["MSE"], seed=[0], training_dtype=["fp32"],
-            lora_dtype=["fp32"], algorithm=["LoRA"], gradient_checkpointing=[False], existing_lora=["[None]"])
+        return train_lora_node(model, [{"samples": latents[i:i + 1]} for i in range(latents.shape[0])], cond, steps,
+                               1e-4, 4)
 
     fn = {"cat": lambda s: ours(s, 1.0), "plain": lambda s: ours(s, 0.0), "comfy": comfy}[mode]
     with torch.inference_mode():  # as ComfyUI runs nodes

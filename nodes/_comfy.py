@@ -55,6 +55,18 @@ def lora_path(node: str, name: str) -> str:
     return path
 
 
+def check_lora_choice(field: str, name, allow_none: bool = True, what: str = "a LoRA file") -> bool | str:
+    """For a node's ``validate_inputs``: True when ``name`` is a file in the loras folder (or "none"),
+    else the message ComfyUI shows on the widget before anything runs."""
+    if name is None or (allow_none and name == "none"):
+        return True
+    if isinstance(name, str) and name in folder_paths.get_filename_list("loras"):
+        return True
+    return (f"field '{field}': {name!r} is not {what} in the loras folder(s) {folder_paths.get_folder_paths('loras')}; "
+            "choose one from the list (refresh the node definitions after adding files)"
+            + (" or none" if allow_none else ""))
+
+
 def read_lora(node: str, name: str) -> tuple[dict, str]:
     path = lora_path(node, name)
     try:

@@ -84,6 +84,11 @@ class LoRACLRConcept(io.ComfyNode):
         return _comfy.file_fingerprint(lora_file or lora_name)
 
     @classmethod
+    def validate_inputs(cls, lora_name=None):
+        # before the prompt runs, as core Load LoRA: a file missing from the loras folder marks the widget
+        return _comfy.check_lora_choice("lora_name", lora_name)
+
+    @classmethod
     def execute(cls, lora_name, strength_model, strength_clip, trigger, prompts, concepts=None, lora_file=None):
         node = "LoRACLR Concept"
         if lora_file:

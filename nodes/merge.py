@@ -13,16 +13,22 @@ from .collect import ACTIVATIONS, CONCEPTS
 MERGED = io.Custom("LORACLR_DELTA")
 
 
-def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None) -> MergedDelta:
+def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, on_layer=None) -> MergedDelta:
     """One merged ΔW per layer. Layers with compact statistics whose merge cannot show that no
     hinge is active are merged again from exact statistics, collected for groups of such layers
-    that fit the activations' memory budget (``acts.exact_source``)."""
+    that fit the activations' memory budget (``acts.exact_source``). ``on_layer(report_so_far)``
+    is called after every merged layer (the editor's live chart)."""
     results, pending, reasons = {}, [], {}
     by_key = {layer.key: layer for layer in acts.layers}
+    live = []
 
     def one(layer, distances=None):
         deltas = layer.delta_list() if config.method in ("sum", "average") else None
-        return merge_layer(layer.weight(), layer.stats, config, deltas=deltas, distances=distances)
+        res = merge_layer(layer.weight(), layer.stats, config, deltas=deltas, distances=distances)
+        if on_layer:
+            live.append(_report_entry(acts, layer, res))
+            on_layer(live)
+        return res
 
     candidates = {}
     for layer in acts.layers:
@@ -60,8 +66,8 @@ def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None) -
                      f"from the same noise in {len(groups)} group(s) within the memory budget")
         for group in groups:
             for layer in acts.exact_source(group):
-                results[layer.key] = one(layer)
                 by_key[layer.key] = layer
+                results[layer.key] = one(layer)
     model, clip, report = {}, {}, []
     for layer in acts.layers:
         res = results[layer.key]
@@ -69,17 +75,19 @@ def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None) -
             raise _comfy.NodeError("LoRACLR Merge", f"the {config.method} merge gave NaN/Inf values at layer "
                                                     f"'{layer.key}' ({acts.stage} stage); nothing is passed on")
         (model if layer.target == "model" else clip)[layer.key] = res.delta
-        report.append({
-            "layer": layer.key, "target": layer.target, "objective": res.objective,
-            "start_objective": res.start_objective, "iterations": res.iterations_run,
-            "converged": res.converged, "statistics": by_key[layer.key].stats.form,
-            "concepts": [dict(r, concept=acts.concepts[r["concept"]].label) for r in res.report],
-        })
+        report.append(_report_entry(acts, by_key[layer.key], res))
     settings = {k: getattr(config, k) for k in config.__dataclass_fields__}
     info = dict(acts.info)
     info["notes"] = notes
     return MergedDelta(stage=acts.stage, method=config.method, concepts=acts.concepts, model=model, clip=clip,
                        settings=settings, report=report, info=info)
+
+
+def _report_entry(acts, layer, res) -> dict:
+    return {"layer": layer.key, "target": layer.target, "objective": res.objective,
+            "start_objective": res.start_objective, "iterations": res.iterations_run,
+            "converged": res.converged, "statistics": layer.stats.form,
+            "concepts": [dict(r, concept=acts.concepts[r["concept"]].label) for r in res.report]}
 
 
 def exact_groups(acts: ActivationSet, keys) -> list[list[str]]:
@@ -171,12 +179,16 @@ class LoRACLRMerge(io.ComfyNode):
         config = MergeConfig(method=method, margin=margin, lambda_con=lambda_con, lambda_mse=lambda_mse,
                              lambda_reg=lambda_reg, lr=learning_rate, iterations=iterations,
                              warm_start=warm_start, normalize=normalize, compute_dtype=compute_dtype)
-        merged = merge_activations(activations, config, _comfy.Progress(len(activations.layers)))
+        node, total = _comfy.node_id(cls), len(activations.layers)
+
+        def chart(report):
+            _comfy.send_message("loraclr.merge", {
+                "node": node, "stage": activations.stage, "method": method, "total": total,
+                "layers": [{"layer": r["layer"], "objective": r["objective"], "start_objective": r["start_objective"]}
+                           for r in report]})
+
+        merged = merge_activations(activations, config, _comfy.Progress(total), on_layer=chart)
         text = format_report(merged)
-        _comfy.send_message("loraclr.merge", {
-            "node": _comfy.node_id(cls), "stage": merged.stage, "method": method,
-            "layers": [{"layer": r["layer"], "objective": r["objective"], "start_objective": r["start_objective"]}
-                       for r in merged.report]})
         return io.NodeOutput(merged, text, ui=ui.PreviewText(text))
 
 

@@ -400,6 +400,12 @@ class TrainCATLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, resume_from=None):
+        # before the prompt runs: a value that is not a saved run (e.g. a number shifted into this
+        # widget by a hand-edited workflow) is refused with the field's name
+        return _comfy.check_lora_choice("resume_from", resume_from, what="a run saved by Save CAT LoRA")
+
+    @classmethod
     def execute(cls, model, clip, captions, trigger, rank, alpha, target_layers, layer_pattern, steps, learning_rate,
                 optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype, gradient_checkpointing,
                 resume_from="none", preview_every=0, vae=None, images=None, latents=None):

@@ -22,6 +22,7 @@ import uuid
 import requests
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # never sent to the server
 
 
 def free_port() -> int:
@@ -32,12 +33,13 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, comfy_path: str, python: str = sys.executable, output_dir: str | None = None,
-                 log_path: str | None = None, startup_timeout: float = 240.0):
+                 log_path: str | None = None, startup_timeout: float = 240.0, extra_args=()):
         self.comfy_path = comfy_path
         self.python = python
         self.output_dir = output_dir
         self.log_path = log_path
         self.startup_timeout = startup_timeout
+        self.extra_args = list(extra_args)  # e.g. ["--front-end-root", ".../static"]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -48,6 +50,7 @@ class ComfyServer:
                "--disable-auto-launch"]
         if self.output_dir:
             cmd += ["--output-directory", self.output_dir]
+        cmd += self.extra_args
         self._log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_path, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -111,7 +114,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
-        if node.get("mode", 0) in (2, 4):  # muted / bypassed
+        if node.get("mode", 0) in (2, 4) or node["type"] in FRONTEND_ONLY:  # muted / bypassed / a note
             continue
         ctype = node["type"]
         if ctype not in object_info:

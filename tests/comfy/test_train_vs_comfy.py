@@ -8,7 +8,12 @@ both spaces. The tolerance: ours must reduce the held-out ε loss at least as mu
 TrainLoraNode does, within 10% of TrainLoraNode's reduction (run-to-run spread of either trainer
 across seeds on this set is a few percent), and must reduce the denoised-latent loss too.
 """
+import sys
+
 import torch
+from _harness import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
 
 STEPS, RANK, LR = 40, 4, 2e-3
 
@@ -37,7 +42,7 @@ def _eval(model, latents, cond, seed=123, n=48):
 
 
 def test_plain_mode_learns_as_well_as_train_lora_node(micro, pack, comfy_env):
-    import comfy_extras.nodes_train as nt
+    from comfy_trainer import train_lora_node  # either TrainLoraNode API (ComfyUI 0.3.75 or 0.33)
     from comfyui_loraclr.nodes import _comfy
 
     _, nodes = comfy_env
@@ -54,12 +59,8 @@ def test_plain_mode_learns_as_well_as_train_lora_node(micro, pack, comfy_env):
         ours = pack.TrainCATLoRA.execute(model, clip, caption, "sks", RANK, float(RANK), "all", "", STEPS, LR, "AdamW",
                                          1, 1, 0.0, 0, "float32", False, "none",
                                          latents={"samples": latents}).result[0]
-        theirs = nt.TrainLoraNode.execute(
-            model=[model], latents=[{"samples": latents[i:i + 1]} for i in range(4)],
-            positive=[nodes.CLIPTextEncode().encode(clip, caption)[0]], batch_size=[1],
-            grad_accumulation_steps=[1], steps=[STEPS], learning_rate=[LR], rank=[RANK], optimizer=["AdamW"],
-            loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"],
-            gradient_checkpointing=[False], existing_lora=["[None]"]).result[0]
+        theirs = train_lora_node(model, [{"samples": latents[i:i + 1]} for i in range(4)],
+                                 nodes.CLIPTextEncode().encode(clip, caption)[0], STEPS, LR, RANK)
     ours_eval = _eval(ours, latents, cond)
     theirs_eval = _eval(theirs, latents, cond)
     _comfy.load_patched(model)

@@ -71,7 +71,7 @@ def test_merge_then_evaluate_prompt_reports_every_concept(server):  # noqa: F811
 
 
 def test_merge_then_evaluate_example_workflow_runs(server, object_info):  # noqa: F811
-    wf = comfy_client.load_workflow(os.path.join(make_workflows.OUT_DIR, "loraclr_merge_then_evaluate.json"))
+    wf = comfy_client.load_workflow(make_workflows.path("merge_evaluate"))
     api = comfy_client.ui_to_api(wf, object_info)
     ev = next(k for k, v in api.items() if v["class_type"] == "LoRACLREvaluate")
     assert api[ev]["inputs"]["timesteps"] == "100, 300, 500, 700, 900" and api[ev]["inputs"]["images_per_concept"] == 2

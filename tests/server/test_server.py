@@ -48,13 +48,14 @@ def test_object_info_lists_every_pack_node_with_tooltips(server, object_info):
 
 
 def test_example_workflows_are_generated_from_code():
-    for name in make_workflows.WORKFLOWS:
-        with open(os.path.join(make_workflows.OUT_DIR, name)) as f:
-            assert f.read() == make_workflows.render(name), f"{name} is stale: run scripts/make_workflows.py"
+    for key in make_workflows.WORKFLOWS:
+        with open(make_workflows.path(key), encoding="utf-8") as f:
+            assert f.read() == make_workflows.render(key), f"{key} is stale: run scripts/make_workflows.py"
+    assert make_workflows.main(["--check"]) == 0  # and no template file left over from an older name
 
 
 def test_ui_to_api_maps_widgets_in_schema_order(object_info):
-    wf = comfy_client.load_workflow(os.path.join(make_workflows.OUT_DIR, "loraclr_merge_two_concepts.json"))
+    wf = comfy_client.load_workflow(make_workflows.path("merge_two"))
     api = comfy_client.ui_to_api(wf, object_info)
     by_type = {v["class_type"]: v["inputs"] for v in api.values()}
     ks = by_type["KSampler"]
@@ -70,8 +71,10 @@ def test_template_files_hold_one_value_per_editor_widget(object_info):
     after every widget that has one (its rule: the input's control_after_generate, else INT inputs
     named seed/noise_seed). A file that leaves one out shifts every later widget by one."""
     for name in make_workflows.WORKFLOWS:
-        wf = comfy_client.load_workflow(os.path.join(make_workflows.OUT_DIR, name))
+        wf = comfy_client.load_workflow(make_workflows.path(name))
         for node in wf["nodes"]:
+            if node["type"] in comfy_client.FRONTEND_ONLY:
+                continue
             widgets = comfy_client._widget_inputs(object_info[node["type"]])
             expected = len(widgets) + sum(1 for _, opts in widgets if opts["control_after_generate"])
             assert len(node["widgets_values"]) == expected, (name, node["type"], node["widgets_values"])
@@ -82,12 +85,12 @@ def test_template_files_hold_one_value_per_editor_widget(object_info):
 
 
 def test_training_templates_load_the_intended_values(object_info):
-    wf = comfy_client.load_workflow(os.path.join(make_workflows.OUT_DIR, "cat_train_sprite.json"))
+    wf = comfy_client.load_workflow(make_workflows.path("train_sprite"))
     api = comfy_client.ui_to_api(wf, object_info)
     train = next(v["inputs"] for v in api.values() if v["class_type"] == "LoRACLRTrainCAT")
     assert (train["seed"], train["training_dtype"], train["gradient_checkpointing"], train["resume_from"],
-            train["preview_every"]) == (0, "float32", False, "none", 25)
-    wf = comfy_client.load_workflow(os.path.join(make_workflows.OUT_DIR, "cat_train_two_then_merge.json"))
+            train["preview_every"]) == (0, "float32", False, "none", 10)
+    wf = comfy_client.load_workflow(make_workflows.path("train_two_merge"))
     api = comfy_client.ui_to_api(wf, object_info)
     data = [v["inputs"] for v in api.values() if v["class_type"] == "LoRACLRSpriteDataset"]
     assert sorted((d["trigger"], d["variant"]) for d in data) == [("sks", 0), ("zwx", 1)]
@@ -107,7 +110,7 @@ def test_example_merge_workflow_runs_and_stock_loader_samples_the_saved_lora(ser
     lora_dir = COMFY / "models" / "loras" / sub
     shutil.rmtree(lora_dir, ignore_errors=True)
     try:
-        wf = comfy_client.load_workflow(os.path.join(make_workflows.OUT_DIR, "loraclr_merge_two_concepts.json"))
+        wf = comfy_client.load_workflow(make_workflows.path("merge_two"))
         api = comfy_client.ui_to_api(wf, object_info)
         save_id = next(k for k, v in api.items() if v["class_type"] == "LoRACLRSaveLoRA")
         api[save_id]["inputs"]["filename"] = f"{sub}/merged"
@@ -151,7 +154,7 @@ def test_example_merge_workflow_runs_and_stock_loader_samples_the_saved_lora(ser
 
 
 def _run_example(server, object_info, name, edit):
-    wf = comfy_client.load_workflow(os.path.join(make_workflows.OUT_DIR, name))
+    wf = comfy_client.load_workflow(make_workflows.path(name))
     api = comfy_client.ui_to_api(wf, object_info)
     for node in api.values():
         edit(node)
@@ -178,7 +181,7 @@ def test_three_stage_example_runs_every_stage_on_the_server(server, object_info)
             inp.update(filename=f"{sub}/three_{{method}}")
 
     try:
-        hist = _run_example(server, object_info, "loraclr_merge_three_concepts_all_stages.json", small)
+        hist = _run_example(server, object_info, "three_stages", small)
         texts = "\n".join(str(t) for out in hist["outputs"].values() for t in out.get("text", []))
         for stage in ("text_encoder", "cross_attention", "spatial"):
             assert f"{stage} merge, method loraclr" in texts
@@ -204,7 +207,7 @@ def test_margin_sweep_saves_one_file_per_value(server, object_info):
             node["inputs"]["iterations"] = 10
 
     try:
-        _run_example(server, object_info, "loraclr_margin_sweep.json", edit)
+        _run_example(server, object_info, "margin_sweep", edit)
         files = sorted(os.listdir(lora_dir))
         assert files == ["margin_0.25.safetensors", "margin_0.5.safetensors", "margin_1.safetensors",
                          "margin_2.safetensors"]
@@ -242,7 +245,7 @@ def test_cat_training_workflow_trains_saves_and_resumes_on_the_server(server, ob
     lora_dir = COMFY / "models" / "loras" / sub
     shutil.rmtree(lora_dir, ignore_errors=True)
     try:
-        hist = _run_example(server, object_info, "cat_train_sprite.json", _small_training(sub))
+        hist = _run_example(server, object_info, "train_sprite", _small_training(sub))
         images = [img for out in hist["outputs"].values() for img in out.get("images", [])]
         assert len(images) >= 2  # the loss plot preview and the generated image
         assert sorted(os.listdir(lora_dir)) == ["cat_sks.loraclr-state", "cat_sks.safetensors"]
@@ -293,7 +296,7 @@ def test_train_two_concepts_then_merge_workflow(server, object_info):
     lora_dir = COMFY / "models" / "loras" / sub
     shutil.rmtree(lora_dir, ignore_errors=True)
     try:
-        _run_example(server, object_info, "cat_train_two_then_merge.json", _small_training(sub))
+        _run_example(server, object_info, "train_two_merge", _small_training(sub))
         files = sorted(os.listdir(lora_dir))
         assert "cat_sks.safetensors" in files and "cat_zwx.safetensors" in files and "pair_loraclr.safetensors" in files
         with safe_open(str(lora_dir / "pair_loraclr.safetensors"), "pt") as f:
@@ -301,3 +304,28 @@ def test_train_two_concepts_then_merge_workflow(server, object_info):
         assert [c["lora"] for c in concepts] == [f"{sub}/cat_sks.safetensors", f"{sub}/cat_zwx.safetensors"]
     finally:
         shutil.rmtree(lora_dir, ignore_errors=True)
+
+
+def test_missing_lora_and_bad_resume_value_are_refused_before_the_run(server):
+    """As core Load LoRA: a LoRA file missing from the loras folder, or a resume_from value that is
+    not a saved run (the number a shifted workflow put there), is refused when the prompt is
+    queued, with the field named, and nothing runs."""
+    import requests
+
+    from _harness import train_prompt
+
+    prompt = train_prompt("loraclr_pytest_never/x", 2, None, 1e-4, resume_from=25)
+    prompt["9"] = {"class_type": "LoRACLRConcept", "inputs": {"lora_name": "loraclr_test/no_such_file.safetensors",
+                                                              "strength_model": 1.0, "strength_clip": 1.0,
+                                                              "trigger": "sks", "prompts": "photo of a {}"}}
+    prompt["10"] = {"class_type": "LoRACLRCollectActivations", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "concepts": ["9", 0], "stage": "cross_attention",
+        "inputs_from": "concept_lora", "layer_filter": "", "only_lora_layers": True, "steps": 2, "record_steps": 2,
+        "width": 64, "height": 64, "seed": 0}}
+    r = requests.post(server.url + "/prompt", json={"prompt": prompt}, timeout=60)
+    assert r.status_code == 400, r.text[:500]
+    errors = r.json()["node_errors"]
+    details = {nid: " ".join(e["details"] for e in v["errors"]) for nid, v in errors.items()}
+    assert "resume_from" in details["4"] and "not a run saved by Save CAT LoRA" in details["4"], details
+    assert "lora_name" in details["9"] and "no_such_file" in details["9"] and "loras folder" in details["9"], details
+    assert not (COMFY / "models" / "loras" / "loraclr_pytest_never").exists()

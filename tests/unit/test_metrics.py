@@ -47,3 +47,19 @@ def test_summary_ignores_non_finite_values_and_counts_them():
     assert s["mean"] == 2.0 and s["std"] == 1.0 and (s["min"], s["max"]) == (1.0, 3.0)
     assert s["n"] == 2 and s["non_finite"] == 1
     assert metrics.summary([math.nan])["n"] == 0
+
+
+def test_registry_metadata_is_complete():
+    """pyproject.toml carries what the Comfy registry reads, and its versions match the code's."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    comfy, project = meta["tool"]["comfy"], meta["project"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"] == ">=0.3.75"
+    assert set(comfy["includes"]) == {"web", "example_workflows"}
+    assert project["name"] == "comfyui-loraclr" and project["description"] and project["urls"]["Repository"]
+    assert "torch" not in " ".join(project["dependencies"])  # ComfyUI's own torch is used
+    apply_src = (root / "nodes" / "apply.py").read_text()
+    assert f'PACK_VERSION = "{project["version"]}"' in apply_src
