@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .stats import LayerStats, NeedsExactStatistics, pairwise_sq_distances
+from .stats import CompactStats, LayerStats, NeedsExactStatistics, pairwise_sq_distances
 
 _TINY = 1e-30
 
@@ -61,8 +61,11 @@ class Problem:
         self.compact = None
         if stats.form == "compact":
             # N-independent statistics: the hinge-free terms are exact, the hinges only bounded
-            self.compact = stats
             self.G_sum, self.E_diag_sum = _fresh(stats.G_sum.to(acc)), _fresh(stats.E_sum.to(acc))
+            # the objective is differentiated through these sums: normal tensors, not inference ones
+            self.compact = CompactStats(stats.rows, stats.in_features, stats.out_features, self.G_sum,
+                                        self.E_diag_sum, _fresh(stats.rr), _fresh(stats.yy), _fresh(stats.tt),
+                                        _fresh(stats.oo))
             self.yy = stats.yy.to(torch.float64)
             self.tt = stats.tt.to(torch.float64).clamp_min(0)
             self.scale = float(torch.sqrt(self.yy.mean()).clamp_min(_TINY))

@@ -338,14 +338,16 @@ def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=Tru
                                      f"got '{statistics}'")
     if not memory_budget_gib > 0:
         raise _comfy.NodeError(NODE, f"field 'memory_budget_gib' must be above 0, got {memory_budget_gib}")
-    n_prompts, notes, loaded, keys = _spatial_layers(model, clip, concepts, layer_filter, only_lora_layers, keys_only)
+    n_prompts, notes, loaded, stage_keys = _spatial_layers(model, clip, concepts, layer_filter, only_lora_layers)
+    # the layers recorded here; every layer of the stage still gets each concept's LoRA
+    keys = stage_keys if keys_only is None else [k for k in stage_keys if k in keys_only]
     extra = dict(steps=steps, width=width, height=height, seed=seed, statistics=statistics,
                  memory_budget_gib=memory_budget_gib)
     if not keys:
         return ActivationSet("spatial", list(concepts), [],
                              _info(model, clip, keys, loaded, notes, n_prompts, inputs_from=inputs_from, **extra))
     if statistics == "compact":
-        why = _hooks_cannot_apply(model, loaded, keys, inputs_from)
+        why = _hooks_cannot_apply(model, loaded, stage_keys, inputs_from)
         if why:
             notes.append(f"compact statistics need every LoRA change as a layer term; {why}: the exact statistics "
                          "were collected instead")
@@ -355,10 +357,10 @@ def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=Tru
                                                     steps, record_steps, width, height, seed)
     with PeakMemory(getattr(model, "load_device", None)) as peak:
         if statistics == "exact":
-            layers = _spatial_exact(model, concepts, loaded, keys, modules, conds, sigmas, record, noise, inputs_from,
-                                    progress)
+            layers = _spatial_exact(model, concepts, loaded, keys, stage_keys, modules, conds, sigmas, record, noise,
+                                    inputs_from, progress)
         else:
-            layers = _spatial_compact(model, concepts, loaded, keys, modules, conds, sigmas, record, noise,
+            layers = _spatial_compact(model, concepts, loaded, keys, stage_keys, modules, conds, sigmas, record, noise,
                                       inputs_from, progress)
     acts = ActivationSet("spatial", list(concepts), layers,
                          _info(model, clip, keys, loaded, notes, n_prompts, inputs_from=inputs_from,
@@ -381,14 +383,12 @@ def collect_spatial(model, clip, concepts, layer_filter="", only_lora_layers=Tru
     return acts
 
 
-def _spatial_layers(model, clip, concepts, layer_filter, only_lora_layers, keys_only=None):
+def _spatial_layers(model, clip, concepts, layer_filter, only_lora_layers):
     _check_concepts(concepts)
     n_prompts, notes = _align_prompt_counts(concepts)
     _comfy.check_sampling_support(NODE, model)
     loaded = _Loaded(model, clip, concepts)
     keys = _select_keys("spatial", _comfy.state_keys(model), loaded.unet, layer_filter, only_lora_layers, notes)
-    if keys_only is not None:
-        keys = [k for k in keys if k in keys_only]
     return n_prompts, notes, loaded, keys
 
 
@@ -411,8 +411,8 @@ def spatial_distances(model, clip, concepts, candidates: dict, layer_filter="", 
     """For each layer key in ``candidates`` (a merged ΔW), the exact squared distances
     d(i, j)² = ||X_i(W0 + ΔW)ᵀ − Y_j||² (N × N, float64) over the same rows a collection with
     these settings records: one batched sampling pass, N² numbers per layer."""
-    n_prompts, notes, loaded, keys = _spatial_layers(model, clip, concepts, layer_filter, only_lora_layers,
-                                                     set(candidates))
+    n_prompts, notes, loaded, stage_keys = _spatial_layers(model, clip, concepts, layer_filter, only_lora_layers)
+    keys = [k for k in stage_keys if k in candidates]
     modules = _comfy.unet_modules(model)
     conds, sigmas, record, noise = _sampling_inputs(model, clip, concepts, loaded, n_prompts, notes, inputs_from,
                                                     steps, record_steps, width, height, seed)
@@ -428,7 +428,7 @@ def spatial_distances(model, clip, concepts, candidates: dict, layer_filter="", 
         d.diagonal().copy_((Q - R.to(device)).reshape(n, -1).double().pow(2).sum(1))  # own terms without cancellation
         D2[key] += d
 
-    deltas = _concept_deltas(model, loaded, concepts, modules, keys, inputs_from)
+    deltas = _concept_deltas(model, loaded, concepts, modules, stage_keys, inputs_from)
     _run_batched(model, modules, deltas, n, set(keys), on_record, conds, sigmas, record, noise, None)
     return {k: v.clamp_min(0).cpu() for k, v in D2.items()}
 
@@ -508,9 +508,10 @@ def _run_batched(model, modules, deltas, n, record_keys, on_record, conds, sigma
                 _comfy.check_cancel()
 
 
-def _spatial_compact(model, concepts, loaded, keys, modules, conds, sigmas, record, noise, inputs_from, progress):
+def _spatial_compact(model, concepts, loaded, keys, stage_keys, modules, conds, sigmas, record, noise, inputs_from,
+                     progress):
     n = len(concepts)
-    deltas = _concept_deltas(model, loaded, concepts, modules, keys, inputs_from)
+    deltas = _concept_deltas(model, loaded, concepts, modules, stage_keys, inputs_from)
     device = getattr(model, "load_device", torch.device("cpu"))
     accs = {}
     for k in keys:
@@ -525,9 +526,10 @@ def _spatial_compact(model, concepts, loaded, keys, modules, conds, sigmas, reco
                       deltas=deltas.get(k, [None] * n), stats=accs[k].finish()) for k in keys]
 
 
-def _spatial_exact(model, concepts, loaded, keys, modules, conds, sigmas, record, noise, inputs_from, progress):
+def _spatial_exact(model, concepts, loaded, keys, stage_keys, modules, conds, sigmas, record, noise, inputs_from,
+                   progress):
     modules = {k: m for k, m in modules.items() if k in keys}
-    key_set = set(keys)
+    key_set = set(stage_keys)  # with ``wired`` inputs each concept's LoRA changes every layer of the stage
     clones = []
     for i, c in enumerate(concepts):
         patches = loaded.unet[i] if inputs_from == "concept_lora" else {

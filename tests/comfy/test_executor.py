@@ -69,12 +69,14 @@ def merge_prompt(stage, loras=TEST_LORAS[:2], save=None, prompts=PROMPTS, layer_
     return nodes
 
 
-@pytest.mark.parametrize("stage", ["text_encoder", "cross_attention"])
+@pytest.mark.parametrize("stage", ["text_encoder", "cross_attention", "spatial"])
 def test_merge_iterates_under_the_executor(executor, stage):
     """warm_start off (the original start, 50 AdamW steps), an active hinge (margin 1000) and
-    the bfloat16 path all take optimiser steps inside ComfyUI and give finite deltas."""
+    the bfloat16 path all take optimiser steps inside ComfyUI and give finite deltas (the spatial
+    stage: from its compact statistics, or from exact ones collected again where a hinge acts)."""
     # two layers of each kind are enough (the text encoder's are 768 to 3072 wide)
-    only = r"layers\.11\.(self_attn\.q_proj|mlp\.fc2)" if stage == "text_encoder" else "input_blocks"
+    only = {"text_encoder": r"layers\.11\.(self_attn\.q_proj|mlp\.fc2)", "cross_attention": "input_blocks",
+            "spatial": r"input_blocks.*attn2\.to_(q|out)"}[stage]
     for merge in (dict(warm_start=False), dict(margin=1000.0), dict(margin=1000.0, compute_dtype="bfloat16")):
         out = executor.run(merge_prompt(stage, layer_filter=only, **merge), outputs=["3"])
         merged, report = out["3"][0][0], out["3"][1][0]

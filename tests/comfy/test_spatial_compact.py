@@ -97,10 +97,14 @@ def test_compact_statistics_do_not_grow_with_the_number_of_concepts(micro, pack)
 
 def test_active_hinge_collects_exact_statistics_in_groups_within_the_budget(both, micro, pack):
     """A margin no distance reaches: every layer's merge needs exact statistics. Collected again
-    in groups of one layer (a tiny budget), the merge equals the one-pass exact merge."""
-    concepts, exact, _ = both
+    in groups of one layer (a tiny budget), the merge equals the one-pass exact merge. With
+    ``wired`` inputs (as the all-stages node collects this stage), where a group must still give
+    every concept its LoRA on all the stage's layers, not only on the group's."""
+    concepts, _, _ = both
     model, clip, _ = micro
-    compact = _collect(pack, model, clip, concepts, "compact", memory_budget_gib=0.02)  # one layer (14 MB) per group
+    exact = _collect(pack, model, clip, concepts, "exact", inputs_from="wired")
+    compact = _collect(pack, model, clip, concepts, "compact", inputs_from="wired",
+                       memory_budget_gib=0.02)  # one layer (14 MB) per group
     args = ("loraclr", 1e4, 1.0, 0.1, 0.001, 1e-3, 5, True, False)
     a = pack.LoRACLRMerge.execute(exact, *args).result[0]
     b = pack.LoRACLRMerge.execute(compact, *args).result[0]
@@ -111,3 +115,27 @@ def test_active_hinge_collects_exact_statistics_in_groups_within_the_budget(both
         assert torch.allclose(a.model[k], b.model[k], rtol=1e-4, atol=1e-7), k
     with pytest.raises(Exception, match="memory budget"):
         pack.LoRACLRMerge.execute(_collect(pack, model, clip, concepts, "compact", memory_budget_gib=1e-4), *args)
+
+
+def test_exact_distances_certify_what_the_bounds_cannot_with_wired_inputs(both, micro, pack):
+    """Default settings, ``wired`` inputs: layers the bounds leave open are certified by exact
+    distances at the hinge-free minimiser, measured in a second sampling pass; those distances
+    equal the ones the exact statistics give for the same merged ΔW."""
+    from comfyui_loraclr.loraclr import LayerStats  # noqa: F401
+
+    concepts, _, _ = both
+    model, clip, _ = micro
+    exact = _collect(pack, model, clip, concepts, "exact", inputs_from="wired")
+    compact = _collect(pack, model, clip, concepts, "compact", inputs_from="wired")
+    args = ("loraclr",) + MERGE[1:]
+    b = pack.LoRACLRMerge.execute(compact, *args).result[0]
+    by_distance = [r for r in b.report if not r["concepts"][0].get("nearest_is_bound")]
+    assert by_distance, "expected some layer the bounds could not certify"
+    for r in by_distance:
+        layer = next(la for la in exact.layers if la.key == r["layer"])
+        W0 = layer.weight()
+        D = Problem(layer.stats, W0).distance_matrix(b.model[r["layer"]].reshape(W0.shape[0], -1))
+        for i, (c, row) in enumerate(zip(r["concepts"], D)):
+            others = torch.cat([row[:i], row[i + 1:]])
+            assert c["nearest_negative"] == pytest.approx(float(others.min()), rel=1e-3)
+            assert c["positive"] == pytest.approx(float(row[i]), rel=1e-3)
