@@ -13,20 +13,25 @@ from .collect import ACTIVATIONS, CONCEPTS
 MERGED = io.Custom("LORACLR_DELTA")
 
 
-def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, on_layer=None) -> MergedDelta:
+def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, on_layer=None,
+                      release: bool = False) -> MergedDelta:
     """One merged ΔW per layer. Layers with compact statistics whose merge cannot show that no
     hinge is active are merged again from exact statistics, collected for groups of such layers
     that fit the activations' memory budget (``acts.exact_source``). ``on_layer(report_so_far)``
-    is called after every merged layer (the editor's live chart)."""
-    results, pending, reasons = {}, [], {}
+    is called after every merged layer (the editor's live chart). ``release``: drop each layer's
+    statistics once its merge no longer needs them (for activations nothing else will use), so
+    the merged deltas replace the statistics in memory instead of adding to them."""
+    results, entries, pending, reasons = {}, {}, [], {}
     by_key = {layer.key: layer for layer in acts.layers}
+    shapes = {layer.key: (layer.stats.in_features, layer.stats.out_features) for layer in acts.layers}
     live = []
 
     def one(layer, distances=None):
         deltas = layer.delta_list() if config.method in ("sum", "average") else None
         res = merge_layer(layer.weight(), layer.stats, config, deltas=deltas, distances=distances)
+        entries[layer.key] = _report_entry(acts, layer, res)
         if on_layer:
-            live.append(_report_entry(acts, layer, res))
+            live.append(entries[layer.key])
             on_layer(live)
         return res
 
@@ -39,6 +44,8 @@ def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, o
             reasons[layer.key] = e.reason
             if e.candidate is not None:
                 candidates[layer.key] = e.candidate
+        if release and layer.key not in candidates:
+            layer.stats = None
         if progress:
             progress.step()
     notes = list(acts.info.get("notes", []))
@@ -54,6 +61,8 @@ def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, o
                 certified += 1
             except NeedsExactStatistics as e:
                 reasons[key] = e.reason
+            if release:
+                by_key[key].stats = None
         notes.append(f"{len(candidates)} layer(s) not certified by the distance bounds: {certified} certified by "
                      "exact distances at the hinge-free minimiser (one more sampling pass)")
     if pending:
@@ -61,13 +70,13 @@ def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, o
             raise _comfy.NodeError("LoRACLR Merge", f"layer {pending[0]} needs exact statistics "
                                                     f"({reasons[pending[0]]}), and these activations cannot be "
                                                     "collected again")
-        groups = exact_groups(acts, pending)
+        groups = exact_groups(acts, pending, shapes)
         notes.append(f"{len(pending)} layer(s) needed exact statistics ({reasons[pending[0]]}): collected again "
                      f"from the same noise in {len(groups)} group(s) within the memory budget")
         for group in groups:
             for layer in acts.exact_source(group):
-                by_key[layer.key] = layer
                 results[layer.key] = one(layer)
+                del layer
     model, clip, report = {}, {}, []
     for layer in acts.layers:
         res = results[layer.key]
@@ -75,7 +84,7 @@ def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, o
             raise _comfy.NodeError("LoRACLR Merge", f"the {config.method} merge gave NaN/Inf values at layer "
                                                     f"'{layer.key}' ({acts.stage} stage); nothing is passed on")
         (model if layer.target == "model" else clip)[layer.key] = res.delta
-        report.append(_report_entry(acts, by_key[layer.key], res))
+        report.append(entries[layer.key])
     settings = {k: getattr(config, k) for k in config.__dataclass_fields__}
     info = dict(acts.info)
     info["notes"] = notes
@@ -90,13 +99,13 @@ def _report_entry(acts, layer, res) -> dict:
             "concepts": [dict(r, concept=acts.concepts[r["concept"]].label) for r in res.report]}
 
 
-def exact_groups(acts: ActivationSet, keys) -> list[list[str]]:
-    """``keys`` in order, split into groups whose exact statistics fit the memory budget."""
+def exact_groups(acts: ActivationSet, keys, shapes) -> list[list[str]]:
+    """``keys`` in order, split into groups whose exact statistics fit the memory budget
+    (``shapes``: key → (in, out))."""
     from .collect import DEFAULT_MEMORY_BUDGET_GIB, exact_layer_bytes
 
     budget = float(acts.info.get("memory_budget_gib", DEFAULT_MEMORY_BUDGET_GIB)) * 2 ** 30
     n = len(acts.concepts)
-    shapes = {layer.key: (layer.stats.in_features, layer.stats.out_features) for layer in acts.layers}
     groups, current, used = [], [], 0
     for k in keys:
         need = exact_layer_bytes(n, *shapes[k])
@@ -219,7 +228,9 @@ def merge_all_stages(model, clip, concepts, preset: str, config: MergeConfig, la
                                  layer_filter=layer_filter, steps=steps, record_steps=record_steps,
                                  width=width, height=height, seed=seed, token_rows=token_rows,
                                  **({} if memory_budget_gib is None else {"memory_budget_gib": memory_budget_gib}))
-        merged = merge_activations(acts, config, _comfy.Progress(len(acts.layers)))
+        # these activations serve this merge alone (unless the caller shares the first stage's)
+        merged = merge_activations(acts, config, _comfy.Progress(len(acts.layers)),
+                                   release=first_stage is None or n > 0)
         model = _comfy.patch_model(model, merged.model, 1.0)
         clip = _comfy.patch_clip(clip, merged.clip, 1.0)
         merged_all = merged if merged_all is None else merged_all.combined_with(merged)

@@ -34,8 +34,8 @@ CONTROL = {"seed", "noise_seed", "sample_seed"}
 # LGraphNode.computeSize() reports them with this pack's text/chart widgets (frontend 1.32.9; the
 # browser test checks every node of every template against the frontend actually served).
 MIN_HEIGHT = {
-    "CheckpointLoaderSimple": 98, "LoRACLRConcept": 204, "LoRACLRCollectActivations": 432, "LoRACLRMerge": 612,
-    "LoRACLRApplyDelta": 122, "LoRACLRSaveLoRA": 288, "LoRACLRMergeAllStages": 620, "LoRACLRSweepValues": 58,
+    "CheckpointLoaderSimple": 98, "LoRACLRConcept": 204, "LoRACLRCollectActivations": 484, "LoRACLRMerge": 612,
+    "LoRACLRApplyDelta": 122, "LoRACLRSaveLoRA": 288, "LoRACLRMergeAllStages": 646, "LoRACLRSweepValues": 58,
     "LoRACLRTrainCAT": 894, "LoRACLRSaveCAT": 224, "LoRACLRSpriteDataset": 222, "LoRACLREvaluate": 566,
     "CLIPTextEncode": 88, "EmptyLatentImage": 106, "KSampler": 262, "VAEDecode": 46, "SaveImage": 58,
     "PreviewImage": 26, "PreviewAny": 88, "ImageBatch": 46, "Note": 88,
@@ -127,7 +127,8 @@ def concept(g, lora, trigger, prompts, prev=None, col=0, lora_file=None):
 
 def collect_widgets(stage="cross_attention", inputs_from="concept_lora", steps=4, record_steps=2, size=128):
     return {"stage": stage, "inputs_from": inputs_from, "layer_filter": "", "only_lora_layers": True, "steps": steps,
-            "record_steps": record_steps, "width": size, "height": size, "seed": 0, "token_rows": "all"}
+            "record_steps": record_steps, "width": size, "height": size, "seed": 0, "token_rows": "all",
+            "spatial_statistics": "compact", "memory_budget_gib": 4.0}
 
 
 def collect(g, model_src, clip_src, concepts_src, col, title=None, **kw):
@@ -159,8 +160,10 @@ def apply(g, model_src, clip_src, merged, col, title=None):
 
 
 def save_merged(g, merges, filename, col, rank=32):
-    inputs = [("merged", "LORACLR_DELTA", (merges[0], 0))]
-    inputs += [(f"merged_{i + 2}", "LORACLR_DELTA", (m, 0)) for i, m in enumerate(merges[1:])]
+    """``merges``: Merge nodes (their output 0 is the merged ΔW), or (node, output) pairs."""
+    src = [m if isinstance(m, tuple) else (m, 0) for m in merges]
+    inputs = [("merged", "LORACLR_DELTA", src[0])]
+    inputs += [(f"merged_{i + 2}", "LORACLR_DELTA", s) for i, s in enumerate(src[1:])]
     return g.add("LoRACLRSaveLoRA", {"filename": filename, "rank": rank, "key_style": "kohya", "dtype": "float16",
                                      "if_exists": "increment"},
                  inputs, [("lora_name", "STRING"), ("report", "STRING")], col=col, size=(420, 0))
@@ -354,12 +357,12 @@ def whole_story() -> Graph:
     b = concept(g, "none", "zwx", prompts, prev=a, col=2, lora_file=(save_b, 0))
     refs = reference_images(g, [("sks", 0), ("zwx", 1)], col=3)
     widgets = {"preset": "all", "layer_filter": "", **merge_widgets(), "steps": 4, "record_steps": 2, "width": 128,
-               "height": 128, "sample_seed": 0}
+               "height": 128, "sample_seed": 0, "memory_budget_gib": 4.0}
     allm = g.add("LoRACLRMergeAllStages", widgets,
                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
                  [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("merged", "LORACLR_DELTA"), ("report", "STRING")], col=4,
                  size=(420, 0))
-    save_merged(g, [allm], "loraclr/story_{method}", col=4, rank=0)
+    save_merged(g, [(allm, 2)], "loraclr/story_{method}", col=4, rank=0)  # output 2: the merged ΔW
     evaluate(g, ckpt, (allm, 0), (allm, 1), b, refs, col=5, json_preview=False)
     return g
 

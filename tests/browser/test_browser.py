@@ -5,7 +5,8 @@ Every template is opened from the templates browser; the frontend must know ever
 every widget value inside its options and mean what the file means (the prompt it builds equals
 the intent written in scripts/make_workflows.py and the pack's own converter); the saved view must
 show every node clear of the editor's bars, with no node overlapping another or smaller than its
-widgets need. Each template is then run with the Run button (LORACLR_BROWSER_RUN, default all):
+widgets need. Templates are then run with the Run button (LORACLR_BROWSER_RUN: default the cheap ones and the
+whole story, or all):
 it must finish, every result text must show on its node, every chart must have drawn points that
 are on top and painted, and both must come back after switching tabs. No console error, page
 error or failed request may come from the pack.
@@ -31,7 +32,9 @@ import comfy_client  # noqa: E402
 import make_workflows  # noqa: E402
 
 KEYS = list(make_workflows.WORKFLOWS)
-RUN = os.environ.get("LORACLR_BROWSER_RUN", "all")
+# pressed Run by default: the cheap templates and the whole story (all seven take several minutes
+# more on a 2-core machine; LORACLR_BROWSER_RUN=all runs every one)
+RUN = os.environ.get("LORACLR_BROWSER_RUN", "merge_two,train_sprite,whole_story")
 RUN_KEYS = KEYS if RUN == "all" else [] if RUN == "none" else RUN.split(",")
 BROWSER_VENV = os.environ.get("LORACLR_BROWSER_VENV", str(ROOT / ".venv-browser"))
 CHROMIUM = os.environ.get("LORACLR_CHROMIUM", "/usr/bin/chromium")
@@ -187,9 +190,15 @@ def test_template_runs_and_shows_its_results(report, key):
     run = rec["run"]
     assert run["pressed"] == "button"
     assert run["outcome"] == "execution_success", (run, report["server_log"])
+    # ComfyUI runs the outputs that pass validation and drops the others with only a log line
+    log_path = report["server_log"]
+    if os.path.exists(log_path):
+        dropped = [ln for ln in open(log_path, errors="replace") if "Failed to validate prompt for output" in ln]
+        assert not dropped, (key, dropped)
     types = {n["id"]: n["type"] for n in rec["graph"]["nodes"]}
     texts = {i: r["text"] for i, r in rec["results"].items() if types[i] in TEXT_NODES}
-    assert texts and all(t and t.strip() for t in texts.values()), f"nodes without their result text: {texts}"
+    empty = {i: types[i] for i, t in texts.items() if not (t and t.strip())}
+    assert texts and not empty, f"nodes without their result text: {empty}"
     charts = {i: r for i, r in rec["results"].items() if types[i] in CHART_NODES}
     for i, r in charts.items():
         c = r["chart"]

@@ -68,7 +68,9 @@ class Executor:
             for node_id in outputs:
                 ok = asyncio.run(execution.validate_inputs(prompt_id, prompt, node_id, validated))
                 if not ok[0]:
-                    raise PromptError(f"invalid prompt: node {node_id}: {ok[1]}", ok)
+                    # the node's own errors, and those of the upstream nodes that failed with it
+                    upstream = {k: v[1] for k, v in validated.items() if not v[0] and v[1]}
+                    raise PromptError(f"invalid prompt: node {node_id}: {ok[1]} {upstream}", ok)
         self.server.messages.clear()
         self.executor.execute(prompt, prompt_id, {}, list(outputs))
         for event, data in self.executor.status_messages:

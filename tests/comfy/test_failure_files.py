@@ -213,8 +213,10 @@ def test_lora_deleted_or_replaced_after_a_run_is_not_answered_from_the_cache(exe
     os.remove(os.path.join(folder, "changing.safetensors"))
     with pytest.raises(PromptError) as info:
         run_collect(executor, name)
-    text = info.value.details["exception_message"]
-    assert "[LoRACLR Concept]" in text and "changing.safetensors" in text and "not found" in text, text
+    # refused when the prompt is validated (the Concept node checks its file list, as Load LoRA does)
+    text = str(info.value)
+    assert "invalid prompt" in text and "lora_name" in text and "changing.safetensors" in text, text
+    assert "is not a LoRA file in the loras folder" in text, text
 
 
 @pytest.mark.parametrize("stage, key_style", [("text_encoder", "kohya"), ("cross_attention", "comfy"),

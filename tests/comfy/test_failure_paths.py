@@ -199,8 +199,8 @@ def test_merge_names_the_layer_when_its_result_is_not_finite(executor, monkeypat
 
     real = merge_mod.merge_layer
 
-    def nan_result(W0, stats, config, deltas=None):
-        res = real(W0, stats, config, deltas=deltas)
+    def nan_result(W0, stats, config, deltas=None, **kw):
+        res = real(W0, stats, config, deltas=deltas, **kw)
         res.delta[0, 0] = float("nan")
         return res
 

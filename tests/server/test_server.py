@@ -225,8 +225,10 @@ def _small_training(sub):
         inp, ct = node["inputs"], node["class_type"]
         if ct == "LoRACLRSpriteDataset":
             inp.update(count=3, width=64, height=64)
-        if ct == "LoRACLRTrainCAT":
-            inp.update(steps=3)
+        if ct == "LoRACLRTrainCAT":  # the settings the resume below repeats (a resume refuses changed ones)
+            inp.update(steps=3, rank=1, alpha=1.0, target_layers="attention", layer_pattern="", learning_rate=1e-4,
+                       optimizer="AdamW", batch_size=1, grad_accumulation=1, lambda_cat=1.0, seed=0,
+                       training_dtype="float32", gradient_checkpointing=False)
         if ct == "LoRACLRSaveCAT":
             inp.update(filename=f"{sub}/cat_{{trigger}}", if_exists="error")
         if ct == "LoRACLRSaveLoRA":
@@ -322,6 +324,8 @@ def test_missing_lora_and_bad_resume_value_are_refused_before_the_run(server):
         "model": ["1", 0], "clip": ["1", 1], "concepts": ["9", 0], "stage": "cross_attention",
         "inputs_from": "concept_lora", "layer_filter": "", "only_lora_layers": True, "steps": 2, "record_steps": 2,
         "width": 64, "height": 64, "seed": 0}}
+    # an output node fed by Collect, so that ComfyUI validates that branch of the graph too
+    prompt["11"] = {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}}
     r = requests.post(server.url + "/prompt", json={"prompt": prompt}, timeout=60)
     assert r.status_code == 400, r.text[:500]
     errors = r.json()["node_errors"]

@@ -479,3 +479,22 @@ def test_hinge_free_minimiser_ignores_rounding_in_the_null_space():
     P = torch.linalg.pinv(Xall) @ Xall  # projector onto the row space
     outside = res.delta.double() - res.delta.double() @ P
     assert outside.norm() <= 1e-6 * res.delta.norm()
+
+
+@pytest.mark.parametrize("shape,rank,true_rank", [((300, 40), 8, 40), ((40, 300), 8, 40), ((500, 64), 4, 6),
+                                                  ((64, 500), 16, 6), ((200, 60), 10, 0)])
+def test_low_rank_factors_from_the_gram_matrix_match_a_full_svd(shape, rank, true_rank):
+    """The fast path (rank under a quarter of the smaller side) against float64 SVD: the best
+    rank-r approximation (Eckart-Young) and its energy, for full-rank, low-rank and zero deltas."""
+    g = torch.Generator().manual_seed(4)
+    m, n = shape
+    d = (torch.randn(m, true_rank, generator=g, dtype=torch.float64)
+         @ torch.randn(true_rank, n, generator=g, dtype=torch.float64)) if true_rank else torch.zeros(shape, dtype=torch.float64)
+    up, down, e = low_rank_factors(d, rank)
+    assert up.shape == (m, rank) and down.shape == (rank, n)
+    U, S, Vh = torch.linalg.svd(d)
+    best = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+    total = float(S.pow(2).sum())
+    assert e == pytest.approx(1.0 if total == 0 else float(S[:rank].pow(2).sum()) / total, rel=1e-9)
+    err = float(((up.double() @ down.double()) - best).norm())
+    assert err <= 1e-5 * max(1.0, float(best.norm())), err
