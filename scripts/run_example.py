@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfy", required=True)
-    ap.add_argument("--workflow", default=os.path.join(ROOT, "example_workflows", "merge_two"))
+    ap.add_argument("--workflow", default=os.path.join(ROOT, "example_workflows", "LoRACLR - merge two concept LoRAs.json"))
     ap.add_argument("--output", default=os.path.join(ROOT, "output"), help="ComfyUI output folder for images")
     args = ap.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
