@@ -24,15 +24,12 @@ def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, o
     results, entries, pending, reasons = {}, {}, [], {}
     by_key = {layer.key: layer for layer in acts.layers}
     shapes = {layer.key: (layer.stats.in_features, layer.stats.out_features) for layer in acts.layers}
-    live = []
-
     def one(layer, distances=None):
         deltas = layer.delta_list() if config.method in ("sum", "average") else None
         res = merge_layer(layer.weight(), layer.stats, config, deltas=deltas, distances=distances)
         entries[layer.key] = _report_entry(acts, layer, res)
-        if on_layer:
-            live.append(entries[layer.key])
-            on_layer(live)
+        if on_layer:  # in the layers' order, each once (a layer merged again replaces its entry)
+            on_layer([entries[la.key] for la in acts.layers if la.key in entries])
         return res
 
     candidates = {}
