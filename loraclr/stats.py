@@ -281,6 +281,8 @@ class CompactAccumulator:
     every concept. ``base``: the layer's W0 (out × in), needed only when ``add`` is not given the
     base outputs. Sums live on ``device`` (where the rows arrive)."""
 
+    SLICE_NUMBERS = 1 << 24  # float64 numbers per slice of rows for the pair sums
+
     def __init__(self, n_concepts: int, in_features: int, out_features: int, base: torch.Tensor | None = None,
                  dtype=torch.float32, device=None):
         self.n, self.d_in, self.d_out = n_concepts, in_features, out_features
@@ -316,17 +318,22 @@ class CompactAccumulator:
         Xf = X.reshape(-1, self.d_in)
         self.G.addmm_(Xf.T, Xf)
         self.E.addmm_(Xf.T, R.reshape(-1, self.d_out))
-        Y = B + R
-        yy = Y.reshape(self.n, -1).double().pow(2).sum(1)
-        rr = R.reshape(self.n, -1).double().pow(2).sum(1)
-        tt = pairwise_sq_distances(B, Y, yy)
-        tt.diagonal().copy_(rr)  # ||Y_i − B_i||² = ||R_i||², without cancellation
-        oo = pairwise_sq_distances(Y, Y, yy)
-        oo.fill_diagonal_(0)
-        self.rr += rr
-        self.yy += yy
-        self.tt += tt
-        self.oo += oo
+        # the pair sums in float64 over slices of rows, so that the float64 copies stay small
+        # (about 16M numbers per slice) whatever the layer's width and the number of concepts
+        step = max(1, self.SLICE_NUMBERS // max(1, self.n * self.d_out))
+        for s in range(0, X.shape[1], step):
+            Bs, Rs = B[:, s:s + step], R[:, s:s + step]
+            Ys = Bs + Rs
+            yy = Ys.reshape(self.n, -1).double().pow(2).sum(1)
+            rr = Rs.reshape(self.n, -1).double().pow(2).sum(1)
+            tt = pairwise_sq_distances(Bs, Ys, yy)
+            tt.diagonal().copy_(rr)  # ||Y_i − B_i||² = ||R_i||², without cancellation
+            oo = pairwise_sq_distances(Ys, Ys, yy)
+            oo.fill_diagonal_(0)
+            self.rr += rr
+            self.yy += yy
+            self.tt += tt
+            self.oo += oo
         self.rows += X.shape[1]
 
     def finish(self) -> CompactStats:

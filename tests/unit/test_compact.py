@@ -82,3 +82,13 @@ def test_compact_merge_asks_for_exact_statistics_when_a_hinge_may_act():
     exact = merge_layer(W0, LayerStats.from_rows(X, Y, force="gram", base=W0), MergeConfig(method="least_squares"))
     assert res.objective is None
     assert torch.allclose(res.delta.double(), exact.delta.double(), rtol=1e-4, atol=1e-8)
+
+
+def test_pair_sums_over_slices_of_rows_equal_one_pass(monkeypatch):
+    W0, deltas, X, Y = make_problem(N=3, n=40, d_in=6, d_out=5)
+    one = compact_from(X, deltas, W0, chunks=1)
+    monkeypatch.setattr(CompactAccumulator, "SLICE_NUMBERS", 3 * 5 * 3)  # slices of 3 rows
+    sliced = compact_from(X, deltas, W0, chunks=1)
+    for name in ("rr", "yy", "tt", "oo"):
+        assert torch.allclose(getattr(sliced, name), getattr(one, name), rtol=1e-12, atol=1e-12), name
+    assert sliced.rows == one.rows == 40
