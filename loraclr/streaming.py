@@ -23,6 +23,14 @@ def cross_gram_nbytes(n_concepts: int, in_features: int, itemsize: int = 4) -> i
     return itemsize * n_concepts * (n_concepts + 1) // 2 * in_features * in_features
 
 
+def folded_nbytes(n_concepts: int, in_features: int, out_features: int, from_weights: bool = True) -> int:
+    """Size of one layer's folded statistics: the final Gram form, plus the input cross-Grams
+    while they are accumulated (outputs computed from weights, and inputs at most twice as wide
+    as outputs, where cross-Grams are the cheaper way)."""
+    extra = cross_gram_nbytes(n_concepts, in_features) if from_weights and in_features <= 2 * out_features else 0
+    return gram_nbytes(n_concepts, in_features, out_features) + extra
+
+
 def rows_nbytes(n_concepts: int, rows: int, in_features: int, out_features: int, itemsize: int = 4) -> int:
     return itemsize * n_concepts * rows * (in_features + out_features)
 
@@ -70,8 +78,7 @@ class AdaptiveLayerStats:
         return self.weights is not None and self.in_features <= 2 * self.out_features
 
     def _gram_bytes(self) -> int:
-        extra = cross_gram_nbytes(self.n, self.in_features) if self._uses_cross_gram() else 0
-        return gram_nbytes(self.n, self.in_features, self.out_features) + extra
+        return folded_nbytes(self.n, self.in_features, self.out_features, self.weights is not None)
 
     def _fold(self):
         acc = StatsAccumulator(self.n, self.in_features, self.out_features, weights=self.weights, base=self.base)

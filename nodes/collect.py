@@ -22,7 +22,7 @@ from comfy_api.latest import io, ui
 from ..loraclr import LayerStats
 from ..loraclr.bundle import ActivationSet, Concept, LayerData
 from ..loraclr.stats import CompactAccumulator, pairwise_sq_distances
-from ..loraclr.streaming import AdaptiveLayerStats, cross_gram_nbytes, gram_nbytes
+from ..loraclr.streaming import AdaptiveLayerStats, folded_nbytes
 from . import _comfy
 from .memory import PeakMemory
 
@@ -436,11 +436,7 @@ def spatial_distances(model, clip, concepts, candidates: dict, layer_filter="", 
 def exact_layer_bytes(n_concepts: int, in_features: int, out_features: int) -> int:
     """Memory of one layer's exact statistics while collecting: each concept's full weight plus
     the larger of the folded statistics (cross-Grams and the final C_ij)."""
-    weights = 4 * n_concepts * in_features * out_features
-    stats = gram_nbytes(n_concepts, in_features, out_features)
-    if in_features <= 2 * out_features:
-        stats += cross_gram_nbytes(n_concepts, in_features)
-    return weights + stats
+    return 4 * n_concepts * in_features * out_features + folded_nbytes(n_concepts, in_features, out_features)
 
 
 def _planned_bytes(layers, n, statistics) -> int:

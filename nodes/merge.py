@@ -8,7 +8,7 @@ from ..loraclr import METHODS, MergeConfig, merge_layer
 from ..loraclr.bundle import ActivationSet, MergedDelta
 from ..loraclr.stats import NeedsExactStatistics
 from . import _comfy
-from .collect import ACTIVATIONS, CONCEPTS
+from .collect import ACTIVATIONS, CONCEPTS, DEFAULT_MEMORY_BUDGET_GIB
 
 MERGED = io.Custom("LORACLR_DELTA")
 
@@ -99,7 +99,7 @@ def _report_entry(acts, layer, res) -> dict:
 def exact_groups(acts: ActivationSet, keys, shapes) -> list[list[str]]:
     """``keys`` in order, split into groups whose exact statistics fit the memory budget
     (``shapes``: key → (in, out))."""
-    from .collect import DEFAULT_MEMORY_BUDGET_GIB, exact_layer_bytes
+    from .collect import exact_layer_bytes
 
     budget = float(acts.info.get("memory_budget_gib", DEFAULT_MEMORY_BUDGET_GIB)) * 2 ** 30
     n = len(acts.concepts)
@@ -263,7 +263,7 @@ class LoRACLRMergeAllStages(io.ComfyNode):
                 io.Int.Input("sample_seed", default=0, min=0, max=2**31 - 1, control_after_generate="fixed",
                              tooltip="spatial stage: seed of the initial noise, shared by all concepts (drawn from a "
                                      "generator of its own, never from the global random state)."),
-                io.Float.Input("memory_budget_gib", default=4.0, min=0.05, max=1024.0, step=0.25, optional=True,
+                io.Float.Input("memory_budget_gib", default=DEFAULT_MEMORY_BUDGET_GIB, min=0.05, max=1024.0, step=0.25, optional=True,
                                tooltip="spatial stage: layers whose merge needs exact statistics (a contrastive hinge "
                                        "may act) are collected again in groups that fit this many GiB."),
             ],
@@ -274,7 +274,7 @@ class LoRACLRMergeAllStages(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, preset, layer_filter, method, margin, lambda_con, lambda_mse, lambda_reg,
                 learning_rate, iterations, warm_start, normalize, compute_dtype, steps, record_steps, width,
-                height, sample_seed, memory_budget_gib=4.0):
+                height, sample_seed, memory_budget_gib=DEFAULT_MEMORY_BUDGET_GIB):
         config = MergeConfig(method=method, margin=margin, lambda_con=lambda_con, lambda_mse=lambda_mse,
                              lambda_reg=lambda_reg, lr=learning_rate, iterations=iterations,
                              warm_start=warm_start, normalize=normalize, compute_dtype=compute_dtype)
