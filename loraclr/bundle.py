@@ -71,6 +71,21 @@ class ConceptDelta:
             return F.conv2d(x, W, None, module.stride, module.padding, module.dilation, module.groups)
         return x @ W.reshape(W.shape[0], -1).T
 
+    def rows(self, x: torch.Tensor):
+        """For rows ``x`` (n, in) of a linear or 1×1-conv layer: (x ΔWᵀ, h) with h = x Dᵀ (n, r) for a
+        low-rank ΔW = U·D, or None for a full one."""
+        if self.factors is not None:
+            U, D = self._on(x)
+            h = x @ D.reshape(D.shape[0], -1).T
+            return h @ U.reshape(U.shape[0], -1).T, h
+        (W,) = self._on(x)
+        return x @ W.reshape(W.shape[0], -1).T, None
+
+    @property
+    def up(self):
+        """U (out × r) of a low-rank ΔW = U·D, float32, or None."""
+        return None if self.factors is None else self.factors[0].reshape(self.factors[0].shape[0], -1)
+
     def release(self):
         self._cache.clear()
 

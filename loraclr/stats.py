@@ -234,16 +234,34 @@ class CompactStats:
     * per pair, in float64: tt_ij = ||Y_j − X_iW0ᵀ||² (d(i,j)² at ΔW = 0), oo_ij = ||Y_i − Y_j||²;
       per concept rr_i = ||R_i||² and yy_i = ||Y_i||².
 
+    ΣE is kept as ``E_full`` (the terms of concepts given as full deltas, or None) plus
+    ``E_parts``: for a concept whose ΔW_i = U_i D_i is a low-rank product, (P_i, U_i) with
+    P_i = X_iᵀX_iD_iᵀ (in × r), so X_iᵀR_i = P_iU_iᵀ. For rank r ≪ out this is far smaller than an
+    in × out sum; :attr:`E_sum` forms the sum when a merge asks for it.
+
     From these, every distance between different concepts has a lower bound at any ΔW
     (:meth:`negative_lower_bounds`), which certifies that no hinge is active without the N²
     cross terms of the exact Gram form. Where the bound fails, the exact statistics are needed."""
 
     form = "compact"
 
-    def __init__(self, rows, in_features, out_features, G_sum, E_sum, rr, yy, tt, oo):
+    def __init__(self, rows, in_features, out_features, G_sum, E_sum, rr, yy, tt, oo, E_parts=()):
         self.rows, self.in_features, self.out_features = rows, in_features, out_features
-        self.G_sum, self.E_sum = G_sum, E_sum
+        self.G_sum, self.E_full, self.E_parts = G_sum, E_sum, list(E_parts)
         self.rr, self.yy, self.tt, self.oo = rr, yy, tt, oo
+
+    @property
+    def E_sum(self) -> torch.Tensor:
+        """ΣE = Σ_i X_iᵀR_i (in × out), formed from its parts (a new tensor when there are parts)."""
+        if not self.E_parts:
+            if self.E_full is None:
+                return torch.zeros(self.in_features, self.out_features, dtype=self.G_sum.dtype)
+            return self.E_full
+        E = (torch.zeros(self.in_features, self.out_features, dtype=self.G_sum.dtype) if self.E_full is None
+             else self.E_full.clone())
+        for P, U in self.E_parts:
+            E.addmm_(P, U.to(P).T)
+        return E
 
     @property
     def n_concepts(self) -> int:
@@ -254,7 +272,9 @@ class CompactStats:
         return self.G_sum.dtype
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.G_sum, self.E_sum, self.rr, self.yy, self.tt, self.oo))
+        ts = [self.G_sum, self.rr, self.yy, self.tt, self.oo] + ([] if self.E_full is None else [self.E_full])
+        ts += [P for P, _ in self.E_parts]  # the U_i are the concepts' own factors, held once elsewhere
+        return sum(t.numel() * t.element_size() for t in ts)
 
     def own_sum(self, dW: torch.Tensor) -> torch.Tensor:
         """Σ_i d(i,i)² = tr(ΔW ΣG ΔWᵀ) − 2 tr(ΔW ΣE) + Σ_i rr_i, exact (differentiable in ΔW)."""
@@ -279,22 +299,34 @@ class CompactStats:
 class CompactAccumulator:
     """:class:`CompactStats` accumulated chunk by chunk; every chunk holds the same rows for
     every concept. ``base``: the layer's W0 (out × in), needed only when ``add`` is not given the
-    base outputs. Sums live on ``device`` (where the rows arrive)."""
+    base outputs. ``ups``: per concept, U_i (out × r) when its ΔW_i = U_iD_i is low-rank (then
+    ``add`` takes H_i = X_iD_iᵀ and keeps X_iᵀH_i, in × r, instead of adding to an in × out sum;
+    an (out × 0) U_i: the concept does not change the layer), or None. Sums live on ``device`` (where the rows arrive)."""
 
     SLICE_NUMBERS = 1 << 24  # float64 numbers per slice of rows for the pair sums
 
     def __init__(self, n_concepts: int, in_features: int, out_features: int, base: torch.Tensor | None = None,
-                 dtype=torch.float32, device=None):
+                 dtype=torch.float32, device=None, ups=None):
         self.n, self.d_in, self.d_out = n_concepts, in_features, out_features
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.base = None if base is None else _flat(base).to(self.device, dtype)
         if self.base is not None and self.base.shape != (out_features, in_features):
             raise ValueError(f"base must be ({out_features}, {in_features}), got {tuple(self.base.shape)}")
+        ups = [None] * n_concepts if ups is None else list(ups)
+        if len(ups) != n_concepts:
+            raise ValueError(f"need one entry of ups per concept, got {len(ups)} for {n_concepts}")
+        for u in ups:
+            if u is not None and (u.ndim != 2 or u.shape[0] != out_features):
+                raise ValueError(f"each U_i must be ({out_features}, r), got {tuple(u.shape)}")
+        self.ups = ups
         self.rows = 0
         kw = dict(dtype=dtype, device=self.device)
         self.G = torch.zeros(self.d_in, self.d_in, **kw)
-        self.E = torch.zeros(self.d_in, self.d_out, **kw)
+        # the in × out sum only when some concept's delta is not low-rank
+        self.E = (torch.zeros(self.d_in, self.d_out, **kw)
+                  if any(u is None for u in ups) else None)
+        self.P = [None if u is None else torch.zeros(self.d_in, u.shape[1], **kw) for u in ups]
         f64 = dict(dtype=torch.float64, device=self.device)
         self.rr = torch.zeros(n_concepts, **f64)
         self.yy = torch.zeros(n_concepts, **f64)
@@ -302,11 +334,18 @@ class CompactAccumulator:
         self.oo = torch.zeros(n_concepts, n_concepts, **f64)
 
     @staticmethod
-    def nbytes_for(n_concepts: int, in_features: int, out_features: int, itemsize: int = 4) -> int:
-        return itemsize * (in_features * in_features + in_features * out_features) + 8 * (2 * n_concepts ** 2 + 2 * n_concepts)
+    def nbytes_for(n_concepts: int, in_features: int, out_features: int, itemsize: int = 4, ranks=None) -> int:
+        """Bytes held for one layer; ``ranks``: per concept the rank of a low-rank ΔW_i, or None
+        (None as a whole: no concept is low-rank)."""
+        ranks = [None] * n_concepts if ranks is None else list(ranks)
+        full = any(r is None for r in ranks)
+        return (itemsize * (in_features * in_features + (in_features * out_features if full else 0)
+                            + in_features * sum(r for r in ranks if r is not None))
+                + 8 * (2 * n_concepts ** 2 + 2 * n_concepts))
 
-    def add(self, X: torch.Tensor, R: torch.Tensor, B: torch.Tensor | None = None):
-        """X (N, n, in) inputs, R (N, n, out) = X_iΔW_iᵀ, B (N, n, out) = X_iW0ᵀ (computed when None)."""
+    def add(self, X: torch.Tensor, R: torch.Tensor, B: torch.Tensor | None = None, H=None):
+        """X (N, n, in) inputs, R (N, n, out) = X_iΔW_iᵀ, B (N, n, out) = X_iW0ᵀ (computed when None),
+        H: per concept H_i = X_iD_iᵀ (n, r) for the concepts given a U_i in ``ups``."""
         if X.ndim != 3 or X.shape[0] != self.n or X.shape[2] != self.d_in:
             raise ValueError(f"X must be ({self.n}, rows, {self.d_in}), got {tuple(X.shape)}")
         if R.shape != (self.n, X.shape[1], self.d_out):
@@ -317,7 +356,17 @@ class CompactAccumulator:
         B = X @ self.base.T if B is None else B.to(self.device, self.dtype)
         Xf = X.reshape(-1, self.d_in)
         self.G.addmm_(Xf.T, Xf)
-        self.E.addmm_(Xf.T, R.reshape(-1, self.d_out))
+        for i, P in enumerate(self.P):
+            if P is None:
+                self.E.addmm_(X[i].T, R[i])
+                continue
+            if P.shape[1] == 0:  # rank 0: this concept does not change the layer (R_i = 0)
+                continue
+            h = None if H is None else H[i]
+            if h is None or h.shape != (X.shape[1], P.shape[1]):
+                raise ValueError(f"concept {i} is low-rank: give H_i of shape ({X.shape[1]}, {P.shape[1]}), "
+                                 f"got {None if h is None else tuple(h.shape)}")
+            P.addmm_(X[i].T, h.to(self.device, self.dtype))
         # the pair sums in float64 over slices of rows, so that the float64 copies stay small
         # (about 16M numbers per slice) whatever the layer's width and the number of concepts
         step = max(1, self.SLICE_NUMBERS // max(1, self.n * self.d_out))
@@ -340,5 +389,7 @@ class CompactAccumulator:
         if self.rows == 0:
             raise ValueError("no rows were added")
         cpu = torch.device("cpu")  # merges run on the CPU; the big sums move once, at the end
-        return CompactStats(self.rows, self.d_in, self.d_out, self.G.to(cpu), self.E.to(cpu), self.rr.to(cpu),
-                            self.yy.to(cpu), self.tt.clamp_min(0).to(cpu), self.oo.clamp_min(0).to(cpu))
+        parts = [(P.to(cpu), U.to(cpu, self.dtype)) for P, U in zip(self.P, self.ups) if P is not None and P.shape[1]]
+        return CompactStats(self.rows, self.d_in, self.d_out, self.G.to(cpu),
+                            None if self.E is None else self.E.to(cpu), self.rr.to(cpu), self.yy.to(cpu),
+                            self.tt.clamp_min(0).to(cpu), self.oo.clamp_min(0).to(cpu), E_parts=parts)

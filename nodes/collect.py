@@ -421,7 +421,7 @@ def spatial_distances(model, clip, concepts, candidates: dict, layer_filter="", 
     cand = {k: candidates[k].reshape(candidates[k].shape[0], -1).to(device, torch.float32) for k in keys}
     D2 = {k: torch.zeros(n, n, dtype=torch.float64, device=device) for k in keys}
 
-    def on_record(key, X, R, B):
+    def on_record(key, X, R, B, H):
         Q = X.to(device) @ cand[key].T  # X_i ΔWᵀ
         pred, Y = B.to(device) + Q, B.to(device) + R.to(device)
         d = pairwise_sq_distances(pred, Y)
@@ -443,8 +443,12 @@ def _planned_bytes(layers, n, statistics) -> int:
     total = 0
     for layer in layers:
         d_in, d_out = layer.stats.in_features, layer.stats.out_features
-        total += (CompactAccumulator.nbytes_for(n, d_in, d_out) if statistics == "compact"
-                  else exact_layer_bytes(n, d_in, d_out))
+        if statistics == "compact":
+            ups = [None if d is None else getattr(d, "up", None) for d in layer.deltas]
+            ranks = [0 if d is None else None if u is None else u.shape[1] for d, u in zip(layer.deltas, ups)]
+            total += CompactAccumulator.nbytes_for(n, d_in, d_out, ranks=ranks)
+        else:
+            total += exact_layer_bytes(n, d_in, d_out)
     return total
 
 
@@ -462,8 +466,9 @@ def _hooks_cannot_apply(model, loaded, keys, inputs_from) -> str:
                 return f"a LoRA changes '{k if isinstance(k, str) else k[0]}', which is not a linear or conv weight"
     for k in keys:
         m = modules[k]
-        if isinstance(m, torch.nn.Conv2d) and tuple(m.kernel_size) != (1, 1):
-            return f"layer '{k}' is a {tuple(m.kernel_size)} convolution"
+        if isinstance(m, torch.nn.Conv2d) and (tuple(m.kernel_size) != (1, 1) or tuple(m.stride) != (1, 1)
+                                               or m.groups != 1):
+            return f"layer '{k}' is a {tuple(m.kernel_size)} convolution (stride {tuple(m.stride)}, groups {m.groups})"
     return ""
 
 
@@ -487,21 +492,28 @@ def _concept_deltas(model, loaded, concepts, modules, keys, inputs_from) -> dict
 
 def _run_batched(model, modules, deltas, n, record_keys, on_record, conds, sigmas, record, noise, progress):
     """Euler sampling of all concepts in one batch from the shared noise, each concept's LoRA
-    applied to its slice by hooks; ``on_record(key, X, R, B)`` at the recorded steps."""
+    applied to its slice by hooks; ``on_record(key, X, R, B, H)`` at the recorded steps. Each
+    prompt is a pass of its own (a batch of N, one sample per concept): the statistics are sums
+    over rows, so this is exact, and the forward's memory is that of N samples, not N·P."""
     from .concept_batch import ConceptBatchHooks
 
     _comfy.load_patched(model)  # the wired model's own weights; concepts come in through the hooks
-    cond = torch.cat(conds)  # (N·P, tokens, width), concept by concept
-    x = _comfy.initial_latent(model, noise.repeat(n, 1, 1, 1), sigmas[0])
+    n_prompts = noise.shape[0]
+    steps = len(sigmas) - 1
+    if progress:
+        progress.set_total(steps * n_prompts)
     with ConceptBatchHooks(modules, deltas, n, record_keys, on_record) as hooks:
-        for s in range(len(sigmas) - 1):
-            hooks.recording = s in record
-            den = _comfy.denoise(model, x, sigmas[s], cond)
-            x = x + (x - den) / sigmas[s] * (sigmas[s + 1] - sigmas[s])
-            if progress:
-                progress.step()
-            else:
-                _comfy.check_cancel()
+        for p in range(n_prompts):
+            cond = torch.cat([c[p:p + 1] for c in conds])  # (N, tokens, width), concept by concept
+            x = _comfy.initial_latent(model, noise[p:p + 1].repeat(n, 1, 1, 1), sigmas[0])
+            for s in range(steps):
+                hooks.recording = s in record
+                den = _comfy.denoise(model, x, sigmas[s], cond)
+                x = x + (x - den) / sigmas[s] * (sigmas[s + 1] - sigmas[s])
+                if progress:
+                    progress.step()
+                else:
+                    _comfy.check_cancel()
 
 
 def _spatial_compact(model, concepts, loaded, keys, stage_keys, modules, conds, sigmas, record, noise, inputs_from,
@@ -512,10 +524,12 @@ def _spatial_compact(model, concepts, loaded, keys, stage_keys, modules, conds, 
     accs = {}
     for k in keys:
         w = modules[k].weight
-        accs[k] = CompactAccumulator(n, w[0].numel(), w.shape[0], device=device)
+        ds = deltas.get(k, [None] * n)
+        ups = [d.up if d is not None else torch.zeros(w.shape[0], 0) for d in ds]  # no delta: rank 0
+        accs[k] = CompactAccumulator(n, w[0].numel(), w.shape[0], device=device, ups=ups)
 
-    def on_record(key, X, R, B):
-        accs[key].add(X, R, B)
+    def on_record(key, X, R, B, H):
+        accs[key].add(X, R, B, H)
 
     _run_batched(model, modules, deltas, n, set(keys), on_record, conds, sigmas, record, noise, progress)
     return [LayerData(key=k, target="model", base=lambda k=k: _comfy.base_weight(model, k),

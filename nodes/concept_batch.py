@@ -32,9 +32,14 @@ def concept_delta(patch, key: str, weight_shape, strength: float, base_fn, node:
 
 class ConceptBatchHooks:
     """Forward hooks that apply concept i's ΔW to batch slice i on every hooked module, and
-    report the recorded modules' (X, R, B) to ``on_record(key, X, R, B)`` while ``recording``.
-    X is (N, rows, in), R and B (N, rows, out), float32 on the module's device. Removed on
-    exit, so an error or a cancel leaves the model as it was."""
+    report the recorded modules' rows to ``on_record(key, X, R, B, H)`` while ``recording``:
+    X (N, rows, in), R and B (N, rows, out), float32 on the module's device, and H per concept
+    X_iD_iᵀ (rows, r) for a low-rank ΔW_i = U_iD_i (None otherwise). The rows come in slices
+    (about SLICE_NUMBERS numbers per tensor), several calls per layer and forward, so that no
+    copy of a whole layer's output for all concepts is made. Removed on exit, so an error or a
+    cancel leaves the model as it was."""
+
+    SLICE_NUMBERS = 1 << 22
 
     def __init__(self, modules: dict, deltas: dict, n_concepts: int, record: set, on_record):
         self.modules, self.deltas, self.n = modules, deltas, n_concepts
@@ -66,38 +71,47 @@ class ConceptBatchHooks:
             x = args[0]
             if x.shape[0] % self.n:
                 raise RuntimeError(f"batch of {x.shape[0]} does not split into {self.n} concepts at {key}")
+            if recorded and self.recording:
+                self._record(key, module, deltas, x, out)
+                return out
             per = x.shape[0] // self.n
-            conv = isinstance(module, torch.nn.Conv2d)
-            keep = recorded and self.recording
-            base = None
-            if keep:
-                b = out if module.bias is None else out - (module.bias.reshape(1, -1, 1, 1) if conv else module.bias).to(out)
-                base = _rows(b, conv, self.n)
-                if base.data_ptr() == out.data_ptr():  # a view of ``out``, which the deltas change below
-                    base = base.clone()
-            extra = []
             for i, d in enumerate(deltas):
-                sl = slice(i * per, (i + 1) * per)
-                if d is None:
-                    extra.append(None)
-                    continue
-                e = d.apply(module, x[sl])
-                out[sl] += e.to(out.dtype)
-                extra.append(e)
-            if keep:
-                X = _rows(x, conv, self.n)
-                R = torch.zeros_like(base)
-                for i, e in enumerate(extra):
-                    if e is not None:
-                        R[i] = _rows(e, conv, 1)[0]
-                self.on_record(key, X, R, base)
+                if d is not None:
+                    sl = slice(i * per, (i + 1) * per)
+                    out[sl] += d.apply(module, x[sl]).to(out.dtype)
             return out
 
         return hook
 
+    def _record(self, key, module, deltas, x, out):
+        """Adds each concept's term to its slice of ``out`` and reports the rows, a slice at a time."""
+        conv = isinstance(module, torch.nn.Conv2d)
+        bias = None if module.bias is None else module.bias.detach().to(torch.float32)
+        per = x.shape[0] // self.n
+        for p in range(per):  # sample p of every concept: the same rows of the shared noise
+            xr, outr = _row_view(x, conv, self.n, p), _row_view(out, conv, self.n, p)
+            rows = xr.shape[1]
+            step = max(1, self.SLICE_NUMBERS // (self.n * max(xr.shape[2], outr.shape[2])))
+            for s in range(0, rows, step):
+                X = xr[:, s:s + step].to(torch.float32)
+                B = outr[:, s:s + step].to(torch.float32, copy=True)
+                if bias is not None:
+                    B -= bias
+                R = torch.zeros_like(B)
+                H = [None] * self.n
+                for i, d in enumerate(deltas):
+                    if d is not None:
+                        R[i], H[i] = d.rows(X[i])
+                outr[:, s:s + step] += R.to(out.dtype)
+                self.on_record(key, X, R, B, H)
 
-def _rows(t: torch.Tensor, conv: bool, n: int) -> torch.Tensor:
-    """(N·P, tokens, C) or (N·P, C, H, W) → (N, P·positions, C), float32."""
+
+def _row_view(t: torch.Tensor, conv: bool, n: int, p: int) -> torch.Tensor:
+    """Sample ``p`` of every concept's slice of a batch (N·P, tokens, C) or (N·P, C, H, W) as a view
+    (N, positions, C) that writes through to ``t``."""
+    t = t.detach()
+    t = t.view(n, t.shape[0] // n, *t.shape[1:])[:, p]
     if conv:
         t = t.movedim(1, -1)
-    return t.detach().reshape(n, -1, t.shape[-1]).to(torch.float32)
+        return t.view(n, -1, t.shape[-1])
+    return t

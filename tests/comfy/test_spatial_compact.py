@@ -82,16 +82,26 @@ def test_compact_merge_matches_the_exact_merge(both, pack):
 
 
 def test_compact_statistics_do_not_grow_with_the_number_of_concepts(micro, pack):
+    """Held per layer: ΣG, one in × out sum for the concepts given as full deltas (LoHa here) and
+    an in × r part per low-rank concept. Two more low-rank concepts add only their parts and the
+    per-pair and per-concept float64 scalars; the exact statistics grow with N."""
     model, clip, _ = micro
-    sizes = {}
+    sizes, parts = {}, {}
+    order = [TEST_LORAS[3], TEST_LORAS[0], TEST_LORAS[1], TEST_LORAS[2]]  # LoHa, kohya, peft, comfy
     for n in (2, 4):
-        concepts = _concepts(pack, TEST_LORAS[:n])
+        concepts = _concepts(pack, order[:n])
         for form in ("exact", "compact"):
             acts = _collect(pack, model, clip, concepts, form, steps=8, record_steps=8)
             sizes[form, n] = sum(la.stats.nbytes() for la in acts.layers)
+        # the two added LoRAs' ranks, read from the files' factors as ComfyUI loaded them
+        parts[n] = sum(4 * la.stats.in_features * d.factors[1].shape[0]
+                       for la in acts.layers for d in la.deltas[2:] if d is not None)
+        assert all(la.stats.E_full is not None for la in acts.layers if la.deltas[0] is not None)
     layers = len(acts.layers)
-    # only the per-pair and per-concept float64 scalars grow: 2·(4² − 2²) + 2·(4 − 2) numbers per layer
-    assert sizes["compact", 4] - sizes["compact", 2] == layers * 8 * (2 * 12 + 2 * 2)
+    assert parts[4] > 0
+    grown = sizes["compact", 4] - sizes["compact", 2]
+    assert grown == layers * 8 * (2 * 12 + 2 * 2) + parts[4]
+    assert grown < sum(4 * la.stats.in_features * la.stats.out_features for la in acts.layers)  # < one in × out sum
     assert sizes["exact", 4] >= 2 * sizes["exact", 2]  # raw rows at this size: N of them (Gram form: N²)
 
 

@@ -92,3 +92,38 @@ def test_pair_sums_over_slices_of_rows_equal_one_pass(monkeypatch):
     for name in ("rr", "yy", "tt", "oo"):
         assert torch.allclose(getattr(sliced, name), getattr(one, name), rtol=1e-12, atol=1e-12), name
     assert sliced.rows == one.rows == 40
+
+
+def test_low_rank_concepts_keep_an_in_by_rank_part_whose_sum_is_exact():
+    """ΣE from (P_i, U_i) parts equals Σ_i X_iᵀX_iΔW_iᵀ by brute force, also with one concept given
+    in full and one with no delta at all; the parts hold in × r per concept, not in × out."""
+    g = torch.Generator().manual_seed(3)
+    N, n, d_in, d_out, r = 4, 30, 12, 20, 2
+    W0 = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    X = [torch.randn(n, d_in, generator=g, dtype=torch.float64) for _ in range(N)]
+    U = [torch.randn(d_out, r, generator=g, dtype=torch.float64) for _ in range(N)]
+    D = [torch.randn(r, d_in, generator=g, dtype=torch.float64) for _ in range(N)]
+    full = [u @ d for u, d in zip(U, D)]
+    full[3] = torch.zeros(d_out, d_in, dtype=torch.float64)  # concept 3: no delta on this layer
+    ups = [U[0], U[1], None, None]  # concept 2 given as a full ΔW
+    acc = CompactAccumulator(N, d_in, d_out, base=W0, dtype=torch.float64, ups=ups)
+    for s in range(0, n, 7):
+        Xc = torch.stack([x[s:s + 7] for x in X])
+        R = torch.stack([x[s:s + 7] @ w.T for x, w in zip(X, full)])
+        H = [Xc[0] @ D[0].T, Xc[1] @ D[1].T, None, None]
+        acc.add(Xc, R, H=H)
+    st = acc.finish()
+    want = sum(x.T @ (x @ w.T) for x, w in zip(X, full))
+    assert torch.allclose(st.E_sum, want, rtol=1e-12, atol=1e-10)
+    assert len(st.E_parts) == 2 and st.E_parts[0][0].shape == (d_in, r)
+    # every concept low-rank: no in × out sum is held at all
+    lean = CompactAccumulator(2, d_in, d_out, base=W0, dtype=torch.float64, ups=U[:2])
+    Xc = torch.stack(X[:2])
+    lean.add(Xc, torch.stack([x @ (u @ d).T for x, u, d in zip(X[:2], U, D)]), H=[x @ d.T for x, d in zip(X[:2], D)])
+    st2 = lean.finish()
+    assert st2.E_full is None
+    assert torch.allclose(st2.E_sum, sum(x.T @ (x @ (u @ d).T) for x, u, d in zip(X[:2], U, D)), rtol=1e-12)
+    assert st2.nbytes() == CompactAccumulator.nbytes_for(2, d_in, d_out, itemsize=8, ranks=[r, r])
+    assert st2.nbytes() < CompactAccumulator.nbytes_for(2, d_in, d_out, itemsize=8)
+    with pytest.raises(ValueError, match="low-rank"):
+        lean.add(Xc, torch.zeros(2, n, d_out, dtype=torch.float64))
