@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from .conditioning import cat as cat_conds
 from .lora import AdapterSet
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
@@ -82,7 +83,7 @@ class CATTrainer:
     add_noise: Callable  # (x0, noise, t) -> x_t
     target: Callable  # (x0, noise, t) -> native target
     latents: torch.Tensor  # (N, C, H, W)
-    conds: torch.Tensor  # (N, L, D) caption conditioning
+    conds: torch.Tensor  # (N, L, D) caption conditioning (or a conditioning.Cond with y)
     neutral_conds: torch.Tensor | None  # (N, L, D) conditioning of the caption without the trigger
     config: TrainConfig
     device_type: str = "cpu"
@@ -133,7 +134,7 @@ class CATTrainer:
                 with self._autocast():
                     with torch.no_grad(), self.adapters.bypassed():
                         base = self.predict(x_t, t, neutral).float()
-                    both = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, neutral]))
+                    both = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conds([cond, neutral]))
                     pred, pred_neutral = both.float().chunk(2)
                     l_diff = torch.nn.functional.mse_loss(pred, target.float())
                     l_cat = torch.nn.functional.mse_loss(pred_neutral, base)

@@ -23,6 +23,8 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
+from ..cat_training.conditioning import Cond
+
 log = logging.getLogger("comfyui-loraclr")
 
 
@@ -436,14 +438,37 @@ def encode_prompt(clip, text: str) -> torch.Tensor:
     return cond.detach().to("cpu", torch.float32)
 
 
-def encode_first_chunk(clip, text: str) -> tuple[torch.Tensor, bool]:
+def encode_first_chunk(clip, text: str, pooled: bool = False):
     """The conditioning of the first 77-token chunk of ``text`` only (a prompt over 77 tokens
-    is cut there, so every prompt gives the same number of rows), and whether it was cut."""
+    is cut there, so every prompt gives the same number of rows), and whether it was cut:
+    (cond, cut), or with ``pooled`` (cond, pooled, cut), pooled None where the encoder has none."""
     tokens = clip.tokenize(text)
     cut = any(len(chunks) > 1 for chunks in tokens.values())
     first = {k: chunks[:1] for k, chunks in tokens.items()}
-    cond = clip.encode_from_tokens(first)
-    return cond.detach().to("cpu", torch.float32), cut
+    if not pooled:
+        return clip.encode_from_tokens(first).detach().to("cpu", torch.float32), cut
+    cond, pool = encode_tokens(clip, first, pooled=True)
+    return cond, pool, cut
+
+
+def needs_y(model) -> bool:
+    """Whether the model takes a vector ``y`` beside the text rows (SDXL: pooled text and size)."""
+    return int(getattr(model.model, "adm_channels", 0) or 0) > 0
+
+
+def adm_vector(model, pooled, width: int, height: int):
+    """The ``y`` the model receives for pooled text embeddings (B, width) and an image of
+    ``width`` × ``height`` pixels, built by the model's own ``encode_adm`` with no crop and the
+    target size equal to the image size (what ComfyUI's samplers pass by default); None for
+    models without it."""
+    if not needs_y(model):
+        return None
+    if pooled is None:
+        raise ValueError(f"{type(model.model).__name__} needs a pooled text embedding, and the text encoder gave none")
+    ys = [model.model.encode_adm(pooled_output=p[None], width=width, height=height, crop_w=0, crop_h=0,
+                                 target_width=width, target_height=height, prompt_type="positive")
+          for p in pooled.to(torch.float32)]
+    return torch.cat(ys).detach().to("cpu", torch.float32)
 
 
 def trigger_positions(clip, text: str, trigger: str) -> list[int]:
@@ -466,22 +491,30 @@ def trigger_positions(clip, text: str, trigger: str) -> list[int]:
 
 
 def check_sampling_support(node: str, model, what: str = "the spatial stage",
-                           supported: str = "the text_encoder and cross_attention stages and SD1.5-family models "
-                                            "are supported"):
-    """The pack runs the UNet with the text conditioning alone. Model families that also need a
-    pooled/size vector (``y``; SDXL and others with ADM inputs) are refused clearly."""
+                           supported: str = "the text_encoder and cross_attention stages, SD1.5-family models and "
+                                            "SDXL are supported"):
+    """The pack runs the UNet with the text conditioning and, for SDXL, the pooled text and size
+    vector ``y`` it builds with the model's own ``encode_adm``. Other models with a ``y`` input
+    (image-conditioned, refiner, video...) need inputs the pack does not have: refused clearly."""
+    import comfy.model_base
+
     adm = int(getattr(model.model, "adm_channels", 0) or 0)
-    if adm > 0:
+    if adm > 0 and type(model.model) is not comfy.model_base.SDXL:
         family = type(getattr(model.model, "model_config", model.model)).__name__
-        raise NodeError(node, f"this model is {family}, which needs a pooled text and size vector (y, {adm} wide) "
-                              f"that {what} does not pass yet; {supported}")
+        raise NodeError(node, f"this model is {family}, which needs a vector y ({adm} wide) that {what} cannot "
+                              f"build; {supported}")
 
 
 def inverse_key_map(model=None, clip=None, style: str = "kohya") -> dict:
     """model state-dict key → LoRA key stem in the requested style, from ComfyUI's own maps."""
     key_map = lora_key_map(model, clip)
+    targets = [t for t in key_map.values() if isinstance(t, str)]
+    # kohya names SD1.5's text encoder lora_te_, SDXL's two lora_te1_ (clip_l) and lora_te2_ (clip_g);
+    # ComfyUI maps both lora_te_ and lora_te1_ onto clip_l, so the family decides
+    two_encoders = any(t.startswith("clip_g.") for t in targets) and any(t.startswith("clip_l.") for t in targets)
     prefer = {
-        "kohya": ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"),
+        "kohya": ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_") if two_encoders else
+                 ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"),
         "comfy": ("diffusion_model.", "text_encoders."),
     }[style]
     inv = {}
@@ -618,14 +651,17 @@ def initial_latent(model, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def denoise(model, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+def denoise(model, x: torch.Tensor, sigma: torch.Tensor, cond, y: torch.Tensor | None = None) -> torch.Tensor:
     """One conditional model evaluation (no CFG) of ``model`` (patches must be loaded):
-    the denoised estimate at ``sigma``."""
+    the denoised estimate at ``sigma``. ``cond``: the text rows, or a Cond carrying ``y``."""
+    if isinstance(cond, Cond):
+        cond, y = cond.cross, cond.y if y is None else y
     dev = comfy.model_management.get_torch_device()
     dtype = model.model.get_dtype()
     inner = model.model
     s = sigma.reshape(1).expand(x.shape[0]).to(dev)
-    out = inner.apply_model(x.to(dev), s, c_crossattn=cond.to(dev, dtype))
+    extra = {} if y is None else {"y": y.to(dev, dtype)}
+    out = inner.apply_model(x.to(dev), s, c_crossattn=cond.to(dev, dtype), **extra)
     return out.to("cpu", torch.float32)
 
 
@@ -720,8 +756,13 @@ class NativePrediction:
         with torch.no_grad():
             xc = self.ms.calculate_input(sigma, x_t)
             timestep = self.ms.timestep(sigma).float()
+        extra = {}
+        if isinstance(cond, Cond):  # text rows and SDXL's y
+            cond, y = cond.cross, cond.y
+            if y is not None:
+                extra["y"] = y.to(self.device, self.dtype)
         out = self.inner.diffusion_model(xc.to(self.dtype), timestep, context=cond.to(self.device, self.dtype),
-                                         transformer_options={})
+                                         transformer_options={}, **extra)
         return out.to("cpu")
 
 
@@ -801,8 +842,27 @@ def trigger_ids(clip, key: str, text: str) -> list:
     return out
 
 
-def encode_tokens(clip, tokens) -> torch.Tensor:
-    return clip.encode_from_tokens(tokens).detach().to("cpu", torch.float32)
+def encode_tokens(clip, tokens, pooled: bool = False):
+    """The conditioning rows for ``tokens``; with ``pooled`` also the pooled output (or None)."""
+    if not pooled:
+        return clip.encode_from_tokens(tokens).detach().to("cpu", torch.float32)
+    cond, pool = clip.encode_from_tokens(tokens, return_pooled=True)
+    return (cond.detach().to("cpu", torch.float32),
+            None if pool is None else pool.detach().to("cpu", torch.float32))
+
+
+def model_conditioning(model, clip, prompts, width: int, height: int):
+    """Conditioning for the model from a list of prompts (texts or tokenized prompts): the rows
+    as one tensor, or, for a model that takes ``y`` (SDXL), a Cond with the rows and y for a
+    ``width`` × ``height`` image."""
+    tokens_list = [clip.tokenize(p) if isinstance(p, str) else p for p in prompts]
+    if not needs_y(model):
+        return torch.cat([encode_tokens(clip, t) for t in tokens_list])
+    pairs = [encode_tokens(clip, t, pooled=True) for t in tokens_list]
+    pooled = [p for _, p in pairs]
+    if any(p is None for p in pooled):
+        raise ValueError("the text encoder gives no pooled output, which this model needs")
+    return Cond(torch.cat([c for c, _ in pairs]), adm_vector(model, torch.cat(pooled), width, height))
 
 
 def encode_images(vae, images) -> torch.Tensor:

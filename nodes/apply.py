@@ -42,6 +42,10 @@ class LoRACLRApply(io.ComfyNode):
                              _comfy.patch_clip(clip, merged.clip, strength_clip))
 
 
+# modelspec names of the base model families the pack merges (ComfyUI's model_config class names)
+ARCHITECTURES = {"SD15": "stable-diffusion-v1/lora", "SDXL": "stable-diffusion-xl-v1-base/lora"}
+
+
 def build_lora_tensors(merged: MergedDelta, rank: int, key_style: str, dtype: torch.dtype, node: str):
     """Truncated SVD of every merged delta into LoRA up/down factors with ``alpha = rank`` (scale 1).
     Returns (tensors, per-key retained energy)."""
@@ -71,7 +75,7 @@ def build_metadata(merged: MergedDelta, rank: int, key_style: str, energy: dict)
         "ss_network_alpha": ranks_text,
         "ss_base_model_version": merged.info.get("base_model", ""),
         "modelspec.title": f"LoRACLR merge of {len(merged.concepts)} concepts",
-        "modelspec.architecture": "stable-diffusion-v1/lora" if merged.info.get("base_model") == "SD15" else "lora",
+        "modelspec.architecture": ARCHITECTURES.get(merged.info.get("base_model", ""), "lora"),
         "modelspec.implementation": "comfyui-loraclr",
         "loraclr_version": PACK_VERSION,
         "loraclr_stage": merged.stage,

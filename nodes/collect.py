@@ -21,6 +21,8 @@ from comfy_api.latest import io, ui
 
 from ..loraclr import LayerStats
 from ..loraclr.bundle import ActivationSet, Concept, LayerData
+from ..cat_training.conditioning import Cond
+from ..cat_training.conditioning import cat as cat_conds
 from ..loraclr.stats import CompactAccumulator, pairwise_sq_distances
 from ..loraclr.streaming import AdaptiveLayerStats, folded_nbytes
 from . import _comfy
@@ -182,16 +184,17 @@ def lora_key_names(model, clip, keys) -> dict:
     return {k: {"kohya": kohya.get(k), "comfy": native.get(k)} for k in keys}
 
 
-def _encode(clip, prompt, concept, notes) -> torch.Tensor:
+def _encode(clip, prompt, concept, notes, pooled=False):
     """A prompt's conditioning, cut to its first 77-token chunk (rows pair position by position
-    across concepts, so every prompt must give the same number of rows); a cut is noted."""
-    cond, cut = _comfy.encode_first_chunk(clip, prompt)
+    across concepts, so every prompt must give the same number of rows); a cut is noted.
+    With ``pooled``: (cond, pooled output or None)."""
+    cond, pool, cut = _comfy.encode_first_chunk(clip, prompt, pooled=True)
     if cut:
         note = (f"{concept.label}: prompt '{prompt[:60]}{'…' if len(prompt) > 60 else ''}' is longer than 77 tokens; "
                 "only its first 77 tokens are used")
         if note not in notes:
             notes.append(note)
-    return cond
+    return (cond, pool) if pooled else cond
 
 
 def _check_concepts(concepts):
@@ -394,11 +397,21 @@ def _spatial_layers(model, clip, concepts, layer_filter, only_lora_layers):
 
 def _sampling_inputs(model, clip, concepts, loaded, n_prompts, notes, inputs_from, steps, record_steps, width, height,
                      seed):
-    """Per concept its prompts' conditioning, the sigmas, the recorded steps and the shared noise."""
+    """Per concept its prompts' conditioning (with SDXL's y for a ``width`` × ``height`` image),
+    the sigmas, the recorded steps and the shared noise."""
     conds = []
     for i, c in enumerate(concepts):
         clip_i = _concept_clip(clip, loaded, i, c, inputs_from)
-        conds.append(torch.cat([_encode(clip_i, p, c, notes) for p in c.prompts[:n_prompts]]))
+        pairs = [_encode(clip_i, p, c, notes, pooled=True) for p in c.prompts[:n_prompts]]
+        rows = torch.cat([cond for cond, _ in pairs])
+        if _comfy.needs_y(model):
+            pooled = [pool for _, pool in pairs]
+            if any(pool is None for pool in pooled):
+                raise _comfy.NodeError(NODE, f"{type(model.model).__name__} needs the text encoder's pooled output, "
+                                             "and this CLIP gives none (wire the CLIP of the same checkpoint)")
+            conds.append(Cond(rows, _comfy.adm_vector(model, torch.cat(pooled), width, height)))
+        else:
+            conds.append(rows)
     sigmas = _comfy.sampling_sigmas(model, steps)
     record = set(record_schedule(steps, record_steps))
     g = torch.Generator().manual_seed(seed)
@@ -504,7 +517,7 @@ def _run_batched(model, modules, deltas, n, record_keys, on_record, conds, sigma
         progress.set_total(steps * n_prompts)
     with ConceptBatchHooks(modules, deltas, n, record_keys, on_record) as hooks:
         for p in range(n_prompts):
-            cond = torch.cat([c[p:p + 1] for c in conds])  # (N, tokens, width), concept by concept
+            cond = cat_conds([c[p:p + 1] for c in conds])  # (N, tokens, width), concept by concept
             x = _comfy.initial_latent(model, noise[p:p + 1].repeat(n, 1, 1, 1), sigmas[0])
             for s in range(steps):
                 hooks.recording = s in record

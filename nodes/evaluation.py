@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cat_training.conditioning import Cond
+from ..cat_training.conditioning import cat as cat_conds
+from ..cat_training.conditioning import expand as expand_cond
 from ..loraclr import metrics
 from . import _comfy
 
@@ -57,23 +60,36 @@ def make_probes(model, latents: torch.Tensor | None, timesteps=DEFAULT_TIMESTEPS
 
 
 @torch.no_grad()
-def predict(patcher, probes: Probes, conds: torch.Tensor, batch: int = 8) -> torch.Tensor:
+def predict(patcher, probes: Probes, conds, batch: int = 8) -> torch.Tensor:
     """Predictions of ``patcher`` (its patches applied) for every prompt's conditioning in
-    ``conds`` (P, tokens, width) on every probe: (P, n, C, H, W), float32 on the CPU."""
+    ``conds`` (P, tokens, width; or a Cond with SDXL's y) on every probe: (P, n, C, H, W),
+    float32 on the CPU."""
     _comfy.load_patched(patcher)
     pred = _comfy.NativePrediction(patcher, node=NODE)
     out = []
-    for c in conds:
+    for j in range(len(conds)):
+        c = conds[j:j + 1]
         rows = []
         for s in range(0, probes.x_t.shape[0], batch):
             x = probes.x_t[s:s + batch]
-            rows.append(pred(x, probes.t[s:s + batch], c[None].expand(x.shape[0], -1, -1)).float())
+            rows.append(pred(x, probes.t[s:s + batch], expand_cond(c, x.shape[0])).float())
         out.append(torch.cat(rows))
     return torch.stack(out)
 
 
-def _encode(clip, prompts) -> torch.Tensor:
-    return torch.cat([_comfy.encode_first_chunk(clip, p)[0] for p in prompts])
+def _encode(clip, prompts, model=None, latent_shape=None):
+    """The prompts' conditioning (first 77 tokens each); for a model that takes SDXL's y, a Cond
+    with y for the image size of ``latent_shape`` (…, H, W in latent pixels)."""
+    pairs = [_comfy.encode_first_chunk(clip, p, pooled=True) for p in prompts]
+    rows = torch.cat([cond for cond, _, _ in pairs])
+    if model is None or not _comfy.needs_y(model):
+        return rows
+    h, w = latent_shape[-2] * 8, latent_shape[-1] * 8
+    pooled = [pool for _, pool, _ in pairs]
+    if any(pool is None for pool in pooled):
+        raise _comfy.NodeError(NODE, f"{type(model.model).__name__} needs the text encoder's pooled output, and this "
+                                     "CLIP gives none (wire the CLIP of the same checkpoint)")
+    return Cond(rows, _comfy.adm_vector(model, torch.cat(pooled), w, h))
 
 
 @dataclass
@@ -97,17 +113,20 @@ class References:
     info: dict = field(default_factory=dict)
     base_clip: object = None  # the CLIP the references were encoded with
     base_conds: dict = field(default_factory=dict)  # prompt -> its conditioning by base_clip
+    base_model: object = None  # builds SDXL's y (its encode_adm depends on the model family alone)
+    latent_shape: tuple = ()  # the probes' latent shape, for SDXL's size conditioning
 
-    def encode(self, clip, prompts) -> torch.Tensor:
+    def encode(self, clip, prompts):
         """``prompts`` encoded by ``clip``; when ``clip`` is the references' own text encoder
         with the same patches (a merge that left the text encoder alone), the conditionings
         computed for the references are reused instead of encoding again."""
         if self.base_clip is None or not _comfy.same_text_encoder(clip, self.base_clip):
-            return _encode(clip, prompts)
+            return _encode(clip, prompts, self.base_model, self.latent_shape)
         missing = [p for p in prompts if p not in self.base_conds]
         if missing:
-            self.base_conds.update(zip(missing, _encode(self.base_clip, missing)))
-        return torch.stack([self.base_conds[p] for p in prompts])
+            conds = _encode(self.base_clip, missing, self.base_model, self.latent_shape)
+            self.base_conds.update((p, conds[j:j + 1]) for j, p in enumerate(missing))
+        return cat_conds([self.base_conds[p] for p in prompts])
 
 
 def concept_model(model, clip, concept, node=NODE):
@@ -131,8 +150,10 @@ def references(model, clip, concepts, latents=None, kp_prompts=(), timesteps=DEF
     if len(latents) != len(concepts):
         raise _comfy.NodeError(NODE, f"got reference latents for {len(latents)} concepts, need {len(concepts)}")
     kp_probes = kp_base = None
+    given = [x for x in latents if x is not None]
     refs_out = References([], tuple(kp_prompts), None, None, {"timesteps": list(timesteps), "seed": seed},
-                          base_clip=clip)
+                          base_clip=clip, base_model=model,
+                          latent_shape=tuple(given[0].shape[1:] if given else shape[1:]))
     if kp_prompts:
         if kp_latents is None:
             given = [x for x in latents if x is not None]
@@ -144,13 +165,13 @@ def references(model, clip, concepts, latents=None, kp_prompts=(), timesteps=DEF
         probes = make_probes(model, latents[i], timesteps, seed + i, shape)
         base = predict(model, probes, refs_out.encode(clip, c.prompts))
         m_i, c_i = concept_model(model, clip, c)  # the concept's LoRA read once, for both probe sets
-        lora = predict(m_i, probes, _encode(c_i, c.prompts))
+        lora = predict(m_i, probes, _encode(c_i, c.prompts, model, refs_out.latent_shape))
         target = probes.target[None].expand_as(base)
         ref = ConceptReference(c.label, c.prompts, probes, base, lora, metrics.denoising_loss(base, target),
                                metrics.denoising_loss(lora, target))
         if kp_probes is not None:
             ref.kp_lora = metrics.knowledge_preservation(
-                predict(m_i, kp_probes, _encode(c_i, kp_prompts)), kp_base, kp_probes.noise[None].expand_as(kp_base))
+                predict(m_i, kp_probes, _encode(c_i, kp_prompts, model, refs_out.latent_shape)), kp_base, kp_probes.noise[None].expand_as(kp_base))
         refs.append(ref)
         if progress:
             progress.step()
@@ -225,16 +246,17 @@ def generate(patcher, clip, vae, prompts, seed: int, per_prompt: int, steps: int
     """Euler samples (conditional prediction, no CFG) of ``patcher`` for every prompt, ``per_prompt``
     each with noise seeded ``seed + k`` (k = 0 .. per_prompt-1, the same for every prompt and model),
     decoded by ``vae``: an IMAGE (len(prompts) × per_prompt, H, W, 3), prompt by prompt."""
-    conds = _encode(clip, prompts)
+    conds = _encode(clip, prompts, patcher, shape)
     sigmas = _comfy.sampling_sigmas(patcher, steps)
     latents = []
-    for c in conds:
+    for j in range(len(conds)):
+        c = conds[j:j + 1]
         for k in range(per_prompt):
             _comfy.load_patched(patcher)
             noise = torch.randn((1,) + tuple(shape[1:]), generator=torch.Generator().manual_seed(seed + k))
             x = _comfy.initial_latent(patcher, noise, sigmas[0])
             for i in range(steps):
-                den = _comfy.denoise(patcher, x, sigmas[i], c[None])
+                den = _comfy.denoise(patcher, x, sigmas[i], c)
                 x = x + (x - den) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
             latents.append(x)
     return _comfy.decode_latents(patcher, vae, torch.cat(latents))
@@ -289,7 +311,7 @@ def evaluate(base_model, base_clip, model, clip, concepts, images=None, vae=None
         raise _comfy.NodeError(NODE, "input 'concepts' is empty")
     for m, field_name in ((base_model, "base_model"), (model, "model")):
         _comfy.check_sampling_support(NODE, m, what=f"evaluation ('{field_name}')",
-                                      supported="SD1.5-family models are supported")
+                                      supported="SD1.5-family models and SDXL are supported")
     latents = reference_latents(base_model, vae, images, images_per_concept, len(concepts))
     scorer = load_clip_scorer(clip_model_name, clip_weights)  # fails before any long work
     if progress and scorer is not None:

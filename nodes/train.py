@@ -229,7 +229,8 @@ def check_rank_alpha(rank: int, alpha: float, keys, shapes):
 def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target_layers, layer_pattern, steps,
                    learning_rate, optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype,
                    gradient_checkpointing, resume_from="none", node_id=None, preview_every=0, vae=None):
-    _comfy.check_sampling_support(NODE, model, what="training", supported="SD1.5-family models are supported")
+    _comfy.check_sampling_support(NODE, model, what="training", supported="SD1.5-family models and SDXL are "
+                                                                           "supported")
     n = latents.shape[0]
     captions = parse_captions(captions, n)
     if lambda_cat > 0 and not triggers:
@@ -240,18 +241,20 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
         raise _comfy.NodeError(NODE, f"field 'training_dtype' must be one of {list(DTYPES)}, got {training_dtype!r}")
     keys = target_keys(model, target_layers, layer_pattern)
     check_rank_alpha(rank, alpha, keys, _comfy.model_weight_shapes(model))
-    conds = torch.cat([_comfy.encode_prompt(clip, c) for c in captions])
+    # SDXL's size conditioning as ComfyUI's samplers build it: the image size, no crop
+    width, height = latents.shape[-1] * 8, latents.shape[-2] * 8
+    conds = _comfy.model_conditioning(model, clip, captions, width, height)
     neutral = None
     if lambda_cat > 0:
         removers = make_removers(clip, triggers)
-        rows = []
+        tokens = []
         for c in captions:
             try:
-                rows.append(_comfy.encode_tokens(clip, _comfy.neutral_tokens(clip, c, removers)))
+                tokens.append(_comfy.neutral_tokens(clip, c, removers))
             except TriggerNotFound as e:
                 raise _comfy.NodeError(NODE, f"field 'captions': {e} ({', '.join(triggers)}); every caption "
                                              "must name the concept when lambda_cat > 0") from e
-        neutral = torch.cat(rows)
+        neutral = _comfy.model_conditioning(model, clip, tokens, width, height)
     cfg = TrainConfig(steps=steps, learning_rate=learning_rate, optimizer=optimizer, batch_size=batch_size,
                       grad_accumulation=grad_accumulation, lambda_cat=lambda_cat, seed=seed, dtype=training_dtype)
     shapes = _comfy.model_weight_shapes(model)

@@ -132,8 +132,9 @@ def test_long_prompts_use_their_first_77_tokens(executor):
     torch.testing.assert_close(acts.layers[0].stats.X[0][77:], first, atol=1e-5, rtol=1e-5)
 
 
-def test_spatial_stage_refuses_models_that_need_a_pooled_vector(comfy_env):
-    """A (tiny) SDXL-class model: the spatial stage names the family instead of failing deep inside."""
+def test_sampling_refuses_models_whose_y_it_cannot_build(comfy_env):
+    """A (tiny) SD2.1 unCLIP model takes an image embedding in y: the spatial stage and training name
+    the family instead of failing deep inside (SDXL's y they build: tests/comfy/test_sdxl.py)."""
     import comfy.model_patcher
     import comfy.supported_models
 
@@ -142,17 +143,17 @@ def test_spatial_stage_refuses_models_that_need_a_pooled_vector(comfy_env):
     from comfyui_loraclr.nodes.collect import collect_stage
 
     unet = {"model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [0, 1],
-            "context_dim": 2048, "adm_in_channels": 2816, "use_temporal_attention": False, "in_channels": 4,
+            "context_dim": 1024, "adm_in_channels": 1536, "use_temporal_attention": False, "in_channels": 4,
             "out_channels": 4, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "num_head_channels": 16,
             "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1, "image_size": 32,
-            "use_spatial_transformer": True, "legacy": False}
-    config = comfy.supported_models.SDXL(unet)
+            "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential"}
+    config = comfy.supported_models.SD21UnclipL(unet)
     model = comfy.model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
-    with pytest.raises(_comfy.NodeError, match=r"Collect LoRA Activations.*SDXL.*pooled"):
+    with pytest.raises(_comfy.NodeError, match=r"Collect LoRA Activations.*SD21UnclipL.*vector y \(1536 wide\).*SDXL"):
         collect_stage(model, None, [Concept(lora=TEST_LORAS[0], prompts=("a sks",))], "spatial")
     from comfyui_loraclr.nodes.train import train_cat_lora
 
-    with pytest.raises(_comfy.NodeError, match=r"Train CAT LoRA.*SDXL.*pooled.*training"):
+    with pytest.raises(_comfy.NodeError, match=r"Train CAT LoRA.*SD21UnclipL.*training"):
         train_cat_lora(model, None, torch.zeros(1, 4, 8, 8), "a sks", ["sks"], 1, 1.0, "attention", "", 1, 1e-4,
                        "AdamW", 1, 1, 1.0, 0, "float32", False)
 
