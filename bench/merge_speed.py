@@ -19,8 +19,15 @@ Ours: the activations streamed step by step into the pack's bounded statistics
 Both results are scored with the same exact objective. Each side runs in its own process so
 peak memory (RSS above the data) is measured separately.
 
-    python bench/merge_speed.py            # full run (several minutes on 2 CPU cores)
-    python bench/merge_speed.py --quick    # small smoke run
+    python bench/merge_speed.py                  # full run (several minutes on 2 CPU cores)
+    python bench/merge_speed.py --quick          # small smoke run
+    python bench/merge_speed.py --device cuda    # both sides with the activations on the GPU
+
+With ``--device cuda`` the activations and weights are generated as on the CPU (same seeds) and
+put on the GPU; the reference runs there entirely. The pack's side receives each recorded step's
+rows on the GPU and folds them into its statistics where the collection keeps them, on the CPU
+(the copies are timed), then merges. Times are taken after ``torch.cuda.synchronize()``; memory
+is the RSS above the data plus the GPU's peak allocation above it.
 Last line: merge_speed: ratio=<reference time / ours> objective_ours=<x> objective_ref=<y> mem_ratio=<ref/ours>
 """
 from __future__ import annotations
@@ -91,7 +98,7 @@ def reference_merge(W0, X, Y, iters=50, lr=1e-4, margin=0.5, lambda_con=1.0, lam
     n = inputs.shape[0]
     offset = torch.nn.Parameter(torch.zeros_like(W0))
     opt = torch.optim.AdamW([offset], lr=lr, weight_decay=1e-4)
-    eye = torch.eye(n, dtype=torch.bool)
+    eye = torch.eye(n, dtype=torch.bool, device=W0.device)
     best, best_w = float("inf"), W0.clone()
     for _ in range(iters):
         opt.zero_grad()
@@ -113,6 +120,37 @@ def reference_merge(W0, X, Y, iters=50, lr=1e-4, margin=0.5, lambda_con=1.0, lam
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakCUDA:
+    """Peak GPU memory allocated above the start of the block (0 off CUDA)."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        self.extra = 0
+
+    def __enter__(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self.base
+
+
+def sync(device: str):
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 class PeakRSS:
@@ -139,7 +177,7 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def run_side(side, n_concepts, quick, queue):
+def run_side(side, n_concepts, quick, device, queue):
     import torch
 
     torch.manual_seed(0)
@@ -148,18 +186,27 @@ def run_side(side, n_concepts, quick, queue):
     per_layer = []
     for k, spec in enumerate(layer_specs(quick)):
         W0, Ws, X, Y, rows_step = make_layer(spec, n_concepts, seed=1000 + k)
-        with PeakRSS() as mem:
+        if device != "cpu":  # the data sits on the device before timing starts, as recorded there
+            dev = [t.to(device) for t in (W0, *X, *Y)]
+            W0d, Xd, Yd = dev[0], dev[1:1 + n_concepts], dev[1 + n_concepts:]
+            sync(device)
+        else:
+            W0d, Xd, Yd = W0, X, Y
+        with PeakRSS() as mem, PeakCUDA(device) as gpu:
             t0 = time.perf_counter()
             if side == "ref":
-                dW = reference_merge(W0, X, Y)
+                dW = reference_merge(W0d, Xd, Yd)
             else:
                 acc = AdaptiveLayerStats(n_concepts, spec[1], spec[2], weights=Ws, base=W0)
                 for s in range(0, X[0].shape[0], rows_step):  # one recorded step at a time
-                    acc.add([x[s:s + rows_step] for x in X])
+                    acc.add([x[s:s + rows_step].cpu() for x in Xd])  # where the collection keeps them
                 res = lib.merge_layer(W0, acc.finish(), lib.MergeConfig())
                 dW = res.delta
+            sync(device)
             dt = time.perf_counter() - t0
-        peak = max(peak, mem.extra)
+        peak = max(peak, mem.extra + gpu.extra)
+        dW = dW.cpu()
+        del W0d, Xd, Yd
         score_stats = lib.LayerStats.from_rows(X, Y, force="rows")
         obj, _ = lib.loraclr_objective(W0 + dW, score_stats, W0)
         total_t += dt
@@ -180,25 +227,31 @@ def in_fresh_process(target, *args):
     return out
 
 
-def measure(side, n_concepts, quick):
-    return in_fresh_process(run_side, side, n_concepts, quick)
+def measure(side, n_concepts, quick, device="cpu"):
+    return in_fresh_process(run_side, side, n_concepts, quick, device)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concepts", type=int, default=12)
     ap.add_argument("--quick", action="store_true", help="few small layers (smoke test)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the activations live and the reference runs (default cpu)")
     args = ap.parse_args(argv)
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.concepts} concepts, "
-          f"{len(layer_specs(args.quick))} layers", flush=True)
-    ours = measure("ours", args.concepts, args.quick)
-    ref = measure("ref", args.concepts, args.quick)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch.cuda.is_available() is False (no GPU or a CPU-only torch build)")
+    gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}{gpu}, "
+          f"{args.concepts} concepts, {len(layer_specs(args.quick))} layers", flush=True)
+    ours = measure("ours", args.concepts, args.quick, args.device)
+    ref = measure("ref", args.concepts, args.quick, args.device)
     print(f"{'layer':28s} {'ref s':>8s} {'ours s':>8s} {'speed-up':>9s} {'obj ref':>12s} {'obj ours':>12s}")
     for (name, tr, orf), (_, to, oo) in zip(ref["layers"], ours["layers"]):
         print(f"{name:28s} {tr:8.3f} {to:8.3f} {tr / to:9.1f} {orf:12.5g} {oo:12.5g}")
-    print(f"total: reference {ref['time']:.1f}s, ours {ours['time']:.1f}s; peak extra RSS reference "
+    what = "RSS + GPU allocation" if args.device == "cuda" else "RSS"
+    print(f"total: reference {ref['time']:.1f}s, ours {ours['time']:.1f}s; peak extra {what} reference "
           f"{ref['peak'] / 2**20:.0f} MiB, ours {ours['peak'] / 2**20:.0f} MiB")
     print(f"merge_speed: ratio={ref['time'] / ours['time']:.2f} objective_ours={ours['objective']:.6g} "
           f"objective_ref={ref['objective']:.6g} mem_ratio={ref['peak'] / max(ours['peak'], 1):.2f}")

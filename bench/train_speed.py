@@ -8,7 +8,12 @@ Equal settings on both sides: batch 1, rank 4, float32, no gradient checkpointin
 every linear and convolution weight adapted (TrainLoraNode's choice; it also trains bias and
 norm offsets, which this pack does not).
 
-    python bench/train_speed.py [--comfy .comfyui] [--size 32] [--steps 6 18]
+    python bench/train_speed.py [--comfy .comfyui] [--size 32] [--steps 6 18] [--device cuda]
+
+``--device cuda``: ComfyUI on the GPU as a server without ``--cpu`` runs it (the UNet stored as
+ComfyUI chooses, float16 on most GPUs; the pack computes in float32 and fuses CAT's two adapter
+passes into one batch, its CUDA default); step times after ``torch.cuda.synchronize()``, memory
+as the GPU's peak allocation above the loaded model instead of the RSS.
 Last line: train_speed: cat_over_plain_time=<x> cat_over_plain_mem=<y> plain_over_comfy_time=<z>
 """
 from __future__ import annotations
@@ -20,20 +25,21 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from merge_speed import PeakRSS, in_fresh_process  # noqa: E402
+from merge_speed import PeakCUDA, PeakRSS, in_fresh_process, sync  # noqa: E402
 
 MICRO = "loraclr_micro_sd15.safetensors"
 
 
-def setup_micro(comfy_path):
-    """ComfyUI imported in-process on the CPU, the pack registered as ``comfyui_loraclr``, and the
-    micro checkpoint loaded by the stock loader: (nodes, pack, MODEL, CLIP, VAE)."""
+def setup_micro(comfy_path, device="cpu"):
+    """ComfyUI imported in-process on ``device`` (cpu: as ``--cpu``; cuda: ComfyUI's defaults), the
+    pack registered as ``comfyui_loraclr``, and the micro checkpoint loaded by the stock loader:
+    (nodes, pack, MODEL, CLIP, VAE)."""
     import types
 
     sys.path.insert(0, comfy_path)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = device == "cpu"
     import comfy.model_management  # noqa: F401
     import nodes
 
@@ -50,11 +56,11 @@ def setup_micro(comfy_path):
     return nodes, pack, model, clip, vae
 
 
-def run_config(mode, comfy_path, size, steps_pair, queue):
+def run_config(mode, comfy_path, size, steps_pair, device, queue):
     import torch
 
     torch.manual_seed(0)
-    nodes, pack, model, clip, _ = setup_micro(comfy_path)
+    nodes, pack, model, clip, _ = setup_micro(comfy_path, device)
     latents = torch.randn(4, 4, size, size, generator=torch.Generator().manual_seed(0))
     captions = "photo of sks on a beach\nsks in a garden\na sks toy\n<sks>, a drawing"
 
@@ -72,20 +78,22 @@ def run_config(mode, comfy_path, size, steps_pair, queue):
     fn = {"cat": lambda s: ours(s, 1.0), "plain": lambda s: ours(s, 0.0), "comfy": comfy}[mode]
     with torch.inference_mode():  # as ComfyUI runs nodes
         # memory: the first training run in a fresh process (later runs reuse freed memory)
-        with PeakRSS() as mem:
+        with PeakRSS() as mem, PeakCUDA(device) as gpu:
             fn(steps_pair[0])
-        peak = mem.extra
+        peak = gpu.extra if device == "cuda" else mem.extra
         times = []
         for s in steps_pair:
+            sync(device)
             t0 = time.perf_counter()
             fn(s)
+            sync(device)
             times.append(time.perf_counter() - t0)
     step_time = (times[1] - times[0]) / (steps_pair[1] - steps_pair[0])
     queue.put({"mode": mode, "step_time": step_time, "peak": peak, "times": times})
 
 
 def measure(mode, args):
-    return in_fresh_process(run_config, mode, args.comfy, args.size, args.steps)
+    return in_fresh_process(run_config, mode, args.comfy, args.size, args.steps, args.device)
 
 
 def main(argv=None):
@@ -94,10 +102,17 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=32, help="latent size (32 = 256 px)")
     ap.add_argument("--steps", type=int, nargs=2, default=[6, 18], help="short and long run lengths")
     ap.add_argument("--modes", nargs="+", default=["plain", "cat", "comfy"], choices=["plain", "cat", "comfy"])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where ComfyUI runs the model")
     args = ap.parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch.cuda.is_available() is False (no GPU or a CPU-only torch build)")
+    print(f"device {args.device}" + (f" ({torch.cuda.get_device_name(0)})" if args.device == "cuda" else ""), flush=True)
     res = {m: measure(m, args) for m in args.modes}
     for m, r in res.items():
-        print(f"{m:6s} step {r['step_time'] * 1000:8.1f} ms   peak extra RSS {r['peak'] / 2**20:7.0f} MiB   "
+        what = "GPU allocation" if args.device == "cuda" else "RSS"
+        print(f"{m:6s} step {r['step_time'] * 1000:8.1f} ms   peak extra {what} {r['peak'] / 2**20:7.0f} MiB   "
               f"runs {['%.1fs' % t for t in r['times']]}")
     if len(res) < 3:
         return

@@ -37,9 +37,16 @@ class LoRACLRApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, merged, strength_model, strength_clip):
-        check_finite("Apply Merged ΔW", merged)
-        return io.NodeOutput(_comfy.patch_model(model, merged.model, strength_model),
-                             _comfy.patch_clip(clip, merged.clip, strength_clip))
+        return io.NodeOutput(*apply_merged(model, clip, merged, strength_model, strength_clip))
+
+
+def apply_merged(model, clip, merged: MergedDelta, strength_model: float, strength_clip: float):
+    """MODEL and CLIP patched with the merged ΔW at the strengths (exact, full rank). A model of a
+    family the merge cannot come from is refused: its keys would match nothing and the patch
+    would silently do nothing."""
+    _comfy.check_families("Apply Merged ΔW", "Apply Merged ΔW", [("model", model)], [("clip", clip)])
+    check_finite("Apply Merged ΔW", merged)
+    return _comfy.patch_model(model, merged.model, strength_model), _comfy.patch_clip(clip, merged.clip, strength_clip)
 
 
 # modelspec names of the base model families the pack merges (ComfyUI's model_config class names)

@@ -698,6 +698,7 @@ def distinct_concepts(concepts) -> tuple[list, list[str]]:
 def collect_stage(model, clip, concepts, stage, inputs_from="concept_lora", layer_filter="", only_lora_layers=True,
                   steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all",
                   spatial_statistics="compact", memory_budget_gib=DEFAULT_MEMORY_BUDGET_GIB) -> ActivationSet:
+    _comfy.check_families(NODE, "LoRACLR merging", [("model", model)], [("clip", clip)])
     concepts, duplicates = distinct_concepts(concepts)
     acts = _collect_stage(model, clip, concepts, stage, inputs_from, layer_filter, only_lora_layers, steps,
                           record_steps, width, height, seed, token_rows, spatial_statistics, memory_budget_gib)

@@ -307,6 +307,8 @@ def evaluate(base_model, base_clip, model, clip, concepts, images=None, vae=None
     """References from the base model and each concept's LoRA on it, then ``model``/``clip`` scored
     against them (:func:`score`), with the settings used; with an open_clip model, also the CLIP
     alignment of generated images (:func:`clip_alignment_scores`)."""
+    _comfy.check_families(NODE, "Evaluation", [("base_model", base_model), ("model", model)],
+                          [("base_clip", base_clip), ("clip", clip)])
     if not concepts:
         raise _comfy.NodeError(NODE, "input 'concepts' is empty")
     for m, field_name in ((base_model, "base_model"), (model, "model")):

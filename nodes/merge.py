@@ -214,6 +214,7 @@ def merge_all_stages(model, clip, concepts, preset: str, config: MergeConfig, la
     (they do not depend on the merge settings, so a sweep over methods collects them once)."""
     from .collect import collect_stage
 
+    _comfy.check_families("LoRACLR Merge (all stages)", "LoRACLR merging", [("model", model)], [("clip", clip)])
     if preset not in PRESETS:
         raise _comfy.NodeError("LoRACLR Merge (all stages)", f"field 'preset' must be one of {list(PRESETS)}")
     merged_all, texts = None, []

@@ -229,6 +229,7 @@ def check_rank_alpha(rank: int, alpha: float, keys, shapes):
 def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target_layers, layer_pattern, steps,
                    learning_rate, optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype,
                    gradient_checkpointing, resume_from="none", node_id=None, preview_every=0, vae=None):
+    _comfy.check_families(NODE, "CAT training", [("model", model)], [("clip", clip)])
     _comfy.check_sampling_support(NODE, model, what="training", supported="SD1.5-family models and SDXL are "
                                                                            "supported")
     n = latents.shape[0]
