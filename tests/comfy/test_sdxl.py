@@ -2,6 +2,7 @@
 (tests/fixtures/small_sdxl.py: model_base.SDXL, both text encoders at their real widths), kohya
 LoRAs with lora_unet_/lora_te1_/lora_te2_ keys from ComfyUI's key maps, and the nodes run through
 ComfyUI's executor. One test checks the key maps and patches at SDXL's real shapes (meta device)."""
+import json
 import logging
 import os
 import sys
@@ -255,3 +256,26 @@ def test_real_sdxl_shapes_key_maps_and_patches(comfy_env):
     for k in list(patches)[:80]:
         f = _comfy.lora_factors(patches[k], sd[k].shape, 1.0)
         assert f is not None and f[0].shape == (sd[k].shape[0], 4), k
+
+
+def test_evaluate_scores_an_sdxl_merge(sdxl, executor):
+    """Evaluate on SDXL through the executor (probes at 96 × 64 px, so the size conditioning is not
+    square): the base model scores zero knowledge-preservation change against itself, the 'sum'
+    merge a positive one, and every concept's LoRA fits its own probes better than the base."""
+    _, _, names, _ = sdxl
+    prompt = _prompt(names, {"method": "sum"})
+
+    def evaluate(model, clip):
+        return {"class_type": "LoRACLREvaluate", "inputs": {
+            "base_model": ["1", 0], "base_clip": ["1", 1], "model": model, "clip": clip, "concepts": ["11", 0],
+            "kp_prompts": "a photo of a dog", "timesteps": "300, 700", "seed": 0, "probe_width": 96,
+            "probe_height": 64, "probe_count": 1, "images_per_concept": 1}}
+
+    prompt["20"] = evaluate(["1", 0], ["1", 1])
+    prompt["21"] = evaluate(["2", 0], ["2", 1])
+    out = executor.run(prompt, outputs=["20", "21"])
+    same, merged = json.loads(out["20"][2][0]), json.loads(out["21"][2][0])
+    assert same["knowledge_preservation"] == pytest.approx(0.0, abs=1e-9)
+    assert merged["knowledge_preservation"] > 1e-6
+    for row in merged["concepts"]:
+        assert row["loss_lora"] != row["loss_base"]
