@@ -23,7 +23,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..cat_training.conditioning import Cond
+from ...cat_training.conditioning import Cond
 
 log = logging.getLogger("comfyui-loraclr")
 
@@ -117,7 +117,7 @@ def resolve_output_file(node: str, filename: str, if_exists: str) -> tuple[str, 
     """Turn a user file name (may contain sub-folders) into an absolute path inside the first
     loras folder. Refuses names that escape the folder. ``if_exists``: error | increment |
     overwrite. Returns (absolute path, name as the LoRA loaders list it)."""
-    from .filenames import EXTENSION, name_problem
+    from ..filenames import EXTENSION, name_problem
 
     base = os.path.realpath(loras_output_dir())
     problem = name_problem(filename) if isinstance(filename, str) else "is not text"
