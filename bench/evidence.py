@@ -160,7 +160,7 @@ class FirstStages:
         self.model, self.clip, self.cfg, self.cache = model, clip, cfg, {}
 
     def get(self, preset, concepts, token_rows):
-        from comfyui_loraclr.nodes.collect import collect_stage
+        from comfyui_loraclr.nodes.collection import collect_stage
         from comfyui_loraclr.nodes.merge import PRESETS
 
         key = (preset, tuple(c.lora for c in concepts), token_rows)

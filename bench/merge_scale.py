@@ -93,7 +93,7 @@ def make_loras(pack, model, clip, n):
 
     import folder_paths
     from comfyui_loraclr.nodes import _comfy
-    from comfyui_loraclr.nodes.collect import STAGE_PATTERNS
+    from comfyui_loraclr.nodes.collection import STAGE_PATTERNS
 
     folder = os.path.join(folder_paths.get_folder_paths("loras")[0], SUB)
     os.makedirs(folder, exist_ok=True)

@@ -8,7 +8,7 @@ from ..loraclr import METHODS, MergeConfig, merge_layer
 from ..loraclr.bundle import ActivationSet, MergedDelta
 from ..loraclr.stats import NeedsExactStatistics
 from . import _comfy
-from .collect import ACTIVATIONS, CONCEPTS, DEFAULT_MEMORY_BUDGET_GIB
+from .collection import ACTIVATIONS, CONCEPTS, DEFAULT_MEMORY_BUDGET_GIB
 
 MERGED = io.Custom("LORACLR_DELTA")
 
@@ -99,7 +99,7 @@ def _report_entry(acts, layer, res) -> dict:
 def exact_groups(acts: ActivationSet, keys, shapes) -> list[list[str]]:
     """``keys`` in order, split into groups whose exact statistics fit the memory budget
     (``shapes``: key → (in, out))."""
-    from .collect import exact_layer_bytes
+    from .collection import exact_layer_bytes
 
     budget = float(acts.info.get("memory_budget_gib", DEFAULT_MEMORY_BUDGET_GIB)) * 2 ** 30
     n = len(acts.concepts)
@@ -212,7 +212,7 @@ def merge_all_stages(model, clip, concepts, preset: str, config: MergeConfig, la
     stages' merged deltas applied (the first stage reads the concepts' own LoRAs throughout).
     ``first_stage``: the first stage's activations when already collected with these settings
     (they do not depend on the merge settings, so a sweep over methods collects them once)."""
-    from .collect import collect_stage
+    from .collection import collect_stage
 
     _comfy.check_families("LoRACLR Merge (all stages)", "LoRACLR merging", [("model", model)], [("clip", clip)])
     if preset not in PRESETS:

@@ -140,7 +140,7 @@ def test_sampling_refuses_models_whose_y_it_cannot_build(comfy_env):
 
     from comfyui_loraclr.loraclr.bundle import Concept
     from comfyui_loraclr.nodes import _comfy
-    from comfyui_loraclr.nodes.collect import collect_stage
+    from comfyui_loraclr.nodes.collection import collect_stage
 
     unet = {"model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [0, 1],
             "context_dim": 1024, "adm_in_channels": 1536, "use_temporal_attention": False, "in_channels": 4,
