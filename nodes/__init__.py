@@ -1,6 +1,6 @@
 """Thin ComfyUI nodes: widgets in, one library call, outputs out."""
 from .apply import LoRACLRApply, LoRACLRSave
-from .collection import LoRACLRCollect, LoRACLRConcept
+from .collect import LoRACLRCollect, LoRACLRConcept
 from .evaluate import LoRACLREvaluate
 from .train import SaveCATLoRA, SpriteDataset, TrainCATLoRA
 from .merge import LoRACLRMerge, LoRACLRMergeAllStages, LoRACLRSweepValues

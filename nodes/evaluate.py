@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from . import _comfy, evaluation
-from .collection import CONCEPTS
+from .collect import CONCEPTS
 
 
 class LoRACLREvaluate(io.ComfyNode):

@@ -8,7 +8,8 @@ from ..loraclr import METHODS, MergeConfig, merge_layer
 from ..loraclr.bundle import ActivationSet, MergedDelta
 from ..loraclr.stats import NeedsExactStatistics
 from . import _comfy
-from .collection import ACTIVATIONS, CONCEPTS, DEFAULT_MEMORY_BUDGET_GIB
+from .collect import ACTIVATIONS, CONCEPTS
+from .collection import DEFAULT_MEMORY_BUDGET_GIB
 
 MERGED = io.Custom("LORACLR_DELTA")
 
