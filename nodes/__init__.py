@@ -2,7 +2,7 @@
 from .apply import LoRACLRApply, LoRACLRSave
 from .collect import LoRACLRCollect, LoRACLRConcept
 from .evaluate import LoRACLREvaluate
-from .training import SaveCATLoRA, SpriteDataset, TrainCATLoRA
+from .train import SaveCATLoRA, SpriteDataset, TrainCATLoRA
 from .merge import LoRACLRMerge, LoRACLRMergeAllStages, LoRACLRSweepValues
 
 NODE_CLASSES = [LoRACLRConcept, LoRACLRCollect, LoRACLRMerge, LoRACLRApply, LoRACLRSave, LoRACLRMergeAllStages,
