@@ -146,7 +146,7 @@ def main(argv=None):
     from comfyui_loraclr.nodes import _comfy
     from comfyui_loraclr.nodes.apply import build_lora_tensors, build_metadata
     from comfyui_loraclr.nodes.memory import PeakMemory
-    from comfyui_loraclr.nodes.merge import merge_all_stages
+    from comfyui_loraclr.nodes.merging import merge_all_stages
 
     t0 = time.time()
     with torch.inference_mode():
