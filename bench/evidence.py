@@ -160,8 +160,8 @@ class FirstStages:
         self.model, self.clip, self.cfg, self.cache = model, clip, cfg, {}
 
     def get(self, preset, concepts, token_rows):
-        from comfyui_loraclr.nodes.collect import collect_stage
-        from comfyui_loraclr.nodes.merge import PRESETS
+        from comfyui_loraclr.nodes.collection import collect_stage
+        from comfyui_loraclr.nodes.merging import PRESETS
 
         key = (preset, tuple(c.lora for c in concepts), token_rows)
         if key not in self.cache:
@@ -178,7 +178,7 @@ def merge_and_score(model, clip, concepts, refs, preset, overrides, cfg, token_r
 
     from comfyui_loraclr.loraclr import MergeConfig
     from comfyui_loraclr.nodes import evaluation
-    from comfyui_loraclr.nodes.merge import merge_all_stages
+    from comfyui_loraclr.nodes.merging import merge_all_stages
 
     config = MergeConfig(**overrides)
     with torch.inference_mode():

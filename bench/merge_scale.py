@@ -93,7 +93,7 @@ def make_loras(pack, model, clip, n):
 
     import folder_paths
     from comfyui_loraclr.nodes import _comfy
-    from comfyui_loraclr.nodes.collect import STAGE_PATTERNS
+    from comfyui_loraclr.nodes.collection import STAGE_PATTERNS
 
     folder = os.path.join(folder_paths.get_folder_paths("loras")[0], SUB)
     os.makedirs(folder, exist_ok=True)
@@ -146,7 +146,7 @@ def main(argv=None):
     from comfyui_loraclr.nodes import _comfy
     from comfyui_loraclr.nodes.apply import build_lora_tensors, build_metadata
     from comfyui_loraclr.nodes.memory import PeakMemory
-    from comfyui_loraclr.nodes.merge import merge_all_stages
+    from comfyui_loraclr.nodes.merging import merge_all_stages
 
     t0 = time.time()
     with torch.inference_mode():

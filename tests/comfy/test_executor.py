@@ -140,7 +140,7 @@ def test_sampling_refuses_models_whose_y_it_cannot_build(comfy_env):
 
     from comfyui_loraclr.loraclr.bundle import Concept
     from comfyui_loraclr.nodes import _comfy
-    from comfyui_loraclr.nodes.collect import collect_stage
+    from comfyui_loraclr.nodes.collection import collect_stage
 
     unet = {"model_channels": 32, "use_linear_in_transformer": True, "transformer_depth": [0, 1],
             "context_dim": 1024, "adm_in_channels": 1536, "use_temporal_attention": False, "in_channels": 4,
@@ -151,7 +151,7 @@ def test_sampling_refuses_models_whose_y_it_cannot_build(comfy_env):
     model = comfy.model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(_comfy.NodeError, match=r"Collect LoRA Activations.*SD21UnclipL.*vector y \(1536 wide\).*SDXL"):
         collect_stage(model, None, [Concept(lora=TEST_LORAS[0], prompts=("a sks",))], "spatial")
-    from comfyui_loraclr.nodes.train import train_cat_lora
+    from comfyui_loraclr.nodes.training import train_cat_lora
 
     with pytest.raises(_comfy.NodeError, match=r"Train CAT LoRA.*SD21UnclipL.*training"):
         train_cat_lora(model, None, torch.zeros(1, 4, 8, 8), "a sks", ["sks"], 1, 1.0, "attention", "", 1, 1e-4,

@@ -74,7 +74,7 @@ def test_eight_and_twelve_concepts_with_prompts_of_very_different_lengths(comfy_
 
 def test_zero_concepts_is_a_clear_error(micro):
     from comfyui_loraclr.nodes import _comfy
-    from comfyui_loraclr.nodes.collect import collect_stage
+    from comfyui_loraclr.nodes.collection import collect_stage
 
     model, clip, _ = micro
     with pytest.raises(_comfy.NodeError, match=r"\[Collect LoRA Activations\] input 'concepts' is empty"):

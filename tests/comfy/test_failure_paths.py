@@ -195,7 +195,7 @@ def test_non_finite_merged_delta_is_refused_by_apply_and_save(pack, merged, micr
 
 
 def test_merge_names_the_layer_when_its_result_is_not_finite(executor, monkeypatch):
-    import comfyui_loraclr.nodes.merge as merge_mod
+    import comfyui_loraclr.nodes.merging as merge_mod
 
     real = merge_mod.merge_layer
 

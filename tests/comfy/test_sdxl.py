@@ -154,7 +154,7 @@ def test_compact_spatial_statistics_equal_the_exact_ones_on_sdxl(sdxl):
     """The batched compact collection (per-concept hooks, linear proj_in/out, SDXL's y) against
     the exact one (each concept sampled on its own patched model): the same sums."""
     from comfyui_loraclr.loraclr.stats import CompactAccumulator
-    from comfyui_loraclr.nodes import collect
+    from comfyui_loraclr.nodes import collection
 
     model, clip, names, _ = sdxl
     from comfyui_loraclr.loraclr.bundle import Concept
@@ -162,8 +162,8 @@ def test_compact_spatial_statistics_equal_the_exact_ones_on_sdxl(sdxl):
     concepts = [Concept(lora=n, trigger=t, prompts=(f"photo of a {t}", f"a {t} on a beach"))
                 for n, t in zip(names, ("sks", "zwx"))]
     kw = dict(steps=2, record_steps=2, width=64, height=64, seed=5)
-    exact = collect.collect_spatial(model, clip, concepts, statistics="exact", **kw)
-    compact = collect.collect_spatial(model, clip, concepts, statistics="compact", **kw)
+    exact = collection.collect_spatial(model, clip, concepts, statistics="exact", **kw)
+    compact = collection.collect_spatial(model, clip, concepts, statistics="compact", **kw)
     assert [la.key for la in exact.layers] == [la.key for la in compact.layers] and exact.layers
     for le, lc in zip(exact.layers, compact.layers):
         X = le.stats.X.double() if le.stats.form == "rows" else None

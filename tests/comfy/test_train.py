@@ -57,7 +57,7 @@ def test_bypassed_pass_equals_the_base_model_exactly(micro, comfy_env):
 
 def test_trigger_removed_on_real_token_ids(micro, pack):
     from comfyui_loraclr.nodes import _comfy
-    from comfyui_loraclr.nodes.train import make_removers
+    from comfyui_loraclr.nodes.training import make_removers
 
     _, clip, _ = micro
     rm = make_removers(clip, ["sks"])

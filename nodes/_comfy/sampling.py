@@ -1,0 +1,77 @@
+"""Running the diffusion model: ComfyUI's sigma schedules, the initial noisy latent, one denoising
+evaluation, latent channels, SDXL's vector ``y`` (built by the model's own ``encode_adm``) and the
+check that the pack can build every input a model needs."""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+
+from ...cat_training.conditioning import Cond
+from .errors import NodeError
+
+
+def needs_y(model) -> bool:
+    """Whether the model takes a vector ``y`` beside the text rows (SDXL: pooled text and size)."""
+    return int(getattr(model.model, "adm_channels", 0) or 0) > 0
+
+
+def adm_vector(model, pooled, width: int, height: int):
+    """The ``y`` the model receives for pooled text embeddings (B, width) and an image of
+    ``width`` × ``height`` pixels, built by the model's own ``encode_adm`` with no crop and the
+    target size equal to the image size (what ComfyUI's samplers pass by default); None for
+    models without it."""
+    if not needs_y(model):
+        return None
+    if pooled is None:
+        raise ValueError(f"{type(model.model).__name__} needs a pooled text embedding, and the text encoder gave none")
+    ys = [model.model.encode_adm(pooled_output=p[None], width=width, height=height, crop_w=0, crop_h=0,
+                                 target_width=width, target_height=height, prompt_type="positive")
+          for p in pooled.to(torch.float32)]
+    return torch.cat(ys).detach().to("cpu", torch.float32)
+
+
+def check_sampling_support(node: str, model, what: str = "the spatial stage",
+                           supported: str = "the text_encoder and cross_attention stages, SD1.5-family models and "
+                                            "SDXL are supported"):
+    """The pack runs the UNet with the text conditioning and, for SDXL, the pooled text and size
+    vector ``y`` it builds with the model's own ``encode_adm``. Other models with a ``y`` input
+    (image-conditioned, refiner, video...) need inputs the pack does not have: refused clearly."""
+    import comfy.model_base
+
+    adm = int(getattr(model.model, "adm_channels", 0) or 0)
+    if adm > 0 and type(model.model) is not comfy.model_base.SDXL:
+        family = type(getattr(model.model, "model_config", model.model)).__name__
+        raise NodeError(node, f"this model is {family}, which needs a vector y ({adm} wide) that {what} cannot "
+                              f"build; {supported}")
+
+
+def sampling_sigmas(model, steps: int, scheduler: str = "normal") -> torch.Tensor:
+    import comfy.samplers
+
+    ms = model.get_model_object("model_sampling")
+    return comfy.samplers.calculate_sigmas(ms, scheduler, steps).to(torch.float32)
+
+
+def initial_latent(model, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    ms = model.get_model_object("model_sampling")
+    return ms.noise_scaling(sigma.reshape(1), noise, torch.zeros_like(noise), max_denoise=True)
+
+
+@torch.no_grad()
+def denoise(model, x: torch.Tensor, sigma: torch.Tensor, cond, y: torch.Tensor | None = None) -> torch.Tensor:
+    """One conditional model evaluation (no CFG) of ``model`` (patches must be loaded):
+    the denoised estimate at ``sigma``. ``cond``: the text rows, or a Cond carrying ``y``."""
+    if isinstance(cond, Cond):
+        cond, y = cond.cross, cond.y if y is None else y
+    dev = comfy.model_management.get_torch_device()
+    dtype = model.model.get_dtype()
+    inner = model.model
+    s = sigma.reshape(1).expand(x.shape[0]).to(dev)
+    extra = {} if y is None else {"y": y.to(dev, dtype)}
+    out = inner.apply_model(x.to(dev), s, c_crossattn=cond.to(dev, dtype), **extra)
+    return out.to("cpu", torch.float32)
+
+
+def latent_channels(model) -> int:
+    return model.model.latent_format.latent_channels
