@@ -7,8 +7,8 @@ long and a short run divided by the extra steps, which removes set-up costs from
 Equal settings on both sides: batch 1, rank 4, float32, no gradient checkpointing, AdamW, lr 1e-4,
 every linear and convolution weight adapted (TrainLoraNode's choice; it also trains bias and
 norm offsets, which this pack does not). TrainLoraNode is called through bench/comfy_trainer.py,
-which speaks both its APIs (ComfyUI 0.3.75, and 0.33 with five more inputs, set as the 0.3.75 node behaved, and no
-MODEL output: the LoRA is applied with LoraModelLoader, inside the timed run).
+which speaks both its APIs: ComfyUI 0.3.75, and 0.33 (five more inputs, set as the 0.3.75 node
+behaved; no MODEL output, so the LoRA is applied with LoraModelLoader, inside the timed run).
 
     python bench/train_speed.py [--comfy .comfyui] [--size 32] [--steps 6 18] [--device cuda]
 
