@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import sys
 import threading
 import time
@@ -222,7 +223,20 @@ def in_fresh_process(target, *args):
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, q))
     p.start()
-    out = q.get()
+    # wait for the result, but not for ever: a child that dies (an exception, killed for memory)
+    # puts nothing on the queue, and the benchmark must then fail rather than hang
+    while True:
+        try:
+            out = q.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                try:  # it may have put its result just before exiting
+                    out = q.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    raise RuntimeError(f"{getattr(target, '__name__', target)}{args} failed in its process "
+                                       f"(exit code {p.exitcode}); its error is printed above") from None
     p.join()
     return out
 

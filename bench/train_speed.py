@@ -6,7 +6,9 @@ runs in its own process (so peak memory is its own); a step's time is the differ
 long and a short run divided by the extra steps, which removes set-up costs from both sides.
 Equal settings on both sides: batch 1, rank 4, float32, no gradient checkpointing, AdamW, lr 1e-4,
 every linear and convolution weight adapted (TrainLoraNode's choice; it also trains bias and
-norm offsets, which this pack does not).
+norm offsets, which this pack does not). TrainLoraNode is called through bench/comfy_trainer.py,
+which speaks both its APIs: ComfyUI 0.3.75, and 0.33 (five more inputs, set as the 0.3.75 node
+behaved; no MODEL output, so the LoRA is applied with LoraModelLoader, inside the timed run).
 
     python bench/train_speed.py [--comfy .comfyui] [--size 32] [--steps 6 18] [--device cuda]
 

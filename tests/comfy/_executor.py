@@ -27,6 +27,12 @@ class StubServer:
         pass
 
 
+# The cache settings ComfyUI's main.py passes. 0.33 reads "ram_inactive" too (KeyError without it);
+# 0.3.75 ignores keys it does not know. Zero: no RAM-pressure headroom (these executors use the
+# classic cache, which drops outputs as soon as no node needs them).
+CACHE_ARGS = {"lru": 0, "ram": 0, "ram_inactive": 0}
+
+
 class PromptError(RuntimeError):
     def __init__(self, message, details):
         super().__init__(message)
@@ -49,7 +55,7 @@ class Executor:
 
         register_pack()
         self.server = StubServer()
-        self.executor = execution.PromptExecutor(self.server, cache_args={"lru": 0, "ram": 0})
+        self.executor = execution.PromptExecutor(self.server, cache_args=dict(CACHE_ARGS))
 
     def run(self, prompt: dict, outputs=None):
         """Validate and execute ``prompt`` up to ``outputs`` (node ids; default: its output nodes,

@@ -55,10 +55,24 @@ CLIP_KEYS = {
 }
 
 
+def _version_fields(family: str) -> dict:
+    """unet_config fields that only some ComfyUI releases know, set as that release's model
+    detection sets them for a checkpoint of the family. Flux: 0.33's FluxParams requires
+    ``txt_ids_dims`` (detection gives [] for Flux.1); 0.3.75's FluxParams has no such field and
+    refuses it."""
+    if family != "Flux":
+        return {}
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    return {"txt_ids_dims": []} if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)} else {}
+
+
 def family_config(family: str):
     import comfy.supported_models
 
-    return getattr(comfy.supported_models, family)(dict(UNET_CONFIGS[family]))
+    return getattr(comfy.supported_models, family)({**UNET_CONFIGS[family], **_version_fields(family)})
 
 
 def tiny_model(family: str, seed: int = 0, dtype=torch.float32):

@@ -4,7 +4,7 @@ between prompts of one executor, and errors come back as execution_error message
 import uuid
 
 import _harness
-from _executor import StubServer, register_pack
+from _executor import CACHE_ARGS, StubServer, register_pack
 
 
 
@@ -13,7 +13,7 @@ def new_executor():
 
     register_pack()
     return execution.PromptExecutor(StubServer(), cache_type=execution.CacheType.CLASSIC,
-                                    cache_args={"lru": 0, "ram": 0})
+                                    cache_args=dict(CACHE_ARGS))
 
 
 def run(executor, prompt: dict, outputs=None):
