@@ -38,6 +38,42 @@ def import_comfy():
     return COMFY
 
 
+PROMPTS = "photo of a {}\na {} on a beach"
+# LoRACLR Merge's widgets at the official settings (method loraclr)
+MERGE_SETTINGS = dict(method="loraclr", margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001,
+                      learning_rate=1e-4, iterations=50, warm_start=True, normalize=False, compute_dtype="float32")
+
+
+def concept_nodes(loras, triggers=("sks", "zwx", "qrt"), prompts=PROMPTS, first_id=10):
+    """API-prompt nodes: one LoRACLR Concept per LoRA (strengths 1), chained; (nodes, last node id)."""
+    nodes, prev = {}, None
+    for k, (lora, trig) in enumerate(zip(loras, triggers)):
+        nid = str(first_id + k)
+        inputs = {"lora_name": lora, "strength_model": 1.0, "strength_clip": 1.0, "trigger": trig,
+                  "prompts": prompts}
+        if prev:
+            inputs["concepts"] = [prev, 0]
+        nodes[nid] = {"class_type": "LoRACLRConcept", "inputs": inputs}
+        prev = nid
+    return nodes, prev
+
+
+def kohya_file_deltas(path) -> dict:
+    """Each layer's ΔW = up · down · alpha / rank (float64, flattened to 2-D), straight from a kohya
+    file: stem → ΔW."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    out = {}
+    for k in sd:
+        if k.endswith(".lora_up.weight"):
+            stem = k[: -len(".lora_up.weight")]
+            up, down = sd[k].double(), sd[f"{stem}.lora_down.weight"].double()
+            out[stem] = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1) * sd[f"{stem}.alpha"].double()
+                         / down.shape[0])
+    return out
+
+
 def train_prompt(filename: str, steps: int, captions, learning_rate: float, count: int = 2, save_state: bool = True,
                  **train) -> dict:
     """API prompt: micro checkpoint → sprite images → VAE-encoded latents → Train CAT LoRA (rank 2,

@@ -8,9 +8,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from _executor import Executor, PromptError
+from _harness import MERGE_SETTINGS, PROMPTS, concept_nodes
 from conftest import MICRO, TEST_LORAS
 
-PROMPTS = "photo of a {}\na {} on a beach"
 UNET_ONLY = "loraclr_pytest_unet_only/unet_only_a.safetensors"
 
 
@@ -35,24 +35,9 @@ def unet_only_lora(comfy_env):
     os.remove(path)
 
 
-def concept_nodes(loras, triggers=("sks", "zwx", "qrt"), prompts=PROMPTS, first_id=10):
-    nodes, prev = {}, None
-    for k, (lora, trig) in enumerate(zip(loras, triggers)):
-        nid = str(first_id + k)
-        inputs = {"lora_name": lora, "strength_model": 1.0, "strength_clip": 1.0, "trigger": trig,
-                  "prompts": prompts}
-        if prev:
-            inputs["concepts"] = [prev, 0]
-        nodes[nid] = {"class_type": "LoRACLRConcept", "inputs": inputs}
-        prev = nid
-    return nodes, prev
-
-
 def merge_prompt(stage, loras=TEST_LORAS[:2], save=None, prompts=PROMPTS, layer_filter="", token_rows="all", **merge):
     nodes, last = concept_nodes(loras, prompts=prompts)
-    settings = dict(method="loraclr", margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001,
-                    learning_rate=1e-4, iterations=50, warm_start=True, normalize=False, compute_dtype="float32")
-    settings.update(merge)
+    settings = {**MERGE_SETTINGS, **merge}
     nodes.update({
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": MICRO}},
         "2": {"class_type": "LoRACLRCollectActivations",

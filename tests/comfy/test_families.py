@@ -9,7 +9,7 @@ import pytest
 from _executor import Executor, PromptError, register_pack
 from _families import NODE_CLASS_MAPPINGS, tiny_clip, tiny_model
 from conftest import MICRO, TEST_LORAS
-from test_executor import concept_nodes
+from _harness import concept_nodes
 
 SUPPORTED = ("supports SD1.x/SD2.x-family UNets (SD1.5, SD2.x and their fine-tunes) and SDXL-family UNets "
              "(SDXL, SSD-1B, Vega, KOALA) only. Load an SD1.5, SD2.x or SDXL checkpoint (and its LoRAs)")

@@ -12,21 +12,17 @@ import torch
 from safetensors.torch import load_file
 
 from _executor import Executor
-from _harness import ROOT
+from _harness import ROOT, kohya_file_deltas
 
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 sys.path.insert(0, str(ROOT / "tests" / "fixtures" / "custom_nodes"))
+import small_sdxl  # noqa: E402
 
 SUB = "loraclr_test_sdxl"
-PROMPTS = "photo of a {}\na {} on a beach"
-SETTINGS = dict(method="loraclr", margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001, learning_rate=1e-4,
-                iterations=50, warm_start=True, normalize=False, compute_dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def sdxl(comfy_env):
-    import small_sdxl
-
     import folder_paths
     import nodes
     from loraclr_test_nodes import NODE_CLASS_MAPPINGS
@@ -44,35 +40,12 @@ def executor(sdxl):
 
 
 def _prompt(names, merge_node: dict, save: str | None = None) -> dict:
-    prompt = {"1": {"class_type": "LoRACLRTestSmallSDXL", "inputs": {"seed": 0, "latent_count": 2, "latent_size": 64}}}
-    prev = None
-    for i, (name, trig) in enumerate(zip(names, ("sks", "zwx"))):
-        inputs = {"lora_name": name, "strength_model": 1.0, "strength_clip": 1.0, "trigger": trig, "prompts": PROMPTS}
-        if prev:
-            inputs["concepts"] = [prev, 0]
-        prompt[str(10 + i)] = {"class_type": "LoRACLRConcept", "inputs": inputs}
-        prev = str(10 + i)
-    prompt["2"] = {"class_type": "LoRACLRMergeAllStages", "inputs": {
-        "model": ["1", 0], "clip": ["1", 1], "concepts": [prev, 0], "preset": "all", "layer_filter": "", **SETTINGS,
-        "steps": 2, "record_steps": 2, "width": 64, "height": 64, "sample_seed": 3, **merge_node}}
+    prompt = small_sdxl.merge_prompt(names, **merge_node)
     if save:
         prompt["3"] = {"class_type": "LoRACLRSaveLoRA", "inputs": {"merged": ["2", 2], "filename": save, "rank": 0,
                                                                     "key_style": "kohya", "dtype": "float32",
                                                                     "if_exists": "overwrite"}}
     return prompt
-
-
-def _file_deltas(path) -> dict:
-    """stem → ΔW = up · down · alpha / rank, float64, straight from a kohya file."""
-    sd = load_file(str(path))
-    out = {}
-    for k in sd:
-        if k.endswith(".lora_up.weight"):
-            stem = k[: -len(".lora_up.weight")]
-            up, down = sd[k].double(), sd[f"{stem}.lora_down.weight"].double()
-            out[stem] = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1) * sd[f"{stem}.alpha"].double()
-                         / down.shape[0])
-    return out
 
 
 def test_size_conditioning_is_what_comfyui_samplers_build(sdxl):
@@ -105,7 +78,7 @@ def test_all_stages_sum_merge_is_each_concepts_delta_added(sdxl, executor):
     model, clip, names, paths = sdxl
     out = executor.run(_prompt(names, {"method": "sum"}), outputs=["2"])
     merged = out["2"][2][0]
-    files = [_file_deltas(p) for p in paths]
+    files = [kohya_file_deltas(p) for p in paths]
     stems = _comfy.inverse_key_map(model, clip, "kohya")
     seen = {"te1": 0, "te2": 0, "kv": 0, "spatial": 0}
     for target, deltas in (("clip", merged.clip), ("model", merged.model)):
@@ -187,7 +160,7 @@ def test_train_cat_lora_on_sdxl_and_the_stock_loader_reads_it(sdxl, executor, ca
 
     model, clip, _, _ = sdxl
     prompt = {
-        "1": {"class_type": "LoRACLRTestSmallSDXL", "inputs": {"seed": 0, "latent_count": 2, "latent_size": 64}},
+        "1": small_sdxl.LOADER,
         "2": {"class_type": "LoRACLRTrainCAT", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "latents": ["1", 2], "captions": "photo of sks\nsks on a beach",
             "trigger": "sks", "rank": 2, "alpha": 2.0, "target_layers": "attention", "layer_pattern": "", "steps": 3,
@@ -217,8 +190,6 @@ def test_real_sdxl_shapes_key_maps_and_patches(comfy_env):
     give the pack a kohya name for every layer a full SDXL LoRA trains (722 UNet linear layers,
     72 of clip_l and 192 of clip_g), the cross-attention K/V take the 2048-wide context, and LoRA
     factors of those shapes are accepted as patches and read back as factors."""
-    import small_sdxl
-
     import comfy.sd
     import comfy.supported_models_base
     from comfy import sdxl_clip
@@ -279,3 +250,14 @@ def test_evaluate_scores_an_sdxl_merge(sdxl, executor):
     assert merged["knowledge_preservation"] > 1e-6
     for row in merged["concepts"]:
         assert row["loss_lora"] != row["loss_base"]
+
+
+def test_evaluate_conditions_sdxl_on_the_probe_size(sdxl):
+    """Evaluate's y is built for its probes' image size: 96 px wide and 64 high for a 12 × 8 latent."""
+    from comfyui_loraclr.nodes import _comfy, evaluation
+
+    model, clip, _, _ = sdxl
+    cond = evaluation._encode(clip, ["photo of a sks"], model, (4, 8, 12))
+    _, pooled, _ = _comfy.encode_first_chunk(clip, "photo of a sks", pooled=True)
+    assert torch.equal(cond.y, _comfy.adm_vector(model, pooled, 96, 64))
+    assert not torch.equal(cond.y, _comfy.adm_vector(model, pooled, 64, 96))

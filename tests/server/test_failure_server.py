@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_server import _errors, server  # noqa: F401  (the module's own server, started like test_server's)
 
-from _harness import COMFY
+from _harness import COMFY, kohya_file_deltas
 
 import comfy_client  # noqa: E402  (scripts/ is on sys.path through test_server)
 
@@ -67,19 +67,6 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def deltas(path) -> dict:
-    """Each saved layer's ΔW = up · down · alpha / rank, from the file."""
-    sd = load_file(str(path))
-    out = {}
-    for k in sd:
-        if k.endswith(".lora_up.weight"):
-            stem = k[: -len(".lora_up.weight")]
-            up, down = sd[k].double(), sd[f"{stem}.lora_down.weight"].double()
-            out[stem] = up @ down * sd[f"{stem}.alpha"].double() / down.shape[0]
-    return out
-
-
-@pytest.fixture(scope="module")
 def clean(server):  # noqa: F811
     shutil.rmtree(lora_dir(), ignore_errors=True)
     yield
@@ -121,7 +108,7 @@ def test_fifty_queued_merges_finish_correct_distinct_and_in_bounded_memory(serve
     assert files == [f"load_{k:02d}.safetensors" for k in range(N_LOAD)], files
     # correct: a sum merge is linear in concept A's strength s_k = 0.5 + k/100, so every file's ΔW
     # lies on the line through the first two; distinct: no two files are equal
-    d = [deltas(lora_dir() / f) for f in files]
+    d = [kohya_file_deltas(lora_dir() / f) for f in files]
     assert d[0].keys() and all(x.keys() == d[0].keys() for x in d)
     for k in range(2, N_LOAD):
         for stem in d[0]:

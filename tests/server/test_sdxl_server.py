@@ -13,11 +13,9 @@ from _harness import COMFY, ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 import comfy_client  # noqa: E402
+import small_sdxl  # noqa: E402
 
 SUB = "loraclr_test_sdxl"
-SETTINGS = dict(method="loraclr", margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001, learning_rate=1e-4,
-                iterations=50, warm_start=True, normalize=False, compute_dtype="float32")
-SMALL = {"class_type": "LoRACLRTestSmallSDXL", "inputs": {"seed": 0, "latent_count": 2, "latent_size": 64}}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +24,6 @@ def sdxl_loras():
     import _harness
 
     _harness.import_comfy()
-    import small_sdxl
-
     folder = COMFY / "models" / "loras" / SUB
     paths = small_sdxl.write_loras(small_sdxl.build_model(0), small_sdxl.build_clip(0), str(folder), n=2)
     return [f"{SUB}/{os.path.basename(p)}" for p in paths]
@@ -50,18 +46,7 @@ def _errors(hist):
 
 
 def test_sdxl_merge_and_training_through_the_server(server, sdxl_loras):
-    prompt = {"1": SMALL}
-    prev = None
-    for i, (name, trig) in enumerate(zip(sdxl_loras, ("sks", "zwx"))):
-        inputs = {"lora_name": name, "strength_model": 1.0, "strength_clip": 1.0, "trigger": trig,
-                  "prompts": "photo of a {}\na {} on a beach"}
-        if prev:
-            inputs["concepts"] = [prev, 0]
-        prompt[str(10 + i)] = {"class_type": "LoRACLRConcept", "inputs": inputs}
-        prev = str(10 + i)
-    prompt["2"] = {"class_type": "LoRACLRMergeAllStages", "inputs": {
-        "model": ["1", 0], "clip": ["1", 1], "concepts": [prev, 0], "preset": "all", "layer_filter": "", **SETTINGS,
-        "steps": 2, "record_steps": 2, "width": 64, "height": 64, "sample_seed": 3}}
+    prompt = small_sdxl.merge_prompt(sdxl_loras)
     prompt["3"] = {"class_type": "LoRACLRSaveLoRA", "inputs": {"merged": ["2", 2], "filename": f"{SUB}/server_merged",
                                                                 "rank": 8, "key_style": "kohya", "dtype": "float16",
                                                                 "if_exists": "overwrite"}}
@@ -92,7 +77,7 @@ def test_sdxl_merge_and_training_through_the_server(server, sdxl_loras):
     # the stock loader reads both files onto the SDXL model, and KSampler (which builds SDXL's y
     # itself) samples with them
     use = {
-        "1": SMALL,
+        "1": small_sdxl.LOADER,
         "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
               "lora_name": f"{SUB}/server_merged.safetensors", "strength_model": 1.0, "strength_clip": 1.0}},
         "3": {"class_type": "LoraLoader", "inputs": {"model": ["2", 0], "clip": ["2", 1],
