@@ -20,7 +20,6 @@ import torch
 
 from ..loraclr import LayerStats
 from ..loraclr.bundle import ActivationSet, LayerData
-from ..cat_training.conditioning import Cond
 from ..cat_training.conditioning import cat as cat_conds
 from ..loraclr.stats import CompactAccumulator, pairwise_sq_distances
 from ..loraclr.streaming import AdaptiveLayerStats, folded_nbytes
@@ -346,15 +345,8 @@ def _sampling_inputs(model, clip, concepts, loaded, n_prompts, notes, inputs_fro
     for i, c in enumerate(concepts):
         clip_i = _concept_clip(clip, loaded, i, c, inputs_from)
         pairs = [_encode(clip_i, p, c, notes, pooled=True) for p in c.prompts[:n_prompts]]
-        rows = torch.cat([cond for cond, _ in pairs])
-        if _comfy.needs_y(model):
-            pooled = [pool for _, pool in pairs]
-            if any(pool is None for pool in pooled):
-                raise _comfy.NodeError(NODE, f"{type(model.model).__name__} needs the text encoder's pooled output, "
-                                             "and this CLIP gives none (wire the CLIP of the same checkpoint)")
-            conds.append(Cond(rows, _comfy.adm_vector(model, torch.cat(pooled), width, height)))
-        else:
-            conds.append(rows)
+        conds.append(_comfy.with_y(NODE, model, torch.cat([cond for cond, _ in pairs]), [pool for _, pool in pairs],
+                                   width, height))
     sigmas = _comfy.sampling_sigmas(model, steps)
     record = set(record_schedule(steps, record_steps))
     g = torch.Generator().manual_seed(seed)

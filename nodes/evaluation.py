@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cat_training.conditioning import Cond
 from ..cat_training.conditioning import cat as cat_conds
 from ..cat_training.conditioning import expand as expand_cond
 from ..loraclr import metrics
@@ -82,14 +81,9 @@ def _encode(clip, prompts, model=None, latent_shape=None):
     with y for the image size of ``latent_shape`` (…, H, W in latent pixels)."""
     pairs = [_comfy.encode_first_chunk(clip, p, pooled=True) for p in prompts]
     rows = torch.cat([cond for cond, _, _ in pairs])
-    if model is None or not _comfy.needs_y(model):
+    if model is None:
         return rows
-    h, w = latent_shape[-2] * 8, latent_shape[-1] * 8
-    pooled = [pool for _, pool, _ in pairs]
-    if any(pool is None for pool in pooled):
-        raise _comfy.NodeError(NODE, f"{type(model.model).__name__} needs the text encoder's pooled output, and this "
-                                     "CLIP gives none (wire the CLIP of the same checkpoint)")
-    return Cond(rows, _comfy.adm_vector(model, torch.cat(pooled), w, h))
+    return _comfy.with_y(NODE, model, rows, [pool for _, pool, _ in pairs], latent_shape[-1] * 8, latent_shape[-2] * 8)
 
 
 @dataclass

@@ -243,7 +243,7 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
     check_rank_alpha(rank, alpha, keys, _comfy.model_weight_shapes(model))
     # SDXL's size conditioning as ComfyUI's samplers build it: the image size, no crop
     width, height = latents.shape[-1] * 8, latents.shape[-2] * 8
-    conds = _comfy.model_conditioning(model, clip, captions, width, height)
+    conds = _comfy.model_conditioning(NODE, model, clip, captions, width, height)
     neutral = None
     if lambda_cat > 0:
         removers = make_removers(clip, triggers)
@@ -254,7 +254,7 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
             except TriggerNotFound as e:
                 raise _comfy.NodeError(NODE, f"field 'captions': {e} ({', '.join(triggers)}); every caption "
                                              "must name the concept when lambda_cat > 0") from e
-        neutral = _comfy.model_conditioning(model, clip, tokens, width, height)
+        neutral = _comfy.model_conditioning(NODE, model, clip, tokens, width, height)
     cfg = TrainConfig(steps=steps, learning_rate=learning_rate, optimizer=optimizer, batch_size=batch_size,
                       grad_accumulation=grad_accumulation, lambda_cat=lambda_cat, seed=seed, dtype=training_dtype)
     shapes = _comfy.model_weight_shapes(model)

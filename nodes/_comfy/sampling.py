@@ -23,12 +23,22 @@ def adm_vector(model, pooled, width: int, height: int):
     models without it."""
     if not needs_y(model):
         return None
-    if pooled is None:
-        raise ValueError(f"{type(model.model).__name__} needs a pooled text embedding, and the text encoder gave none")
     ys = [model.model.encode_adm(pooled_output=p[None], width=width, height=height, crop_w=0, crop_h=0,
                                  target_width=width, target_height=height, prompt_type="positive")
           for p in pooled.to(torch.float32)]
     return torch.cat(ys).detach().to("cpu", torch.float32)
+
+
+def with_y(node: str, model, rows: torch.Tensor, pooled, width: int, height: int):
+    """Text rows (B, tokens, width) as ``model``'s conditioning: the rows themselves, or for a model
+    that takes ``y`` (SDXL) a Cond with the y of each sample's pooled output (``pooled``: one
+    (1, width) tensor or None per sample) for a ``width`` × ``height`` image."""
+    if not needs_y(model):
+        return rows
+    if any(p is None for p in pooled):
+        raise NodeError(node, f"{type(model.model).__name__} needs the text encoder's pooled output, and this CLIP "
+                              "gives none (wire the CLIP of the same checkpoint)")
+    return Cond(rows, adm_vector(model, torch.cat(pooled), width, height))
 
 
 def check_sampling_support(node: str, model, what: str = "the spatial stage",

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...cat_training.conditioning import Cond
-from .sampling import adm_vector, needs_y
+from .sampling import needs_y, with_y
 
 
 def same_text_encoder(a, b) -> bool:
@@ -123,7 +122,7 @@ def encode_tokens(clip, tokens, pooled: bool = False):
             None if pool is None else pool.detach().to("cpu", torch.float32))
 
 
-def model_conditioning(model, clip, prompts, width: int, height: int):
+def model_conditioning(node: str, model, clip, prompts, width: int, height: int):
     """Conditioning for the model from a list of prompts (texts or tokenized prompts): the rows
     as one tensor, or, for a model that takes ``y`` (SDXL), a Cond with the rows and y for a
     ``width`` × ``height`` image."""
@@ -131,7 +130,4 @@ def model_conditioning(model, clip, prompts, width: int, height: int):
     if not needs_y(model):
         return torch.cat([encode_tokens(clip, t) for t in tokens_list])
     pairs = [encode_tokens(clip, t, pooled=True) for t in tokens_list]
-    pooled = [p for _, p in pairs]
-    if any(p is None for p in pooled):
-        raise ValueError("the text encoder gives no pooled output, which this model needs")
-    return Cond(torch.cat([c for c, _ in pairs]), adm_vector(model, torch.cat(pooled), width, height))
+    return with_y(node, model, torch.cat([c for c, _ in pairs]), [p for _, p in pairs], width, height)
