@@ -67,6 +67,7 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+@pytest.fixture(scope="module")
 def clean(server):  # noqa: F811
     shutil.rmtree(lora_dir(), ignore_errors=True)
     yield
