@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..loraclr.bundle import Concept
 from . import _comfy
+from .patterns import queue_time_problem
 from .collection import (DEFAULT_MEMORY_BUDGET_GIB, INPUTS_FROM, SPATIAL_STATISTICS, STAGE_PATTERNS, TOKEN_ROWS,
                          collect_stage, describe, parse_prompts)
 
@@ -120,6 +121,12 @@ class LoRACLRCollect(io.ComfyNode):
             ],
             outputs=[ACTIVATIONS.Output(display_name="activations"), io.String.Output(display_name="summary")],
         )
+
+    @classmethod
+    def validate_inputs(cls, layer_filter=None):
+        # at queue time: a pattern that would backtrack without end never reaches the run
+        problem = queue_time_problem(layer_filter, "layer_filter", "Collect LoRA Activations")
+        return True if problem is None else problem
 
     @classmethod
     def execute(cls, model, clip, concepts, stage, inputs_from="concept_lora", layer_filter="", only_lora_layers=True,

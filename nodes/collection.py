@@ -24,6 +24,7 @@ from ..cat_training.conditioning import cat as cat_conds
 from ..loraclr.stats import CompactAccumulator, pairwise_sq_distances
 from ..loraclr.streaming import AdaptiveLayerStats, folded_nbytes
 from . import _comfy
+from .patterns import compile_pattern
 from .memory import PeakMemory
 
 NODE = "Collect LoRA Activations"
@@ -75,10 +76,7 @@ def _select_keys(stage, all_keys, patch_sets, layer_filter, only_lora_layers, no
     """The layers of ``stage`` to merge. A concept whose LoRA does not touch a layer counts as
     ΔW_i = 0 there; when no concept's LoRA touches any layer of the stage (UNet-only LoRAs at the
     text-encoder stage), the stage has nothing to merge and passes through with a note."""
-    try:
-        pattern = re.compile(layer_filter) if layer_filter.strip() else None
-    except re.error as e:
-        raise _comfy.NodeError(NODE, f"field 'layer_filter' is not a valid regular expression: {e}") from e
+    pattern = compile_pattern(layer_filter, "layer_filter", NODE)
     keys = [k for k in all_keys if STAGE_PATTERNS[stage].search(k) and (pattern is None or pattern.search(k))]
     if not keys:
         raise _comfy.NodeError(NODE, f"no {stage} layer matches layer_filter '{layer_filter}'")

@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..loraclr import METHODS, MergeConfig
 from . import _comfy
+from .patterns import queue_time_problem
 from .collect import ACTIVATIONS, CONCEPTS
 from .collection import DEFAULT_MEMORY_BUDGET_GIB
 from .merging import PRESETS, format_report, merge_activations, merge_all_stages
@@ -110,6 +111,12 @@ class LoRACLRMergeAllStages(io.ComfyNode):
             outputs=[io.Model.Output(), io.Clip.Output(), MERGED.Output(display_name="merged"),
                      io.String.Output(display_name="report")],
         )
+
+    @classmethod
+    def validate_inputs(cls, layer_filter=None):
+        # at queue time: a pattern that would backtrack without end never reaches the run
+        problem = queue_time_problem(layer_filter, "layer_filter", "LoRACLR Merge (all stages)")
+        return True if problem is None else problem
 
     @classmethod
     def execute(cls, model, clip, concepts, preset, layer_filter, method, margin, lambda_con, lambda_mse, lambda_reg,

@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..cat_training import DTYPES, OPTIMIZERS, TrainConfig
 from . import _comfy, filenames
+from .patterns import queue_time_problem
 from .training import SAVE_FIELDS, TARGETS, save_cat_lora, train_from_inputs
 
 TRAINED = io.Custom("LORACLR_TRAINED_LORA")
@@ -105,9 +106,13 @@ class TrainCATLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, resume_from=None):
+    def validate_inputs(cls, resume_from=None, layer_pattern=None):
         # before the prompt runs: a value that is not a saved run (e.g. a number shifted into this
-        # widget by a hand-edited workflow) is refused with the field's name
+        # widget by a hand-edited workflow) is refused with the field's name, and so is a pattern
+        # that would backtrack without end
+        problem = queue_time_problem(layer_pattern, "layer_pattern", "Train CAT LoRA")
+        if problem is not None:
+            return problem
         return _comfy.check_lora_choice("resume_from", resume_from, what="a run saved by Save CAT LoRA")
 
     @classmethod
@@ -188,3 +193,4 @@ class SpriteDataset(io.ComfyNode):
 
         images, captions = sprite_dataset(count, width, height, trigger.strip() or "sks", seed, variant)
         return io.NodeOutput(images, "\n".join(captions))
+

@@ -14,6 +14,7 @@ import torch
 from ..cat_training import (DTYPES, OPTIMIZERS, AdapterSet, CATTrainer, LoRAWeight, TrainConfig, TrainedLoRA, TriggerNotFound,
                             TriggerRemover)
 from . import _comfy, filenames
+from .patterns import compile_pattern
 
 NODE = "Train CAT LoRA"
 SAVE_FIELDS = {"trigger": None, "steps": None}  # placeholders of Save CAT LoRA's file name
@@ -29,10 +30,7 @@ SEPARATORS = (",", ";", ":")
 
 def target_keys(model, preset: str, pattern: str) -> list[str]:
     if pattern.strip():
-        try:
-            rx = re.compile(pattern)
-        except re.error as e:
-            raise _comfy.NodeError(NODE, f"field 'layer_pattern' is not a valid regular expression: {e}") from e
+        rx = compile_pattern(pattern, "layer_pattern", NODE)
         keys = [k for k, m in _comfy.unet_modules(model).items() if k.startswith("diffusion_model.") and rx.search(k)
                 and m.weight.ndim >= 2]
     elif preset == "all_linear":
