@@ -2,7 +2,7 @@
 kohya or ComfyUI style), reading a LoRA into patches split between UNet and CLIP with its shapes
 and values checked, ΔW and low-rank factors from a patch through ComfyUI's own weight calculation,
 a patcher's current weights, and patched clones of MODEL and CLIP. ComfyUI reports a patch it
-cannot apply by logging, so the log of the running thread is captured here too."""
+cannot apply by logging an error, so that part of the running thread's log is captured here too."""
 from __future__ import annotations
 
 import contextlib
@@ -42,21 +42,36 @@ class _ThreadLog(logging.Handler):
 
 
 @contextlib.contextmanager
-def captured_log(level=logging.WARNING):
-    """The messages this thread logs at ``level`` or above inside the block. ComfyUI's LoRA code
-    reports problems (a key it cannot load, a factor of the wrong shape) by logging them and
-    carrying on; the pack turns them into errors."""
+def captured_log(level=logging.ERROR):
+    """The messages this thread logs at ``level`` or above inside the block. ComfyUI's weight
+    calculation reports an adapter it cannot apply (a factor of the wrong shape) by logging an
+    error and carrying on; the pack turns it into an error of its own. The process's logger levels
+    are left as they are (a root logger set above ERROR hides these messages from everyone)."""
     handler = _ThreadLog(level)
     root = logging.getLogger()
-    old = root.level
     root.addHandler(handler)
-    if root.getEffectiveLevel() > level:
-        root.setLevel(level)
     try:
         yield handler.records
     finally:
         root.removeHandler(handler)
-        root.setLevel(old)
+
+
+class _ReadKeys(dict):
+    """A LoRA state dict that remembers which keys were read: what ``comfy.lora.load_lora`` reads
+    is what it loads, so the rest are the tensors that match no layer."""
+
+    def __init__(self, sd):
+        super().__init__(sd)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if key in self:
+            self.read.add(key)
+        return super().get(key, default)
 
 
 def _lora_stem(key_map: dict, tensor_key: str):
@@ -125,10 +140,9 @@ def load_lora_patches(node: str, name: str, model, clip, notes: list | None = No
     check_finite_tensors(node, name, sd, key_map)
     n_tensors = len(sd)
     sd = comfy.lora_convert.convert_lora(sd)
-    with captured_log() as logs:
-        patches = comfy.lora.load_lora(sd, key_map, log_missing=True)
-    prefix = "lora key not loaded: "
-    unloaded = [r.getMessage()[len(prefix):] for r in logs if r.getMessage().startswith(prefix)]
+    tracked = _ReadKeys(sd)
+    patches = comfy.lora.load_lora(tracked, key_map, log_missing=False)
+    unloaded = [k for k in sd if k not in tracked.read]
     shapes = {}
     if model is not None:
         shapes.update({k: tuple(v.shape) for k, v in model.model.state_dict().items()})

@@ -35,9 +35,8 @@ def node_id(node_cls):
 def send_message(event: str, data: dict):
     try:
         from server import PromptServer
-
-        inst = getattr(PromptServer, "instance", None)
-        if inst is not None:
-            inst.send_sync(event, data)
-    except Exception:  # no server (scripts, in-process tests): messages are optional
-        pass
+    except ImportError:  # no server module (scripts, in-process tests): messages are optional
+        return
+    inst = getattr(PromptServer, "instance", None)
+    if inst is not None:
+        inst.send_sync(event, data)

@@ -100,6 +100,41 @@ def test_partial_match_says_which_and_how_many(executor, folder):
     assert "lora_unet_double_blocks_0_img_attn_qkv" in summary and "32 layers are used" in summary
 
 
+def test_unloaded_keys_are_what_comfyui_itself_would_log_and_logger_levels_stay(folder, micro, caplog):
+    """The pack finds the tensors that match no layer from what ComfyUI's loader reads, not from its
+    log text: the list equals, in order, the keys ComfyUI logs as not loaded; and the root logger's
+    level is left alone even when it is set above WARNING."""
+    import comfy.lora
+    import comfy.lora_convert
+
+    from comfyui_loraclr.nodes import _comfy
+
+    model, clip, _ = micro
+    sd = source_tensors()
+    stray = {f"lora_unet_double_blocks_{i}_img_attn_qkv.lora_{p}.weight": torch.zeros(8, 8, dtype=torch.float16)
+             for i in range(3) for p in ("up", "down")}
+    stray[f"{TO_K}.lora_mystery.weight"] = torch.zeros(2, 2, dtype=torch.float16)  # a known stem, unknown part
+    name = write(folder, "partial_log.safetensors", {**stray, **sd})
+    key_map = _comfy.lora_key_map(model, clip)
+    loaded = comfy.lora_convert.convert_lora(_comfy.read_lora("test", name)[0])
+    with caplog.at_level(logging.WARNING):
+        comfy.lora.load_lora(loaded, key_map, log_missing=True)
+    prefix = "lora key not loaded: "
+    expected = [r.getMessage()[len(prefix):] for r in caplog.records if r.getMessage().startswith(prefix)]
+    assert len(expected) == 7
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(logging.CRITICAL)
+    try:
+        notes = []
+        _comfy.load_lora_patches("test", name, model, clip, notes)
+        assert root.level == logging.CRITICAL
+    finally:
+        root.setLevel(old)
+    assert notes == [f"LoRA '{name}': 7 of its {len(sd) + 7} tensors match no layer of this model and are ignored "
+                     f"({', '.join(expected[:3])}, …); 32 layers are used"], notes
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_non_finite_values_are_an_error_naming_file_tensor_and_layer(executor, folder, bad):
     sd = source_tensors()
