@@ -9,6 +9,7 @@ from comfy_api.latest import io, ui
 from ..loraclr import MergeConfig, low_rank_factors
 from ..loraclr.bundle import MergedDelta
 from . import _comfy, filenames
+from .display import safe_text
 from .merge import MERGED
 
 PACK_VERSION = "0.1.0"
@@ -179,4 +180,4 @@ class LoRACLRSave(io.ComfyNode):
         worst = min(energy.values())
         text = (f"saved {name} ({len(energy)} layers, rank {'full' if rank <= 0 else rank}, {key_style} keys)\n"
                 f"retained energy: min {worst:.4f}, mean {sum(energy.values()) / len(energy):.4f}\nfile: {path}")
-        return io.NodeOutput(name, text, ui=ui.PreviewText(text))
+        return io.NodeOutput(name, text, ui=ui.PreviewText(safe_text(text)))

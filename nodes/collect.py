@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..loraclr.bundle import Concept
 from . import _comfy
+from .display import safe_text
 from .patterns import queue_time_problem
 from .collection import (DEFAULT_MEMORY_BUDGET_GIB, INPUTS_FROM, SPATIAL_STATISTICS, STAGE_PATTERNS, TOKEN_ROWS,
                          collect_stage, describe, parse_prompts)
@@ -137,4 +138,4 @@ class LoRACLRCollect(io.ComfyNode):
                              width=width, height=height, seed=seed, token_rows=token_rows,
                              spatial_statistics=spatial_statistics, memory_budget_gib=memory_budget_gib)
         text = describe(acts)
-        return io.NodeOutput(acts, text, ui=ui.PreviewText(text))
+        return io.NodeOutput(acts, text, ui=ui.PreviewText(safe_text(text)))

@@ -24,6 +24,7 @@ from ..cat_training.conditioning import cat as cat_conds
 from ..loraclr.stats import CompactAccumulator, pairwise_sq_distances
 from ..loraclr.streaming import AdaptiveLayerStats, folded_nbytes
 from . import _comfy
+from .display import shown
 from .patterns import compile_pattern
 from .memory import PeakMemory
 
@@ -528,10 +529,10 @@ def describe(acts: ActivationSet) -> str:
     mib = acts.nbytes() / 2**20
     if not acts.layers:
         return "\n".join([f"stage: {acts.stage}", f"concepts: {len(acts.concepts)} "
-                           f"({', '.join(c.label for c in acts.concepts)})", "layers: 0"] + acts.info.get("notes", []))
+                           f"({', '.join(shown(c.label) for c in acts.concepts)})", "layers: 0"] + acts.info.get("notes", []))
     forms = sorted({layer.stats.form for layer in acts.layers})
     touched = [sum(d is not None for d in layer.deltas) for layer in acts.layers]
-    lines = [f"stage: {acts.stage}", f"concepts: {len(acts.concepts)} ({', '.join(c.label for c in acts.concepts)})",
+    lines = [f"stage: {acts.stage}", f"concepts: {len(acts.concepts)} ({', '.join(shown(c.label) for c in acts.concepts)})",
              f"layers: {len(acts.layers)}; rows per concept: {acts.layers[0].stats.rows} (first layer); "
              f"storage: {', '.join(forms)}", f"memory held: {mib:.1f} MiB",
              f"concepts whose LoRA touches a layer: min {min(touched)}, max {max(touched)} of {len(acts.concepts)}"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from . import _comfy, evaluation
+from .display import safe_text
 from .collect import CONCEPTS
 
 
@@ -85,4 +86,4 @@ class LoRACLREvaluate(io.ComfyNode):
             _comfy.Progress(len(concepts or ()) + 1, _comfy.node_id(cls)), clip_model_name, clip_weights,
             clip_samples, clip_steps)
         text = evaluation.format_report(result)
-        return io.NodeOutput(text, evaluation.table_image(result), evaluation.to_json(result), ui=ui.PreviewText(text))
+        return io.NodeOutput(text, evaluation.table_image(result), evaluation.to_json(result), ui=ui.PreviewText(safe_text(text)))

@@ -10,6 +10,8 @@ import hashlib
 import os
 import re
 
+from .display import BIDI, first_unsafe, shown
+
 EXTENSION = ".safetensors"
 # The final file name, extension included. Filesystems allow 255 bytes per name; the save also
 # writes "<name>.<pid>.tmp" beside it and Save CAT LoRA a "<stem>.loraclr-state" sidecar, and
@@ -17,7 +19,6 @@ EXTENSION = ".safetensors"
 MAX_NAME_BYTES = 200
 MAX_FOLDER_BYTES = 255
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 WINDOWS_RESERVED = '<>:"|?*'
 
 
@@ -50,9 +51,10 @@ def name_problem(name: str) -> str | None:
     folder, or None."""
     if not name.strip():
         return "is empty"
-    m = CONTROL.search(name)
-    if m:
-        return f"contains a control character ({m.group(0)!r} at position {m.start()}), which file names cannot hold"
+    bad = first_unsafe(name)
+    if bad:
+        kind = "bidirectional formatting character" if bad[0] in BIDI else "control character"
+        return f"contains a {kind} ({shown(bad[0])} at position {bad[1]}), which file names here cannot hold"
     if os.name == "nt":
         bad = sorted({c for c in name if c in WINDOWS_RESERVED})
         if bad:

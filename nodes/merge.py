@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..loraclr import METHODS, MergeConfig
 from . import _comfy
+from .display import safe_text
 from .patterns import queue_time_problem
 from .collect import ACTIVATIONS, CONCEPTS
 from .collection import DEFAULT_MEMORY_BUDGET_GIB
@@ -73,7 +74,7 @@ class LoRACLRMerge(io.ComfyNode):
 
         merged = merge_activations(activations, config, _comfy.Progress(total), on_layer=chart)
         text = format_report(merged)
-        return io.NodeOutput(merged, text, ui=ui.PreviewText(text))
+        return io.NodeOutput(merged, text, ui=ui.PreviewText(safe_text(text)))
 
 
 class LoRACLRMergeAllStages(io.ComfyNode):
@@ -128,7 +129,7 @@ class LoRACLRMergeAllStages(io.ComfyNode):
         m, c, merged, text = merge_all_stages(model, clip, concepts, preset, config, layer_filter or "", steps,
                                               record_steps, width, height, sample_seed,
                                               memory_budget_gib=memory_budget_gib)
-        return io.NodeOutput(m, c, merged, text, ui=ui.PreviewText(text))
+        return io.NodeOutput(m, c, merged, text, ui=ui.PreviewText(safe_text(text)))
 
 
 def parse_values(node: str, text: str) -> list[float]:

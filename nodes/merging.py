@@ -9,6 +9,7 @@ from ..loraclr import MergeConfig, merge_layer
 from ..loraclr.bundle import ActivationSet, MergedDelta
 from ..loraclr.stats import NeedsExactStatistics
 from . import _comfy
+from .display import shown
 from .collection import DEFAULT_MEMORY_BUDGET_GIB
 
 
@@ -130,7 +131,7 @@ def format_report(merged: MergedDelta) -> str:
         lines.append(f"{short}: objective {f(r['objective'])} (start {f(r['start_objective'])}, "
                      f"{r['iterations']} it{', converged' if r['converged'] else ''})")
         for c in r["concepts"]:
-            lines.append(f"  {c['concept']}: pos {f(c['positive'])}  nearest neg {f(c['nearest_negative'])}  "
+            lines.append(f"  {shown(c['concept'])}: pos {f(c['positive'])}  nearest neg {f(c['nearest_negative'])}  "
                          f"rel err {f(c['relative_error'])}")
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 
 from ..cat_training import DTYPES, OPTIMIZERS, TrainConfig
 from . import _comfy, filenames
+from .display import safe_text
 from .patterns import queue_time_problem
 from .training import SAVE_FIELDS, TARGETS, save_cat_lora, train_from_inputs
 
@@ -123,7 +124,7 @@ class TrainCATLoRA(io.ComfyNode):
             model, clip, captions, trigger, rank, alpha, target_layers, layer_pattern, steps, learning_rate, optimizer,
             batch_size, grad_accumulation, lambda_cat, seed, training_dtype, gradient_checkpointing, resume_from,
             preview_every, vae, images, latents, node_id=_comfy.node_id(cls))
-        return io.NodeOutput(out_model, trained, history, steps_done, plot, ui=ui.PreviewText(text))
+        return io.NodeOutput(out_model, trained, history, steps_done, plot, ui=ui.PreviewText(safe_text(text)))
 
 
 class SaveCATLoRA(io.ComfyNode):
@@ -163,7 +164,7 @@ class SaveCATLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, lora, filename, dtype, if_exists, save_state):
         name, text = save_cat_lora(lora, filename, dtype, if_exists, save_state)
-        return io.NodeOutput(name, ui=ui.PreviewText(text))
+        return io.NodeOutput(name, ui=ui.PreviewText(safe_text(text)))
 
 
 class SpriteDataset(io.ComfyNode):

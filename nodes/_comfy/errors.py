@@ -7,7 +7,9 @@ class NodeError(ValueError):
     """An error shown to the user, naming the node and the offending file or field."""
 
     def __init__(self, node: str, message: str):
-        super().__init__(f"[{node}] {message}")
+        from ..display import safe_text  # control and bidi characters from files are shown escaped
+
+        super().__init__(safe_text(f"[{node}] {message}"))
 
 
 # ComfyUI shows an error's type as "module.ClassName" beside its message (here that was

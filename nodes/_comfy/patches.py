@@ -15,6 +15,7 @@ import torch
 import comfy.lora
 import comfy.lora_convert
 
+from ..display import shown
 from .errors import NodeError
 from .files import read_lora
 
@@ -163,14 +164,14 @@ def load_lora_patches(node: str, name: str, model, clip, notes: list | None = No
             raise NodeError(node, f"LoRA '{name}' does not fit this model at layer '{key}': {problem}. "
                                   "Is it a LoRA for another base model (e.g. SDXL)?")
     if not unet and not te:
-        example = next(iter(sd), "")
+        example = shown(next(iter(sd), ""))
         raise NodeError(node, f"LoRA '{name}' has no key that matches this model/CLIP: none of its {n_tensors} "
                               f"tensors (e.g. '{example}') names a layer of this model (is it for another base "
                               "model, e.g. SDXL, SD3 or Flux?)")
     if unloaded and notes is not None:
-        shown = ", ".join(unloaded[:3]) + (", …" if len(unloaded) > 3 else "")
-        notes.append(f"LoRA '{name}': {len(unloaded)} of its {n_tensors} tensors match no layer of this model and "
-                     f"are ignored ({shown}); {len(unet) + len(te)} layers are used")
+        listed = ", ".join(shown(k) for k in unloaded[:3]) + (", …" if len(unloaded) > 3 else "")
+        notes.append(f"LoRA '{shown(name)}': {len(unloaded)} of its {n_tensors} tensors match no layer of this model "
+                     f"and are ignored ({listed}); {len(unet) + len(te)} layers are used")
     return unet, te, path
 
 

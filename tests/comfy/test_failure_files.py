@@ -135,6 +135,23 @@ def test_unloaded_keys_are_what_comfyui_itself_would_log_and_logger_levels_stay(
                      f"({', '.join(expected[:3])}, …); 32 layers are used"], notes
 
 
+def test_crafted_key_names_are_shown_escaped_in_the_summary(executor, folder):
+    """Key names inside a LoRA are the file author's text: a newline, an ANSI escape or a
+    right-to-left override in one must not fake a line of the summary or change how it reads."""
+    sd = source_tensors()
+    crafted = ["lora_unet_x\nconcepts: 99 (forged line)", "lora_unet_\x1b[31mred", "lora_unet_\u202eevil"]
+    stray = {f"{k}.lora_up.weight": torch.zeros(8, 8, dtype=torch.float16) for k in crafted}
+    name = write(folder, "crafted_keys.safetensors", {**stray, **sd})
+    summary = run_collect(executor, name)["2"][1][0]
+    plain = run_collect(executor, TEST_LORAS[0])["2"][1][0]
+    assert "lora_unet_x\\nconcepts: 99 (forged line)" in summary, summary
+    assert "lora_unet_\\x1b[31mred" in summary and "lora_unet_\\u202eevil" in summary, summary
+    assert not any(c in summary for c in "\x1b\u202e\r")
+    assert not [line for line in summary.splitlines() if line.startswith("concepts: 99")]
+    # one note line more than a clean file gives, no more
+    assert len(summary.splitlines()) == len(plain.splitlines()) + 1, (summary, plain)
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_non_finite_values_are_an_error_naming_file_tensor_and_layer(executor, folder, bad):
     sd = source_tensors()

@@ -15,6 +15,7 @@ import _harness
 BAD_NAMES = {
     "nul": ("merged\x00x", "control character"),
     "newline": ("merged\nx", "control character"),
+    "rtl_override": ("merged\u202ecod.exe", "bidirectional formatting character (\\"),
     "long": ("m" * 300, "at most 200 are allowed"),
     "long_folder": ("d" * 300 + "/m", "folder name of 300 bytes"),
     "trailing_slash": ("loraclr/", "ends with '/'"),
