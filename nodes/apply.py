@@ -11,8 +11,8 @@ from ..loraclr.bundle import MergedDelta
 from . import _comfy, filenames
 from .display import safe_text
 from .merge import MERGED
+from .version import PACK_VERSION  # pyproject.toml is the one place the version is written
 
-PACK_VERSION = "0.1.0"
 SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 

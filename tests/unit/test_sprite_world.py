@@ -1,0 +1,97 @@
+"""The sprite world's pure parts: rendering and captions, held-out concepts, the weight packing and
+hashing that make every machine assemble the same checkpoint, and the detector's labels."""
+import random
+
+import pytest
+import torch
+
+from comfyui_loraclr.sprite_world import detector, render, weights
+
+
+def test_renders_are_deterministic_and_seeds_differ():
+    a = render.base_sample(random.Random(3))
+    b = render.base_sample(random.Random(3))
+    c = render.base_sample(random.Random(4))
+    assert a.caption == b.caption and torch.equal(a.image, b.image)
+    assert not torch.equal(a.image, c.image)
+    assert a.image.shape == (64, 64, 3) and 0 <= float(a.image.min()) and float(a.image.max()) <= 1
+
+
+def test_the_base_never_sees_a_concept_identity():
+    held = {(c.cls, c.body, c.accent) for c in render.CONCEPTS}
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(3000):
+        for s in render.base_sample(rng).sprites:
+            seen.add((s.cls, s.body, s.accent))
+    assert not seen & held
+    # and it does see many schemes of every class (random colours, not one)
+    for cls in render.CLASSES:
+        assert len({(b, a) for c, b, a in seen if c == cls}) > 30
+
+
+def test_captions_name_classes_triggers_and_scenes():
+    assert render.caption([("robot", None), ("emblem", None)], "forest") == \
+        "a photo of a robot and an emblem in a forest"
+    assert render.caption([("creature", "sks")], "beach") == "a photo of sks creature on a beach"
+    assert render.CONCEPTS[0].prompt() == "a photo of sks creature"
+    images, captions = render.concept_dataset(render.CONCEPTS[1], 6, seed=2)
+    assert images.shape == (6, 64, 64, 3)
+    assert all(c.startswith("a photo of zwx robot") for c in captions)
+
+
+def test_concepts_include_look_alikes_and_labels_round_trip():
+    by_class = {}
+    for c in render.CONCEPTS:
+        by_class.setdefault(c.cls, []).append(c)
+        assert render.concept_from_label(render.concept_label(c)) == c
+    assert max(len(v) for v in by_class.values()) >= 3  # several of one class, differing only in colour
+    assert len({c.trigger for c in render.CONCEPTS}) == len(render.CONCEPTS)
+    with pytest.raises(ValueError, match="field 'concept'"):
+        render.concept_from_label("nope")
+
+
+def test_int8_packing_error_is_within_half_a_step_per_row():
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(16, 8, 3, 3, generator=g), "lin": torch.randn(32, 40, generator=g) * 5,
+             "b": torch.randn(16, generator=g)}
+    packed = weights.quantize_int8(state)
+    assert packed["w.q8"].dtype == torch.int8 and packed["w.q8scale"].shape == (16,)
+    assert "b" in packed and "b.q8" not in packed  # biases stay float16
+    back = weights.dequantize(packed, torch.float32)
+    for k in ("w", "lin"):
+        flat = state[k].reshape(state[k].shape[0], -1)
+        step = flat.abs().amax(1) / 127
+        err = (back[k].reshape_as(flat) - flat).abs().amax(1)
+        assert torch.all(err <= 0.5 * step * 1.01 + 1e-3 * step)  # rounding, plus the float16 scale
+    assert torch.allclose(back["b"], state["b"].half().float())
+
+
+def test_tensor_hash_sees_names_values_and_dtypes():
+    a = {"x": torch.zeros(3, dtype=torch.float16), "y": torch.ones(2, dtype=torch.float16)}
+    h = weights.tensor_hash(a)
+    assert h == weights.tensor_hash(dict(reversed(list(a.items()))))  # order of insertion is irrelevant
+    b = dict(a, y=torch.tensor([1.0, 1.0009765625], dtype=torch.float16))  # one ulp
+    assert weights.tensor_hash(b) != h
+    assert weights.tensor_hash({"x2": a["x"], "y": a["y"]}) != h
+    assert weights.tensor_hash(dict(a, x=a["x"].float())) != h
+
+
+def test_the_text_encoder_regenerates_identically_and_keeps_tokens_apart():
+    s1 = weights.clip_state()
+    s2 = weights.clip_state()
+    assert weights.tensor_hash(s1) == weights.tensor_hash(s2)
+    tok = s1[weights.CLIP_PREFIX + "embeddings.token_embedding.weight"]
+    assert tok.shape == (49408, 768) and tok.dtype == torch.float16
+    assert abs(float(tok.float().std()) - 1.0) < 0.01
+    assert sum(v.numel() for v in s1.values()) == 123_060_480  # CLIP-L text model without projection
+
+
+def test_detector_targets_mark_each_sprite_class_and_identity():
+    rng = random.Random(1)
+    s = render.sample_scene(rng, [("robot", "blue", "orange", None), ("kite", "red", "green", None)])
+    y = detector.targets([s])[0]
+    assert y[render.CLASSES.index("robot")] == 1 and y[render.CLASSES.index("kite")] == 1
+    assert y[:detector.N_CLASSES].sum() == 2 and y[detector.N_CLASSES:].sum() == 2
+    i = detector.IDENTITIES.index(("robot", "blue", "orange"))
+    assert y[detector.N_CLASSES + i] == 1
