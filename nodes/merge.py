@@ -126,9 +126,10 @@ class LoRACLRMergeAllStages(io.ComfyNode):
         config = MergeConfig(method=method, margin=margin, lambda_con=lambda_con, lambda_mse=lambda_mse,
                              lambda_reg=lambda_reg, lr=learning_rate, iterations=iterations,
                              warm_start=warm_start, normalize=normalize, compute_dtype=compute_dtype)
-        m, c, merged, text = merge_all_stages(model, clip, concepts, preset, config, layer_filter or "", steps,
-                                              record_steps, width, height, sample_seed,
-                                              memory_budget_gib=memory_budget_gib)
+        with _comfy.reporting_as("LoRACLR Merge (all stages)"):  # errors name this node, not Collect's or Merge's
+            m, c, merged, text = merge_all_stages(model, clip, concepts, preset, config, layer_filter or "", steps,
+                                                  record_steps, width, height, sample_seed,
+                                                  memory_budget_gib=memory_budget_gib)
         return io.NodeOutput(m, c, merged, text, ui=ui.PreviewText(safe_text(text)))
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 
-from .errors import NodeError  # noqa: F401
+from .errors import NodeError, reporting_as  # noqa: F401
 from .files import (lora_names, lora_path, check_lora_choice, read_lora, safetensors_metadata,  # noqa: F401
                     file_fingerprint, file_sha256, loras_output_dir, resolve_output_file, atomic_write_bytes,
                     atomic_save_safetensors)

@@ -152,6 +152,29 @@ def test_crafted_key_names_are_shown_escaped_in_the_summary(executor, folder):
     assert len(summary.splitlines()) == len(plain.splitlines()) + 1, (summary, plain)
 
 
+def test_a_failing_all_stages_merge_names_the_node_in_the_graph(executor, folder):
+    """Merge (all stages) runs Collect's and Merge's code; its errors name the node the user placed."""
+    from test_executor import concept_nodes
+
+    sd = source_tensors()
+    up = sd[f"{TO_K}.lora_up.weight"].clone()
+    up[0, 0] = float("nan")
+    sd[f"{TO_K}.lora_up.weight"] = up
+    name = write(folder, "nan_all_stages.safetensors", sd)
+    nodes, last = concept_nodes([name, TEST_LORAS[1]])
+    nodes["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "loraclr_micro_sd15.safetensors"}}
+    nodes["2"] = {"class_type": "LoRACLRMergeAllStages", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "concepts": [last, 0], "preset": "all", "layer_filter": "",
+        "method": "loraclr", "margin": 0.5, "lambda_con": 1.0, "lambda_mse": 0.1, "lambda_reg": 0.001,
+        "learning_rate": 1e-4, "iterations": 2, "warm_start": True, "normalize": False,
+        "compute_dtype": "float32", "steps": 2, "record_steps": 2, "width": 64, "height": 64, "sample_seed": 1}}
+    with pytest.raises(PromptError) as info:
+        executor.run(nodes, outputs=["2"])
+    text = info.value.details.get("exception_message", str(info.value))
+    assert text.startswith("[LoRACLR Merge (all stages)]") and "non-finite" in text, text
+    assert "[Collect LoRA Activations]" not in text and "[LoRACLR Merge]" not in text
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf"])
 def test_non_finite_values_are_an_error_naming_file_tensor_and_layer(executor, folder, bad):
     sd = source_tensors()
