@@ -349,7 +349,7 @@ def _sampling_inputs(model, clip, concepts, loaded, n_prompts, notes, inputs_fro
     sigmas = _comfy.sampling_sigmas(model, steps)
     record = set(record_schedule(steps, record_steps))
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n_prompts, _comfy.latent_channels(model), height // 8, width // 8), generator=g)
+    noise = torch.randn((n_prompts, _comfy.latent_channels(model), height // _comfy.latent_scale(model), width // _comfy.latent_scale(model)), generator=g)
     return conds, sigmas, record, noise
 
 
@@ -455,8 +455,7 @@ def _run_batched(model, modules, deltas, n, record_keys, on_record, conds, sigma
             x = _comfy.initial_latent(model, noise[p:p + 1].repeat(n, 1, 1, 1), sigmas[0])
             for s in range(steps):
                 hooks.recording = s in record
-                den = _comfy.denoise(model, x, sigmas[s], cond)
-                x = x + (x - den) / sigmas[s] * (sigmas[s + 1] - sigmas[s])
+                x = _comfy.euler_step(model, x, sigmas, s, cond)
                 if progress:
                     progress.step()
                 else:
@@ -512,9 +511,8 @@ def _spatial_exact(model, concepts, loaded, keys, stage_keys, modules, conds, si
             _comfy.load_patched(clones[i])
             with _comfy.InputRecorder(modules) as rec:
                 rec.active = s in record
-                den = _comfy.denoise(clones[i], xs[i], sigmas[s], conds[i])
+                xs[i] = _comfy.euler_step(clones[i], xs[i], sigmas, s, conds[i])
                 step_rows.append(rec.take() if s in record else None)
-            xs[i] = xs[i] + (xs[i] - den) / sigmas[s] * (sigmas[s + 1] - sigmas[s])
         if s in record:
             for key in keys:
                 acc[key].add([r[key] for r in step_rows])

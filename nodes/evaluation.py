@@ -83,7 +83,7 @@ def _encode(clip, prompts, model=None, latent_shape=None):
     rows = torch.cat([cond for cond, _, _ in pairs])
     if model is None:
         return rows
-    return _comfy.with_y(NODE, model, rows, [pool for _, pool, _ in pairs], latent_shape[-1] * 8, latent_shape[-2] * 8)
+    return _comfy.with_y(NODE, model, rows, [pool for _, pool, _ in pairs], latent_shape[-1] * _comfy.latent_scale(model), latent_shape[-2] * _comfy.latent_scale(model))
 
 
 @dataclass
@@ -250,9 +250,8 @@ def generate(patcher, clip, vae, prompts, seed: int, per_prompt: int, steps: int
             noise = torch.randn((1,) + tuple(shape[1:]), generator=torch.Generator().manual_seed(seed + k))
             x = _comfy.initial_latent(patcher, noise, sigmas[0])
             for i in range(steps):
-                den = _comfy.denoise(patcher, x, sigmas[i], c)
-                x = x + (x - den) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-            latents.append(x)
+                x = _comfy.euler_step(patcher, x, sigmas, i, c)
+            latents.append(x.cpu())
     return _comfy.decode_latents(patcher, vae, torch.cat(latents))
 
 

@@ -240,7 +240,8 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
     keys = target_keys(model, target_layers, layer_pattern)
     check_rank_alpha(rank, alpha, keys, _comfy.model_weight_shapes(model))
     # SDXL's size conditioning as ComfyUI's samplers build it: the image size, no crop
-    width, height = latents.shape[-1] * 8, latents.shape[-2] * 8
+    scale = _comfy.latent_scale(model)
+    width, height = latents.shape[-1] * scale, latents.shape[-2] * scale
     conds = _comfy.model_conditioning(NODE, model, clip, captions, width, height)
     neutral = None
     if lambda_cat > 0:

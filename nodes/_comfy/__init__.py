@@ -33,7 +33,7 @@ from .patches import (lora_key_map, captured_log, check_finite_tensors, patch_sh
 from .text import (same_text_encoder, encode_prompt, encode_first_chunk, trigger_positions, tokenizer_for,  # noqa: F401
                    neutral_tokens, trigger_ids, encode_tokens, model_conditioning)
 from .sampling import (needs_y, adm_vector, with_y, check_sampling_support, sampling_sigmas, initial_latent,  # noqa: F401
-                       denoise, latent_channels)
+                       denoise, euler_step, latent_scale, latent_channels)
 from .families import (SUPPORTED_FAMILIES, model_family, clip_family, check_model_family,  # noqa: F401
                        check_clip_family, check_families)
 from .progress import Progress, check_cancel, node_id, send_message  # noqa: F401

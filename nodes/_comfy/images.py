@@ -6,7 +6,7 @@ import torch
 
 import comfy.model_management
 
-from .sampling import denoise, initial_latent, sampling_sigmas
+from .sampling import euler_step, initial_latent, sampling_sigmas
 
 
 def encode_images(vae, images) -> torch.Tensor:
@@ -34,8 +34,7 @@ def preview_sample(patcher, vae, cond: torch.Tensor, latent_shape, steps: int = 
     noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))
     x = initial_latent(patcher, noise, sigmas[0])
     for i in range(steps):
-        den = denoise(patcher, x, sigmas[i], cond)
-        x = x + (x - den) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        x = euler_step(patcher, x, sigmas, i, cond)
     latent_format = patcher.model.latent_format
     image = vae.decode(latent_format.process_out(x))[0].clamp(0, 1)
     comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)

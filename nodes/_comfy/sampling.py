@@ -68,10 +68,8 @@ def initial_latent(model, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Ten
     return ms.noise_scaling(sigma.reshape(1), noise, torch.zeros_like(noise), max_denoise=True)
 
 
-@torch.no_grad()
-def denoise(model, x: torch.Tensor, sigma: torch.Tensor, cond, y: torch.Tensor | None = None) -> torch.Tensor:
-    """One conditional model evaluation (no CFG) of ``model`` (patches must be loaded):
-    the denoised estimate at ``sigma``. ``cond``: the text rows, or a Cond carrying ``y``."""
+def _denoised(model, x: torch.Tensor, sigma: torch.Tensor, cond, y: torch.Tensor | None = None) -> torch.Tensor:
+    """The denoised estimate at ``sigma`` on the model's device, float32."""
     if isinstance(cond, Cond):
         cond, y = cond.cross, cond.y if y is None else y
     dev = comfy.model_management.get_torch_device()
@@ -79,8 +77,30 @@ def denoise(model, x: torch.Tensor, sigma: torch.Tensor, cond, y: torch.Tensor |
     inner = model.model
     s = sigma.reshape(1).expand(x.shape[0]).to(dev)
     extra = {} if y is None else {"y": y.to(dev, dtype)}
-    out = inner.apply_model(x.to(dev), s, c_crossattn=cond.to(dev, dtype), **extra)
-    return out.to("cpu", torch.float32)
+    return inner.apply_model(x.to(dev), s, c_crossattn=cond.to(dev, dtype), **extra).float()
+
+
+@torch.no_grad()
+def denoise(model, x: torch.Tensor, sigma: torch.Tensor, cond, y: torch.Tensor | None = None) -> torch.Tensor:
+    """One conditional model evaluation (no CFG) of ``model`` (patches must be loaded):
+    the denoised estimate at ``sigma``, on the CPU. ``cond``: the text rows, or a Cond carrying ``y``."""
+    return _denoised(model, x, sigma, cond, y).to("cpu")
+
+
+@torch.no_grad()
+def euler_step(model, x: torch.Tensor, sigmas: torch.Tensor, i: int, cond) -> torch.Tensor:
+    """One Euler step of the probability-flow ODE from ``sigmas[i]`` to ``sigmas[i + 1]``
+    (conditional prediction, no CFG; patches must be loaded). The latent stays on the model's device
+    between steps (float32): callers move it once, at the end."""
+    dev = comfy.model_management.get_torch_device()
+    x = x.to(dev, torch.float32)
+    s, s_next = sigmas[i].to(dev, torch.float32), sigmas[i + 1].to(dev, torch.float32)
+    return x + (x - _denoised(model, x, sigmas[i], cond)) / s * (s_next - s)
+
+
+def latent_scale(model) -> int:
+    """Pixels per latent cell of ``model``'s latent format (8 for SD1.5 and SDXL)."""
+    return int(getattr(model.model.latent_format, "spacial_downscale_ratio", 8))
 
 
 def latent_channels(model) -> int:
