@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
-import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = "loraclr_micro_sd15.safetensors"
@@ -44,20 +42,9 @@ SD15_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatia
 
 
 def setup_comfy(comfy_path, device):
-    sys.path.insert(0, comfy_path)
-    import comfy.cli_args
+    from _setup import import_pack
 
-    comfy.cli_args.args.cpu = device == "cpu"
-    import comfy.model_management  # noqa: F401
-    import nodes  # noqa: F401
-
-    if "comfyui_loraclr" not in sys.modules:
-        pkg = types.ModuleType("comfyui_loraclr")
-        pkg.__path__ = [ROOT]
-        sys.modules["comfyui_loraclr"] = pkg
-    import comfyui_loraclr.nodes as pack
-
-    return pack
+    return import_pack(comfy_path, device)
 
 
 def full_sd15(device):

@@ -36,21 +36,10 @@ def setup_micro(comfy_path, device="cpu"):
     """ComfyUI imported in-process on ``device`` (cpu: as ``--cpu``; cuda: ComfyUI's defaults), the
     pack registered as ``comfyui_loraclr``, and the micro checkpoint loaded by the stock loader:
     (nodes, pack, MODEL, CLIP, VAE)."""
-    import types
+    from _setup import import_pack
 
-    sys.path.insert(0, comfy_path)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = device == "cpu"
-    import comfy.model_management  # noqa: F401
+    pack = import_pack(comfy_path, device)
     import nodes
-
-    if "comfyui_loraclr" not in sys.modules:
-        pkg = types.ModuleType("comfyui_loraclr")
-        pkg.__path__ = [ROOT]
-        sys.modules["comfyui_loraclr"] = pkg
-    import comfyui_loraclr.nodes as pack
-
     import torch
 
     with torch.inference_mode():  # as the checkpoint loader node runs on a server

@@ -119,11 +119,6 @@ def concept_caption(trigger: str, class_word: str, scene: str) -> str:
     return f"a photo of {trigger} {class_word} {where} {scene}"
 
 
-def class_prompts(class_word: str) -> list[str]:
-    """Prompts of the concept's class without its trigger (what CAT should leave unchanged)."""
-    return [f"a photo of a {class_word}", f"a photo of a {class_word} in a forest"]
-
-
 def concept_dataset(index: int, n: int = 8, width: int = 64, height: int = 64, seed: int = 0):
     """Concept ``index`` of :data:`CONCEPTS` (0 to 11): (images, captions with its trigger and
     class word). Different seeds give different scenes and placements, e.g. held-out images."""

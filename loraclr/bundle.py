@@ -11,7 +11,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-STAGES = ("text_encoder", "cross_attention", "spatial")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,14 @@ from __future__ import annotations
 
 import torch
 
+SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def kohya_tensors(stem: str, up: torch.Tensor, down: torch.Tensor, alpha: float, dtype) -> dict:
+    """The three tensors of one layer of a kohya-key LoRA file."""
+    return {f"{stem}.lora_up.weight": up.to(dtype).contiguous(), f"{stem}.lora_down.weight": down.to(dtype).contiguous(),
+            f"{stem}.alpha": torch.tensor(float(alpha))}
+
 
 def low_rank_factors(delta: torch.Tensor, rank) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Factor ``delta`` (out × in, or a conv kernel out × in × kh × kw) as up @ down with the

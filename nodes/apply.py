@@ -7,13 +7,13 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..loraclr import MergeConfig, low_rank_factors
+from ..loraclr.export import SAVE_DTYPES, kohya_tensors
 from ..loraclr.bundle import MergedDelta
 from . import _comfy, filenames
 from .display import safe_text
 from .merge import MERGED
 from .version import PACK_VERSION  # pyproject.toml is the one place the version is written
 
-SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class LoRACLRApply(io.ComfyNode):
@@ -68,9 +68,7 @@ def build_lora_tensors(merged: MergedDelta, rank: int, key_style: str, dtype: to
             raise _comfy.NodeError(node, f"input 'merged' holds NaN/Inf values at layer '{key}' "
                                          f"({merged.stage} stage, method {merged.method}); nothing was saved")
         up, down, e = low_rank_factors(delta, rank)
-        tensors[f"{stem}.lora_up.weight"] = up.to(dtype)
-        tensors[f"{stem}.lora_down.weight"] = down.to(dtype)
-        tensors[f"{stem}.alpha"] = torch.tensor(float(up.shape[1]))
+        tensors.update(kohya_tensors(stem, up, down, up.shape[1], dtype))
         energy[key] = e
     return tensors, energy
 

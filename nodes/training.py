@@ -13,6 +13,7 @@ import torch
 
 from ..cat_training import (DTYPES, OPTIMIZERS, AdapterSet, CATTrainer, LoRAWeight, TrainConfig, TrainedLoRA, TriggerNotFound,
                             TriggerRemover)
+from ..loraclr.export import SAVE_DTYPES, kohya_tensors
 from . import _comfy, filenames
 from .patterns import compile_pattern
 
@@ -357,9 +358,7 @@ def lora_tensors(trained: TrainedLoRA, dtype) -> dict:
         if len(shape) > 2:  # conv: down as a conv kernel, up as 1×1
             down = down.reshape(down.shape[0], *shape[1:])
             up = up.reshape(up.shape[0], up.shape[1], *([1] * (len(shape) - 2)))
-        out[f"{stem}.lora_up.weight"] = up.to(dtype).contiguous()
-        out[f"{stem}.lora_down.weight"] = down.to(dtype).contiguous()
-        out[f"{stem}.alpha"] = torch.tensor(float(trained.alpha))
+        out.update(kohya_tensors(stem, up, down, trained.alpha, dtype))
     return out
 
 
@@ -367,7 +366,7 @@ def save_cat_lora(lora, filename, dtype, if_exists, save_state) -> tuple[str, st
     """Save CAT LoRA's work: the LoRA written with kohya keys (and its optimizer-state sidecar when
     ``save_state``); (its name as the loaders list it, a summary)."""
     node = "Save CAT LoRA"
-    dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    dt = SAVE_DTYPES[dtype]
     problem = filenames.placeholders_problem(filename, SAVE_FIELDS)
     if problem:
         raise _comfy.NodeError(node, f"field 'filename': {problem}")

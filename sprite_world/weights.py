@@ -96,7 +96,7 @@ def tensor_hash(state: dict[str, torch.Tensor]) -> str:
     for k in sorted(state):
         v = state[k].contiguous()
         h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
-        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()
 
 

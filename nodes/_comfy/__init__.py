@@ -21,8 +21,6 @@ Callers use ``_comfy.name``: every public name is re-exported here (each lives i
 """
 from __future__ import annotations
 
-import logging
-
 from .errors import NodeError, reporting_as  # noqa: F401
 from .files import (lora_names, lora_path, check_lora_choice, read_lora, safetensors_metadata,  # noqa: F401
                     file_fingerprint, file_sha256, loras_output_dir, resolve_output_file, atomic_write_bytes,
@@ -42,4 +40,3 @@ from .training import (model_weight_shapes, attach_weight_wrappers, training_dev
                        GradientCheckpointing)
 from .images import encode_images, decode_latents, model_latents, preview_sample  # noqa: F401
 
-log = logging.getLogger("comfyui-loraclr")

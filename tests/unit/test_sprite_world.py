@@ -95,3 +95,36 @@ def test_detector_targets_mark_each_sprite_class_and_identity():
     assert y[:detector.N_CLASSES].sum() == 2 and y[detector.N_CLASSES:].sum() == 2
     i = detector.IDENTITIES.index(("robot", "blue", "orange"))
     assert y[detector.N_CLASSES + i] == 1
+
+
+def _tiny_world(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file(weights.quantize_int8({"out.2.weight": torch.randn(4, 320, 3, 3, generator=g),
+                                     "out.2.bias": torch.zeros(4)}), str(tmp_path / "unet_q8.safetensors"))
+    save_file({"vae_scale": torch.tensor(0.5, dtype=torch.float16)}, str(tmp_path / "vae.safetensors"))
+    (tmp_path / "manifest.json").write_text('{"version": 1, "checkpoint_sha256": ""}')
+    return weights.tensor_hash(weights.checkpoint_state(str(tmp_path)))
+
+
+def test_assembly_checks_the_manifest_hash_and_writes_nothing_on_a_mismatch(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    h = _tiny_world(tmp_path)
+    out = tmp_path / "assembled" / "world.safetensors"
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "checkpoint_sha256": "0" * 64}))
+    with pytest.raises(weights.WorldHashMismatch, match="manifest records"):
+        weights.assemble(str(tmp_path), str(out))
+    assert not out.exists() and not (tmp_path / "assembled" / "world.safetensors.tmp").exists()
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "checkpoint_sha256": h}))
+    assert weights.assemble(str(tmp_path), str(out)) == h
+    sd = load_file(str(out))
+    assert weights.tensor_hash(sd) == h  # the file holds exactly what was hashed
+    assert "model.diffusion_model.out.2.weight" in sd and "first_stage_model.vae_scale" in sd
+    assert sd["cond_stage_model.transformer.text_model.final_layer_norm.weight"].dtype == torch.float16
+    # a second start finds it by its stamp and does not write again
+    mtime = out.stat().st_mtime_ns
+    assert weights.assemble(str(tmp_path), str(out)) == h and out.stat().st_mtime_ns == mtime

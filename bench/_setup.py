@@ -1,0 +1,30 @@
+"""ComfyUI imported in-process for the benchmarks, with this pack registered as ``comfyui_loraclr``."""
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def import_pack(comfy_path: str, device: str = "cpu"):
+    """ComfyUI on ``device`` (cpu: as ``--cpu``; cuda: ComfyUI's defaults) and the pack's nodes
+    package; ComfyUI's top-level ``nodes`` module is importable afterwards."""
+    if comfy_path not in sys.path:
+        sys.path.insert(0, comfy_path)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = device == "cpu"
+    import comfy.model_management  # noqa: F401
+    import nodes  # noqa: F401
+
+    if "comfyui_loraclr" not in sys.modules:
+        pkg = types.ModuleType("comfyui_loraclr")
+        pkg.__path__ = [ROOT]
+        sys.modules["comfyui_loraclr"] = pkg
+    import comfyui_loraclr.nodes as pack
+
+    return pack
