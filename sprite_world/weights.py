@@ -140,7 +140,7 @@ def assemble(world_dir: str, out_path: str) -> str:
             f"{want[:16]}…: numpy or the committed files differ from the ones that made it")
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     tmp = out_path + ".tmp"
-    save_file(state, tmp, metadata={"loraclr_sprite_world": manifest.get("version", "1")})
+    save_file(state, tmp, metadata={"loraclr_sprite_world": str(manifest.get("version", 1))})
     os.replace(tmp, out_path)
     with open(stamp + ".tmp", "w") as f:
         f.write(want)
