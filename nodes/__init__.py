@@ -2,9 +2,9 @@
 from .apply import LoRACLRApply, LoRACLRSave
 from .collect import LoRACLRCollect, LoRACLRConcept
 from .evaluate import LoRACLREvaluate
-from .train import SaveCATLoRA, SpriteDataset, TrainCATLoRA
+from .train import SaveCATLoRA, SpriteDataset, TrainCATLoRA, WorldDataset
 from .merge import LoRACLRMerge, LoRACLRMergeAllStages, LoRACLRSweepValues
 
 NODE_CLASSES = [LoRACLRConcept, LoRACLRCollect, LoRACLRMerge, LoRACLRApply, LoRACLRSave, LoRACLRMergeAllStages,
-                LoRACLRSweepValues, TrainCATLoRA, SaveCATLoRA, SpriteDataset,
+                LoRACLRSweepValues, TrainCATLoRA, SaveCATLoRA, SpriteDataset, WorldDataset,
                 LoRACLREvaluate]

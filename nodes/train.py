@@ -195,3 +195,37 @@ class SpriteDataset(io.ComfyNode):
         images, captions = sprite_dataset(count, width, height, trigger.strip() or "sks", seed, variant)
         return io.NodeOutput(images, "\n".join(captions))
 
+
+class WorldDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from ..sprite_world.render import CONCEPTS, concept_label
+
+        return io.Schema(
+            node_id="LoRACLRWorldDataset",
+            display_name="LoRACLR Sprite World Concept",
+            category="LoRACLR/train",
+            description="Training images of one concept of the sprite world (a class in one colour scheme the "
+                        "world's base model never saw, named by its trigger), in varied scenes, with captions.",
+            inputs=[
+                io.Combo.Input("concept", options=[concept_label(c) for c in CONCEPTS],
+                               default=concept_label(CONCEPTS[0]),
+                               tooltip="Which concept: trigger, class, body/accent colours. Several of one class "
+                                       "differ only in colour (look-alikes)."),
+                io.Int.Input("count", default=16, min=1, max=1024, tooltip="Number of images."),
+                io.Int.Input("size", default=64, min=64, max=512, step=64,
+                             tooltip="Image side in pixels (the world's model is trained at 64)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate="fixed",
+                             tooltip="Seed of the scenes and placements; another seed gives held-out images."),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.String.Output(display_name="captions"),
+                     io.String.Output(display_name="trigger")],
+        )
+
+    @classmethod
+    def execute(cls, concept, count, size, seed):
+        from ..sprite_world.render import concept_dataset, concept_from_label
+
+        c = concept_from_label(concept, node="LoRACLR Sprite World Concept")
+        images, captions = concept_dataset(c, count, size, seed)
+        return io.NodeOutput(images, "\n".join(captions), c.trigger)

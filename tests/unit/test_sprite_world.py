@@ -87,14 +87,38 @@ def test_the_text_encoder_regenerates_identically_and_keeps_tokens_apart():
     assert sum(v.numel() for v in s1.values()) == 123_060_480  # CLIP-L text model without projection
 
 
-def test_detector_targets_mark_each_sprite_class_and_identity():
+def test_detector_targets_mark_classes_and_colours_of_single_sprites():
     rng = random.Random(1)
     s = render.sample_scene(rng, [("robot", "blue", "orange", None), ("kite", "red", "green", None)])
-    y = detector.targets([s])[0]
-    assert y[render.CLASSES.index("robot")] == 1 and y[render.CLASSES.index("kite")] == 1
-    assert y[:detector.N_CLASSES].sum() == 2 and y[detector.N_CLASSES:].sum() == 2
-    i = detector.IDENTITIES.index(("robot", "blue", "orange"))
-    assert y[detector.N_CLASSES + i] == 1
+    two = render.sample_scene(rng, [("robot", "blue", "orange", None), ("robot", "pink", "teal", None)])
+    present, body, accent = detector.targets([s, two])
+    r, k = render.CLASSES.index("robot"), render.CLASSES.index("kite")
+    assert present[0].tolist() == [1.0 if c in (r, k) else 0.0 for c in range(len(render.CLASSES))]
+    assert body[0, r] == render.COLOUR_NAMES.index("blue") and accent[0, r] == render.COLOUR_NAMES.index("orange")
+    assert body[0, k] == render.COLOUR_NAMES.index("red") and accent[0, k] == render.COLOUR_NAMES.index("green")
+    assert (body[0] >= 0).sum() == 2
+    # two robots: present, but no single colour scheme to learn from
+    assert present[1, r] == 1 and body[1, r] == -1 and accent[1, r] == -1
+
+
+def test_the_detector_reads_colours_at_its_classes_best_cell():
+    """Colours are read where the class scores highest: with a head that scores robot highest at
+    one cell and puts its colour evidence only there, the verdict takes that cell's colours."""
+    m = detector.Detector()
+    torch.nn.init.zeros_(m.head.weight)
+    torch.nn.init.zeros_(m.head.bias)
+    C, K = detector.N_CLASSES, detector.N_COLOURS
+    r = render.CLASSES.index("robot")
+    fixed = torch.full((1, C * (1 + 2 * K), 8, 8), -5.0)
+    fixed[0, r, 2, 6] = 5.0  # robot present, best at cell (2, 6)
+    colours = fixed[0, C:].reshape(C, 2, K, 8, 8)
+    colours[r, 0, render.COLOUR_NAMES.index("green"), 2, 6] = 9.0  # body green at that cell
+    colours[r, 1, render.COLOUR_NAMES.index("pink"), 2, 6] = 9.0  # accent pink there
+    colours[r, 0, render.COLOUR_NAMES.index("red"), 5, 1] = 20.0  # stronger evidence elsewhere: ignored
+    m.head.forward = lambda x: fixed.expand(x.shape[0], -1, -1, -1)
+    found = detector.Verdicts(m)(torch.zeros(1, 64, 64, 3))[0]
+    assert found.classes == {"robot"} and found.identities == {("robot", "green", "pink")}
+    assert found.scheme_of("robot") == ("green", "pink") and found.scheme_of("kite") is None
 
 
 def _tiny_world(tmp_path):

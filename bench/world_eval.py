@@ -1,0 +1,115 @@
+"""Sampling and judging the sprite world in-process, through ComfyUI's own loaders and sampler.
+
+    python bench/world_eval.py base   [--n 32] [--cfg 4] [--steps 20]   class found per class prompt
+    python bench/world_eval.py lora NAME [NAME ...]                      identity found per LoRA alone
+
+Every picture is made the way a user makes it: CheckpointLoaderSimple on the world checkpoint,
+LoraLoader, CLIPTextEncode, KSampler (euler, normal), VAEDecode; then the world's detector judges
+it. Seeds are fixed: sample k of a run uses seed ``seed`` with batch index k.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFY = os.environ.get("COMFYUI_PATH", os.path.join(ROOT, ".comfyui"))
+
+
+def setup():
+    """ComfyUI on the CPU with this pack imported as ``comfyui_loraclr`` and the world registered."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from _setup import import_pack
+
+    import_pack(COMFY, "cpu")
+    from comfyui_loraclr.nodes._comfy import world
+
+    if not world.register():
+        raise RuntimeError("the sprite world could not be registered (see the log)")
+    return world
+
+
+def load_world():
+    import nodes
+
+    setup()
+    from comfyui_loraclr.nodes._comfy import world
+
+    return nodes.CheckpointLoaderSimple().load_checkpoint(world.CHECKPOINT_NAME)[:3]
+
+
+def detector():
+    from sprite_world import detector as det
+
+    return det.load(os.path.join(ROOT, "world", "detector.safetensors"))
+
+
+def with_lora(model, clip, name: str, strength: float = 1.0):
+    import nodes
+
+    return nodes.LoraLoader().load_lora(model, clip, name, strength, strength)
+
+
+def sample(model, clip, vae, prompt: str, n: int = 16, seed: int = 0, steps: int = 20, cfg: float = 4.0,
+           negative: str = "", size: int = 64):
+    """n pictures (n, size, size, 3) in [0, 1] of one prompt, as KSampler makes them."""
+    import torch
+
+    import nodes
+
+    pos = nodes.CLIPTextEncode().encode(clip, prompt)[0]
+    neg = nodes.CLIPTextEncode().encode(clip, negative)[0]
+    latent = {"samples": torch.zeros(n, 4, size // 8, size // 8)}
+    out = nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", pos, neg, latent, denoise=1.0)[0]
+    return nodes.VAEDecode().decode(vae, out)[0]
+
+
+def base_report(n: int, cfgs, steps: int, seed: int = 0) -> dict:
+    from sprite_world import render
+
+    model, clip, vae = load_world()
+    verdicts = detector()
+    report = {}
+    for cfg in cfgs:
+        per = {}
+        for cls in render.CLASSES:
+            found = verdicts(sample(model, clip, vae, render.caption([(cls, None)]), n, seed, steps, cfg))
+            per[cls] = sum(cls in f.classes for f in found) / n
+        report[f"cfg {cfg}"] = per
+    return report
+
+
+def lora_report(names, n: int, steps: int, cfg: float, seed: int = 0) -> dict:
+    from sprite_world import render
+
+    model, clip, vae = load_world()
+    verdicts = detector()
+    out = {}
+    for name in names:
+        stem = os.path.basename(name).split("_")[0]
+        concept = render.concept_from_label(stem)
+        m, c = with_lora(model, clip, name)
+        found = verdicts(sample(m, c, vae, concept.prompt(), n, seed, steps, cfg))
+        out[name] = {"identity": sum(f.has_concept(concept) for f in found) / n,
+                     "class": sum(concept.cls in f.classes for f in found) / n}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=("base", "lora"))
+    ap.add_argument("names", nargs="*")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, nargs="+", default=[4.0])
+    args = ap.parse_args(argv)
+    if args.what == "base":
+        print(json.dumps(base_report(args.n, args.cfg, args.steps), indent=1))
+    else:
+        print(json.dumps(lora_report(args.names, args.n, args.steps, args.cfg[0]), indent=1))
+
+
+if __name__ == "__main__":
+    main()

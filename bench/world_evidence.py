@@ -1,0 +1,283 @@
+"""Evidence in pictures: merges of the sprite world's concept LoRAs, judged by the world's detector.
+
+    python bench/world_evidence.py [--ns 2,5,8,12] [--samples 8] [--seeds 0,1] [--out docs/evidence/world]
+
+For every N (the first N concepts of sprite_world.render.CONCEPTS whose CAT LoRAs are in
+world/loras/loraclr_world/) and every method, the N CAT LoRAs are merged with every stage (text
+encoder, cross-attention, spatial: LoRACLR Merge (all stages)'s code) and the merged model draws,
+at 64 px with 20 euler steps and guidance 4 (what the templates use):
+
+* identity: "a photo of {trigger} {class}" for each concept; the share of pictures in which the
+  detector finds that concept (its class in its colour scheme);
+* confusion: the share in which it finds another of the N concepts and not this one;
+* two concepts: "a photo of {trigger_a} {class_a} and {trigger_b} {class_b}" for neighbouring
+  pairs; the share in which both are found;
+* knowledge preservation in pictures: "a photo of a {class}" for every class; the detected colour
+  schemes of that class against the base model's (total-variation distance, 0 = unchanged, 1 =
+  disjoint), averaged over the classes.
+
+The same measures for the base model and for each LoRA alone (CAT and, where trained, plain) come
+first. Every number is the mean over the seeds, with the spread (max − min over seeds) beside it.
+Writes results.json, tables.md, plots and a picture grid (concepts × methods, one seed) into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, ROOT)
+
+import world_eval  # noqa: E402
+
+METHODS = (
+    ("sum", dict(method="sum")),
+    ("average", dict(method="average")),
+    ("least_squares", dict(method="least_squares")),
+    ("loraclr", dict(method="loraclr")),
+    ("loraclr_official", dict(method="loraclr", warm_start=False, iterations=50)),
+    ("loraclr_normalized", dict(method="loraclr", normalize=True, margin=0.5)),
+)
+LORA_DIR = os.path.join(ROOT, "world", "loras", "loraclr_world")
+
+
+def concept_lora(c, kind="cat"):
+    name = f"{c.trigger}_{c.cls}_{kind}.safetensors"
+    return f"loraclr_world/{name}" if os.path.exists(os.path.join(LORA_DIR, name)) else None
+
+
+def pack_concept(c):
+    from comfyui_loraclr.loraclr.bundle import Concept
+
+    prompts = (f"a photo of {c.trigger} {c.cls}", f"a photo of {c.trigger} {c.cls} in a forest",
+               f"a photo of {c.trigger} {c.cls} on a beach")
+    return Concept(lora=concept_lora(c), trigger=c.trigger, prompts=prompts)
+
+
+def pairs(n):
+    return [(i, (i + 1) % n) for i in range(0, n, 2)] if n > 2 else [(0, 1)]
+
+
+class Judge:
+    def __init__(self, vae, verdicts, samples, seeds):
+        self.vae, self.verdicts, self.samples, self.seeds = vae, verdicts, samples, seeds
+        self.pictures = {}
+
+    def draw(self, model, clip, prompt, seed, tag=None):
+        images = world_eval.sample(model, clip, self.vae, prompt, self.samples, seed)
+        if tag is not None:
+            self.pictures[(tag, prompt, seed)] = images[0]
+        return self.verdicts(images)
+
+    def per_seed(self, fn):
+        vals = [fn(s) for s in self.seeds]
+        return {"mean": sum(vals) / len(vals), "spread": max(vals) - min(vals)}
+
+    def identity(self, model, clip, concepts, i, tag=None):
+        c = concepts[i]
+        others = [o for j, o in enumerate(concepts) if j != i]
+        found_by_seed = {s: self.draw(model, clip, c.prompt(), s, tag) for s in self.seeds}
+        n = self.samples
+        ident = self.per_seed(lambda s: sum(f.has_concept(c) for f in found_by_seed[s]) / n)
+        conf = self.per_seed(lambda s: sum((not f.has_concept(c)) and any(f.has_concept(o) for o in others)
+                                           for f in found_by_seed[s]) / n)
+        return ident, conf
+
+    def pair(self, model, clip, a, b, tag=None):
+        from sprite_world import render
+
+        prompt = render.caption([(a.cls, a.trigger), (b.cls, b.trigger)])
+        found = {s: self.draw(model, clip, prompt, s, tag) for s in self.seeds}
+        return self.per_seed(lambda s: sum(f.has_concept(a) and f.has_concept(b) for f in found[s]) / self.samples)
+
+    def schemes(self, model, clip):
+        """{class: Counter of detected schemes (None: class not found)} over all seeds."""
+        from sprite_world import render
+
+        out = {}
+        for cls in render.CLASSES:
+            cnt = Counter()
+            for s in self.seeds:
+                for f in self.draw(model, clip, render.caption([(cls, None)]), 1000 + s):
+                    cnt[f.scheme_of(cls)] += 1
+            out[cls] = cnt
+        return out
+
+
+def tv(p: Counter, q: Counter) -> float:
+    keys = set(p) | set(q)
+    sp, sq = sum(p.values()), sum(q.values())
+    return 0.5 * sum(abs(p[k] / sp - q[k] / sq) for k in keys)
+
+
+def kp_distance(schemes, base) -> float:
+    return sum(tv(schemes[c], base[c]) for c in base) / len(base)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ns", default="2,5,8,12")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--methods", default=",".join(m for m, _ in METHODS))
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "evidence", "world"))
+    ap.add_argument("--hero", default="", help="only write the README's picture to this path")
+    args = ap.parse_args(argv)
+    if args.hero:
+        return hero(args.hero)
+    import torch
+
+    from comfyui_loraclr.loraclr import MergeConfig
+    from comfyui_loraclr.nodes.merging import merge_all_stages
+    from sprite_world import render
+
+    t0 = time.time()
+    model, clip, vae = world_eval.load_world()
+    judge = Judge(vae, world_eval.detector(), args.samples, [int(s) for s in args.seeds.split(",")])
+    available = []
+    for c in render.CONCEPTS:
+        if concept_lora(c) is None:
+            break
+        available.append(c)
+    ns = [n for n in (int(x) for x in args.ns.split(",")) if n <= len(available)]
+    skipped = [n for n in (int(x) for x in args.ns.split(",")) if n > len(available)]
+    results = {"settings": {"samples_per_seed": args.samples, "seeds": judge.seeds, "steps": 20, "cfg": 4.0,
+                            "size": 64, "preset": "all", "collect_steps": 20, "record_steps": 5},
+               "skipped_ns": skipped, "concepts_available": len(available)}
+    os.makedirs(args.out, exist_ok=True)
+    log = print
+    with torch.inference_mode():
+        base = judge.schemes(model, clip)
+        results["base"] = {"class_found": {c: 1 - base[c][None] / sum(base[c].values()) for c in base},
+                           "schemes": {c: {str(k): v for k, v in base[c].items()} for c in base}}
+        log(f"base: class found {results['base']['class_found']}")
+        singles = {}
+        for i, c in enumerate(available[:max(ns) if ns else 0]):
+            entry = {}
+            for kind in ("cat", "plain"):
+                name = concept_lora(c, kind)
+                if name is None:
+                    continue
+                m, cl = world_eval.with_lora(model, clip, name)
+                ident, _ = judge.identity(m, cl, available[:max(ns)], i, tag=f"alone_{kind}")
+                entry[kind] = {"identity": ident, "kp_tv": kp_distance(judge.schemes(m, cl), base)}
+            singles[c.trigger] = entry
+            log(f"alone {c.trigger}: {json.dumps(entry)}")
+        results["alone"] = singles
+        results["merges"] = {}
+        for n in ns:
+            concepts = available[:n]
+            pcs = [pack_concept(c) for c in concepts]
+            for label, overrides in METHODS:
+                if label not in args.methods.split(","):
+                    continue
+                t1 = time.time()
+                m, cl, _, _ = merge_all_stages(model, clip, pcs, "all", MergeConfig(**overrides), steps=20,
+                                               record_steps=5, width=64, height=64, seed=0)
+                t_merge = time.time() - t1
+                per = [judge.identity(m, cl, concepts, i, tag=f"n{n}_{label}") for i in range(n)]
+                two = [judge.pair(m, cl, concepts[a], concepts[b], tag=f"n{n}_{label}") for a, b in pairs(n)]
+                kp = kp_distance(judge.schemes(m, cl), base)
+                r = {"identity": [p[0] for p in per], "confusion": [p[1] for p in per], "two_concepts": two,
+                     "kp_tv": kp, "merge_seconds": round(t_merge, 1), "seconds": round(time.time() - t1, 1)}
+                r["identity_mean"] = sum(x["mean"] for x in r["identity"]) / n
+                r["confusion_mean"] = sum(x["mean"] for x in r["confusion"]) / n
+                r["two_concepts_mean"] = sum(x["mean"] for x in two) / len(two)
+                results["merges"][f"{n}/{label}"] = r
+                log(f"N={n} {label}: identity {r['identity_mean']:.3f} confusion {r['confusion_mean']:.3f} "
+                    f"two {r['two_concepts_mean']:.3f} kp_tv {kp:.3f} ({r['seconds']} s)")
+                with open(os.path.join(args.out, "results.json"), "w") as f:
+                    json.dump(results, f, indent=1)
+    results["seconds"] = round(time.time() - t0)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    write_grid(judge, available, ns, args.out)
+    with open(os.path.join(args.out, "tables.md"), "w") as f:
+        f.write(tables(results))
+    log(tables(results))
+    log(f"world evidence written to {args.out} in {results['seconds']} s")
+
+
+def _ms(x):
+    return f"{x['mean']:.2f} ± {x['spread'] / 2:.2f}"
+
+
+def tables(results) -> str:
+    """Markdown tables of a results.json: the base, each LoRA alone, every merge."""
+    seeds = results["settings"]["seeds"]
+    out = [f"Samples: {results['settings']['samples_per_seed']} per prompt and seed, seeds {seeds}; "
+           "± is half the spread over seeds.", "", "| class prompt | base: class found |", "| --- | --- |"]
+    out += [f"| a photo of a {c} | {v:.2f} |" for c, v in results["base"]["class_found"].items()]
+    out += ["", "| concept | LoRA | identity | colour-scheme TV against the base |", "| --- | --- | --- | --- |"]
+    for trig, entry in results["alone"].items():
+        for kind, r in entry.items():
+            out.append(f"| {trig} | {kind} | {_ms(r['identity'])} | {r['kp_tv']:.3f} |")
+    out += ["", "| N | method | identity | confusion | both concepts | colour-scheme TV | seconds |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key, r in results["merges"].items():
+        n, method = key.split("/")
+        out.append(f"| {n} | {method} | {r['identity_mean']:.2f} | {r['confusion_mean']:.2f} | "
+                   f"{r['two_concepts_mean']:.2f} | {r['kp_tv']:.3f} | {r['seconds']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def hero(out_path: str, seed: int = 42, n: int = 4):
+    """The README's first picture: sks creature and zwx robot merged by LoRACLR (all stages) and by
+    sum, one prompt and one seed; prints the detector's verdict on each picture."""
+    import torch
+    from PIL import Image
+
+    from comfyui_loraclr.loraclr import MergeConfig
+    from comfyui_loraclr.nodes.merging import merge_all_stages
+    from sprite_world import render
+
+    model, clip, vae = world_eval.load_world()
+    verdicts = world_eval.detector()
+    a, b = render.CONCEPTS[0], render.CONCEPTS[1]
+    prompt = render.caption([(a.cls, a.trigger), (b.cls, b.trigger)])
+    panels, lines = [], []
+    with torch.inference_mode():
+        for label, overrides in (("loraclr", dict(method="loraclr")), ("sum", dict(method="sum"))):
+            m, c, _, _ = merge_all_stages(model, clip, [pack_concept(a), pack_concept(b)], "all",
+                                          MergeConfig(**overrides), steps=20, record_steps=5, width=64, height=64,
+                                          seed=0)
+            images = world_eval.sample(m, c, vae, prompt, n, seed)
+            found = verdicts(images)
+            both = sum(f.has_concept(a) and f.has_concept(b) for f in found)
+            lines.append(f"{label}: both found in {both} of {n} (seed {seed}); first picture: "
+                         f"{sorted(found[0].identities)}")
+            panels.append(images[0])
+    img = torch.cat(panels, dim=1)
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).resize((img.shape[1] * 4, img.shape[0] * 4),
+                                                                    Image.NEAREST).save(out_path)
+    print(f"prompt: {prompt!r}")
+    print("\n".join(lines))
+
+
+def write_grid(judge, available, ns, out):
+    """Concepts (rows) × methods (columns) for the largest N, first sample of the first seed."""
+    import torch
+    from PIL import Image
+
+    if not ns:
+        return
+    n = max(ns)
+    seed = judge.seeds[0]
+    rows = []
+    for c in available[:n]:
+        row = [judge.pictures.get(("alone_cat", c.prompt(), seed))]
+        row += [judge.pictures.get((f"n{n}_{label}", c.prompt(), seed)) for label, _ in METHODS]
+        rows.append([r if r is not None else torch.ones(64, 64, 3) for r in row])
+    img = torch.cat([torch.cat(r, dim=1) for r in rows], dim=0)
+    Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).resize(
+        (img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(os.path.join(out, f"grid_n{n}.png"))
+
+
+if __name__ == "__main__":
+    main()
