@@ -10,11 +10,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def import_pack(comfy_path: str, device: str = "cpu"):
     """ComfyUI on ``device`` (cpu: as ``--cpu``; cuda: ComfyUI's defaults) and the pack's nodes
-    package; ComfyUI's top-level ``nodes`` module is importable afterwards."""
+    package; ComfyUI's top-level ``nodes`` module is importable afterwards (the pack's folder must not
+    be on sys.path before ComfyUI's: its own ``nodes`` package would shadow ComfyUI's)."""
     if comfy_path not in sys.path:
         sys.path.insert(0, comfy_path)
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = device == "cpu"

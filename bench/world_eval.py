@@ -21,6 +21,7 @@ COMFY = os.environ.get("COMFYUI_PATH", os.path.join(ROOT, ".comfyui"))
 def setup():
     """ComfyUI on the CPU with this pack imported as ``comfyui_loraclr`` and the world registered."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
+    sys.path.append(ROOT)  # for sprite_world; after ComfyUI, whose nodes module the pack's must not shadow
     from _setup import import_pack
 
     import_pack(COMFY, "cpu")

@@ -31,7 +31,7 @@ from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-sys.path.insert(0, ROOT)
+sys.path.append(ROOT)  # after ComfyUI: the pack's nodes package must not shadow ComfyUI's
 
 import world_eval  # noqa: E402
 
