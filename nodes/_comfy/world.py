@@ -33,7 +33,7 @@ def register() -> bool:
     """Assemble (first start only) and register the world's folders. Returns False, with one log
     line saying why, when the world cannot be offered; the rest of the pack works either way."""
     if not os.path.exists(os.path.join(WORLD_DIR, "manifest.json")):
-        log.warning("[comfyui-loraclr] no sprite world in %s: its checkpoint and LoRAs are not offered", WORLD_DIR)
+        log.info("[comfyui-loraclr] no sprite world in %s: its checkpoint and LoRAs are not offered", WORLD_DIR)
         return False
     lora_root = os.path.join(WORLD_DIR, "loras")
     if os.path.isdir(os.path.join(lora_root, LORA_SUBDIR)):
