@@ -26,24 +26,19 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 COMFY = os.environ.get("COMFYUI_PATH", os.path.join(ROOT, ".comfyui"))
 sys.path.insert(0, COMFY)
 
 import torch  # noqa: E402
 
+from make_test_assets import UNET_CONFIG  # noqa: E402  (the SD1.5 layout the stock loader detects)
 from sprite_world import render, weights  # noqa: E402
 
 SEED = 20261206
 SIZE = 64
 WORK = os.environ.get("LORACLR_WORLD_WORK") or os.path.join(ROOT, ".cache", "world")  # progress, resumable
 WORLD = os.path.join(ROOT, "world")
-UNET_CONFIG = dict(
-    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
-    channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
-    transformer_depth_middle=1, context_dim=768, num_heads=8, num_head_channels=-1,
-    use_linear_in_transformer=False, use_spatial_transformer=True, legacy=False,
-    adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False,
-)
 LATENT_SCALE = 0.18215  # ComfyUI's SD1.5 latent format multiplies VAE latents by this
 CAPTION_DROPOUT = 0.1
 

@@ -20,7 +20,6 @@ from torch import nn
 
 from . import render
 
-IDENTITIES = render.identity_labels()
 N_CLASSES = len(render.CLASSES)
 N_COLOURS = len(render.COLOUR_NAMES)
 THRESHOLD = 0.5

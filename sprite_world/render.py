@@ -101,11 +101,6 @@ def base_schemes(cls: str) -> list[tuple[str, str]]:
     return [s for s in all_schemes() if s not in out]
 
 
-def identity_labels() -> list[tuple[str, str, str]]:
-    """Every (class, body, accent) the detector can name, in a fixed order."""
-    return [(c, b, a) for c in CLASSES for b, a in all_schemes()]
-
-
 def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
