@@ -47,9 +47,12 @@ def roundtrip(vae, x: torch.Tensor, noise: float) -> torch.Tensor:
     return vae.taesd_decoder(z).clamp(0, 1)
 
 
-def pool(vae, tag: str, n: int, noise: float = 0.15):
+EMPTY = 0.08  # share of scenes without a sprite in fresh training renders and the held-out set
+
+
+def pool(vae, tag: str, n: int, noise: float = 0.15, empty_prob: float = EMPTY):
     rng = random.Random(f"detector-{tag}:{SEED}")
-    samples = [render.detector_sample(rng) for _ in range(n)]
+    samples = [render.detector_sample(rng, empty_prob=empty_prob) for _ in range(n)]
     x = torch.stack([s.image for s in samples]).permute(0, 3, 1, 2).contiguous()
     torch.manual_seed(len(tag))
     xs = torch.cat([roundtrip(vae, x[i:i + 128], noise) for i in range(0, n, 128)])
@@ -61,9 +64,12 @@ def accuracy(verdicts, images_nchw, samples) -> dict:
     exact = sum(f.identities == frozenset((s.cls, s.body, s.accent) for s in smp.sprites)
                 for f, smp in zip(found, samples))
     cls = sum(f.classes == frozenset(s.cls for s in smp.sprites) for f, smp in zip(found, samples))
+    count = sum(len(f.identities) == len({(s.cls, s.body, s.accent) for s in smp.sprites})
+                for f, smp in zip(found, samples))
     per = [(s.cls, s.body, s.accent) in f.identities for f, smp in zip(found, samples) for s in smp.sprites]
     return {"images": len(samples), "identity_set_exact": round(exact / len(samples), 4),
-            "class_set_exact": round(cls / len(samples), 4), "per_sprite_identity": round(sum(per) / len(per), 4)}
+            "class_set_exact": round(cls / len(samples), 4),
+            "count": round(count / len(samples), 4), "per_sprite_identity": round(sum(per) / len(per), 4)}
 
 
 def main(argv=None):
@@ -80,7 +86,7 @@ def main(argv=None):
     if os.path.exists(cache):
         pool_samples, pool_x = torch.load(cache, weights_only=False)
     else:
-        pool_samples, _, pool_x = pool(vae, "train", 3072)
+        pool_samples, _, pool_x = pool(vae, "train", 3072, empty_prob=0.0)
         torch.save((pool_samples, pool_x), cache)
     print(f"[detector] VAE pool ready ({time.time() - t0:.0f} s)", flush=True)
     torch.manual_seed(SEED)
@@ -90,7 +96,7 @@ def main(argv=None):
     for step in range(args.steps):
         rng = random.Random(f"detector-step:{SEED}:{step}")
         half = args.batch // 2
-        fresh = [render.detector_sample(rng) for _ in range(half)]
+        fresh = [render.detector_sample(rng, empty_prob=EMPTY) for _ in range(half)]
         idx = torch.tensor([rng.randrange(len(pool_samples)) for _ in range(half)])
         x = torch.cat([torch.stack([s.image for s in fresh]).permute(0, 3, 1, 2), pool_x[idx]])
         y = tuple(torch.cat([f, q[idx]]) for f, q in zip(detector.targets(fresh), pool_y))
@@ -98,13 +104,15 @@ def main(argv=None):
         g = 1 + 0.15 * (torch.rand(len(x), 1, 1, 1) - 0.5)
         x = ((x - 0.5) * g + 0.5 + 0.06 * (torch.rand(len(x), 1, 1, 1) - 0.5)).clamp(0, 1)
         x = (x + 0.03 * torch.rand(len(x), 1, 1, 1) * torch.randn_like(x)).clamp(0, 1)
+        dx, dy = rng.randint(-2, 2), rng.randint(-2, 2)  # a sample's sprites sit a little off the layout
+        x = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")[..., 2 + dy:66 + dy, 2 + dx:66 + dx]
         for group in opt.param_groups:
             group["lr"] = 1e-3 * min(1.0, (step + 1) / 100) * (0.5 * (1 + torch.cos(torch.tensor(step / args.steps * 3.14159))).item())
         loss = detector.loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 100 == 0 or step == args.steps - 1:
+        if step % 100 == 0 or step == args.steps - 1 or step == 4:
             print(f"[detector] step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
     model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})  # as shipped
     model.eval()

@@ -244,10 +244,15 @@ def concept_dataset(concept: Concept, n: int, size: int = 64, seed: int = 0):
     return torch.stack([s.image for s in samples]), [s.caption for s in samples]
 
 
-def detector_sample(rng: random.Random, size: int = 64) -> Sample:
-    """Any class in any scheme, held-out ones included, one or two sprites (two may share a class):
-    what the identity detector learns from."""
-    n = 2 if rng.random() < 0.5 else 1
+def detector_sample(rng: random.Random, size: int = 64, empty_prob: float = 0.0) -> Sample:
+    """Any class in any scheme, held-out ones included, one or two sprites (two may share a class),
+    or with probability ``empty_prob`` a scene with none: what the VAE (no empty scenes) and the
+    identity detector (some) learn from."""
+    u = rng.random()
+    if empty_prob:
+        n = 0 if u < empty_prob else 1 if u < empty_prob + (1 - empty_prob) / 2 else 2
+    else:  # the draw the world's VAE was trained with, kept so that it reproduces
+        n = 2 if u < 0.5 else 1
     objects = []
     for _ in range(n):
         cls = rng.choice(CLASSES)

@@ -87,38 +87,52 @@ def test_the_text_encoder_regenerates_identically_and_keeps_tokens_apart():
     assert sum(v.numel() for v in s1.values()) == 123_060_480  # CLIP-L text model without projection
 
 
-def test_detector_targets_mark_classes_and_colours_of_single_sprites():
+def test_detector_targets_fill_the_slots_by_count_and_position():
     rng = random.Random(1)
-    s = render.sample_scene(rng, [("robot", "blue", "orange", None), ("kite", "red", "green", None)])
+    one = render.sample_scene(rng, [("kite", "red", "green", None)])
     two = render.sample_scene(rng, [("robot", "blue", "orange", None), ("robot", "pink", "teal", None)])
-    present, body, accent = detector.targets([s, two])
-    r, k = render.CLASSES.index("robot"), render.CLASSES.index("kite")
-    assert present[0].tolist() == [1.0 if c in (r, k) else 0.0 for c in range(len(render.CLASSES))]
-    assert body[0, r] == render.COLOUR_NAMES.index("blue") and accent[0, r] == render.COLOUR_NAMES.index("orange")
-    assert body[0, k] == render.COLOUR_NAMES.index("red") and accent[0, k] == render.COLOUR_NAMES.index("green")
-    assert (body[0] >= 0).sum() == 2
-    # two robots: present, but no single colour scheme to learn from
-    assert present[1, r] == 1 and body[1, r] == -1 and accent[1, r] == -1
+    none = render.sample_scene(rng, [])
+    count, labels = detector.targets([one, two, none])
+    assert count.tolist() == [1, 2, 0]
+    C, K = render.CLASSES.index, render.COLOUR_NAMES.index
+    assert labels[0].tolist() == [[C("kite"), K("red"), K("green")], [-1] * 3, [-1] * 3]
+    left, right = sorted(two.sprites, key=lambda sp: sp.cx)
+    assert left.cx < 0.5 < right.cx
+    assert labels[1, 0].tolist() == [-1] * 3
+    assert labels[1, 1].tolist() == [C("robot"), K(left.body), K(left.accent)]
+    assert labels[1, 2].tolist() == [C("robot"), K(right.body), K(right.accent)]
+    assert (labels[2] == -1).all()
 
 
-def test_the_detector_reads_colours_at_its_classes_best_cell():
-    """Colours are read where the class scores highest: with a head that scores robot highest at
-    one cell and puts its colour evidence only there, the verdict takes that cell's colours."""
-    m = detector.Detector()
-    torch.nn.init.zeros_(m.head.weight)
-    torch.nn.init.zeros_(m.head.bias)
+def _logits(slot, cls, body, accent, n_slots=3):
+    t = torch.full((n_slots, detector.N_CLASSES + 2 * detector.N_COLOURS), -5.0)
     C, K = detector.N_CLASSES, detector.N_COLOURS
-    r = render.CLASSES.index("robot")
-    fixed = torch.full((1, C * (1 + 2 * K), 8, 8), -5.0)
-    fixed[0, r, 2, 6] = 5.0  # robot present, best at cell (2, 6)
-    colours = fixed[0, C:].reshape(C, 2, K, 8, 8)
-    colours[r, 0, render.COLOUR_NAMES.index("green"), 2, 6] = 9.0  # body green at that cell
-    colours[r, 1, render.COLOUR_NAMES.index("pink"), 2, 6] = 9.0  # accent pink there
-    colours[r, 0, render.COLOUR_NAMES.index("red"), 5, 1] = 20.0  # stronger evidence elsewhere: ignored
-    m.head.forward = lambda x: fixed.expand(x.shape[0], -1, -1, -1)
-    found = detector.Verdicts(m)(torch.zeros(1, 64, 64, 3))[0]
-    assert found.classes == {"robot"} and found.identities == {("robot", "green", "pink")}
-    assert found.scheme_of("robot") == ("green", "pink") and found.scheme_of("kite") is None
+    t[slot, render.CLASSES.index(cls)] = 5.0
+    t[slot, C + render.COLOUR_NAMES.index(body)] = 5.0
+    t[slot, C + K + render.COLOUR_NAMES.index(accent)] = 5.0
+    return t
+
+
+def test_the_detector_reads_only_the_slots_its_count_names():
+    """Count one: the whole-picture slot is read, and confident left/right slots are ignored; count
+    two: left and right are read and the whole-picture slot is ignored; count none: nothing."""
+    slots = _logits(0, "robot", "green", "pink") + _logits(1, "kite", "red", "blue") + \
+        _logits(2, "creature", "teal", "red")
+    slots = slots.expand(3, -1, -1)
+    count = torch.tensor([[0.0, 9.0, 0.0], [0.0, 0.0, 9.0], [9.0, 0.0, 0.0]])
+    one, two, none = detector.decide(count, slots)
+    assert one.identities == {("robot", "green", "pink")} and one.classes == {"robot"}
+    assert two.identities == {("kite", "red", "blue"), ("creature", "teal", "red")}
+    assert two.scheme_of("kite") == ("red", "blue") and two.scheme_of("robot") is None
+    assert none.identities == frozenset() and none.classes == frozenset()
+    concept = render.CONCEPTS[0]  # sks creature teal/red
+    assert two.has_concept(concept) and not one.has_concept(concept)
+
+
+def test_the_detector_runs_on_any_picture_size_and_batches():
+    m = detector.Detector()
+    found = detector.Verdicts(m)(torch.rand(300, 32, 32, 3))
+    assert len(found) == 300 and all(len(f.identities) <= 2 for f in found)
 
 
 def _tiny_world(tmp_path):
@@ -152,3 +166,10 @@ def test_assembly_checks_the_manifest_hash_and_writes_nothing_on_a_mismatch(tmp_
     # a second start finds it by its stamp and does not write again
     mtime = out.stat().st_mtime_ns
     assert weights.assemble(str(tmp_path), str(out)) == h and out.stat().st_mtime_ns == mtime
+
+
+def test_detector_samples_are_empty_only_when_asked():
+    plain = [len(render.detector_sample(random.Random(i)).sprites) for i in range(200)]
+    some = [len(render.detector_sample(random.Random(i), empty_prob=0.3).sprites) for i in range(200)]
+    assert set(plain) == {1, 2} and set(some) == {0, 1, 2}
+    assert 0.15 < some.count(0) / 200 < 0.45
