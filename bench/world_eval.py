@@ -33,9 +33,9 @@ def setup():
 
 
 def load_world():
+    setup()  # first: ComfyUI's nodes module comes onto the path here
     import nodes
 
-    setup()
     from comfyui_loraclr.nodes._comfy import world
 
     return nodes.CheckpointLoaderSimple().load_checkpoint(world.CHECKPOINT_NAME)[:3]
@@ -68,9 +68,9 @@ def sample(model, clip, vae, prompt: str, n: int = 16, seed: int = 0, steps: int
 
 
 def base_report(n: int, cfgs, steps: int, seed: int = 0) -> dict:
+    model, clip, vae = load_world()  # first: it puts the pack (and sprite_world) on the path
     from sprite_world import render
 
-    model, clip, vae = load_world()
     verdicts = detector()
     report = {}
     for cfg in cfgs:
@@ -83,9 +83,9 @@ def base_report(n: int, cfgs, steps: int, seed: int = 0) -> dict:
 
 
 def lora_report(names, n: int, steps: int, cfg: float, seed: int = 0) -> dict:
+    model, clip, vae = load_world()
     from sprite_world import render
 
-    model, clip, vae = load_world()
     verdicts = detector()
     out = {}
     for name in names:

@@ -64,12 +64,13 @@ def pairs(n):
 
 
 class Judge:
-    def __init__(self, vae, verdicts, samples, seeds):
+    def __init__(self, vae, verdicts, samples, seeds, kp_samples):
         self.vae, self.verdicts, self.samples, self.seeds = vae, verdicts, samples, seeds
+        self.kp_samples = kp_samples
         self.pictures = {}
 
-    def draw(self, model, clip, prompt, seed, tag=None):
-        images = world_eval.sample(model, clip, self.vae, prompt, self.samples, seed)
+    def draw(self, model, clip, prompt, seed, tag=None, n=None):
+        images = world_eval.sample(model, clip, self.vae, prompt, n or self.samples, seed)
         if tag is not None:
             self.pictures[(tag, prompt, seed)] = images[0]
         return self.verdicts(images)
@@ -96,16 +97,14 @@ class Judge:
         return self.per_seed(lambda s: sum(f.has_concept(a) and f.has_concept(b) for f in found[s]) / self.samples)
 
     def schemes(self, model, clip):
-        """{class: Counter of detected schemes (None: class not found)} over all seeds."""
+        """{class: [detected scheme of each picture, in seed and batch order]} (None: class not
+        found) for the trigger-free class prompts; the same seeds for every model, so pictures pair."""
         from sprite_world import render
 
         out = {}
         for cls in render.CLASSES:
-            cnt = Counter()
-            for s in self.seeds:
-                for f in self.draw(model, clip, render.caption([(cls, None)]), 1000 + s):
-                    cnt[f.scheme_of(cls)] += 1
-            out[cls] = cnt
+            out[cls] = [f.scheme_of(cls) for s in self.seeds
+                        for f in self.draw(model, clip, render.caption([(cls, None)]), 1000 + s, n=self.kp_samples)]
         return out
 
 
@@ -115,8 +114,18 @@ def tv(p: Counter, q: Counter) -> float:
     return 0.5 * sum(abs(p[k] / sp - q[k] / sq) for k in keys)
 
 
-def kp_distance(schemes, base) -> float:
-    return sum(tv(schemes[c], base[c]) for c in base) / len(base)
+def kp_distance(schemes, base) -> dict:
+    """Knowledge preservation in pictures, against the base model, averaged over the classes:
+    ``tv`` the total-variation distance between the distributions of detected colour schemes;
+    ``body_tv`` the same over body colours alone (8 values: less noise from few samples);
+    ``changed`` the share of pictures (same prompt, same seed) whose detected scheme differs from
+    the base model's picture."""
+    classes = list(base)
+    tvs = [tv(Counter(schemes[c]), Counter(base[c])) for c in classes]
+    body = [tv(Counter(x and x[0] for x in schemes[c]), Counter(x and x[0] for x in base[c])) for c in classes]
+    changed = [sum(a != b for a, b in zip(schemes[c], base[c])) / len(base[c]) for c in classes]
+    return {"tv": sum(tvs) / len(classes), "body_tv": sum(body) / len(classes),
+            "changed": sum(changed) / len(classes)}
 
 
 def main(argv=None):
@@ -124,6 +133,7 @@ def main(argv=None):
     ap.add_argument("--ns", default="2,5,8,12")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--kp-samples", type=int, default=16, help="pictures per class prompt and seed")
     ap.add_argument("--methods", default=",".join(m for m, _ in METHODS))
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "evidence", "world"))
     ap.add_argument("--hero", default="", help="only write the README's picture to this path")
@@ -138,7 +148,8 @@ def main(argv=None):
 
     t0 = time.time()
     model, clip, vae = world_eval.load_world()
-    judge = Judge(vae, world_eval.detector(), args.samples, [int(s) for s in args.seeds.split(",")])
+    judge = Judge(vae, world_eval.detector(), args.samples, [int(s) for s in args.seeds.split(",")],
+                  args.kp_samples)
     available = []
     for c in render.CONCEPTS:
         if concept_lora(c) is None:
@@ -153,8 +164,8 @@ def main(argv=None):
     log = print
     with torch.inference_mode():
         base = judge.schemes(model, clip)
-        results["base"] = {"class_found": {c: 1 - base[c][None] / sum(base[c].values()) for c in base},
-                           "schemes": {c: {str(k): v for k, v in base[c].items()} for c in base}}
+        results["base"] = {"class_found": {c: sum(x is not None for x in base[c]) / len(base[c]) for c in base},
+                           "schemes": {c: {str(k): v for k, v in Counter(base[c]).items()} for c in base}}
         log(f"base: class found {results['base']['class_found']}")
         singles = {}
         for i, c in enumerate(available[:max(ns) if ns else 0]):
@@ -165,7 +176,7 @@ def main(argv=None):
                     continue
                 m, cl = world_eval.with_lora(model, clip, name)
                 ident, _ = judge.identity(m, cl, available[:max(ns)], i, tag=f"alone_{kind}")
-                entry[kind] = {"identity": ident, "kp_tv": kp_distance(judge.schemes(m, cl), base)}
+                entry[kind] = {"identity": ident, "kp": kp_distance(judge.schemes(m, cl), base)}
             singles[c.trigger] = entry
             log(f"alone {c.trigger}: {json.dumps(entry)}")
         results["alone"] = singles
@@ -184,13 +195,13 @@ def main(argv=None):
                 two = [judge.pair(m, cl, concepts[a], concepts[b], tag=f"n{n}_{label}") for a, b in pairs(n)]
                 kp = kp_distance(judge.schemes(m, cl), base)
                 r = {"identity": [p[0] for p in per], "confusion": [p[1] for p in per], "two_concepts": two,
-                     "kp_tv": kp, "merge_seconds": round(t_merge, 1), "seconds": round(time.time() - t1, 1)}
+                     "kp": kp, "merge_seconds": round(t_merge, 1), "seconds": round(time.time() - t1, 1)}
                 r["identity_mean"] = sum(x["mean"] for x in r["identity"]) / n
                 r["confusion_mean"] = sum(x["mean"] for x in r["confusion"]) / n
                 r["two_concepts_mean"] = sum(x["mean"] for x in two) / len(two)
                 results["merges"][f"{n}/{label}"] = r
                 log(f"N={n} {label}: identity {r['identity_mean']:.3f} confusion {r['confusion_mean']:.3f} "
-                    f"two {r['two_concepts_mean']:.3f} kp_tv {kp:.3f} ({r['seconds']} s)")
+                    f"two {r['two_concepts_mean']:.3f} kp {json.dumps(kp)} ({r['seconds']} s)")
                 with open(os.path.join(args.out, "results.json"), "w") as f:
                     json.dump(results, f, indent=1)
     results["seconds"] = round(time.time() - t0)
@@ -213,16 +224,23 @@ def tables(results) -> str:
     out = [f"Samples: {results['settings']['samples_per_seed']} per prompt and seed, seeds {seeds}; "
            "± is half the spread over seeds.", "", "| class prompt | base: class found |", "| --- | --- |"]
     out += [f"| a photo of a {c} | {v:.2f} |" for c, v in results["base"]["class_found"].items()]
-    out += ["", "| concept | LoRA | identity | colour-scheme TV against the base |", "| --- | --- | --- | --- |"]
+    out += ["", "Class prompts without a trigger, against the base model: *changed* is the share of pictures "
+            "(same prompt, same seed) whose detected colour scheme differs from the base's; *TV* the "
+            "total-variation distance between the detected scheme distributions (body colour alone in "
+            "brackets).", "", "| concept | LoRA | identity | changed | TV (body) |", "| --- | --- | --- | --- | --- |"]
     for trig, entry in results["alone"].items():
         for kind, r in entry.items():
-            out.append(f"| {trig} | {kind} | {_ms(r['identity'])} | {r['kp_tv']:.3f} |")
-    out += ["", "| N | method | identity | confusion | both concepts | colour-scheme TV | seconds |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+            k = r["kp"]
+            out.append(f"| {trig} | {kind} | {_ms(r['identity'])} | {k['changed']:.2f} | "
+                       f"{k['tv']:.2f} ({k['body_tv']:.2f}) |")
+    out += ["", "| N | method | identity | confusion | both concepts | changed | TV (body) | seconds |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in results["merges"].items():
         n, method = key.split("/")
+        k = r["kp"]
         out.append(f"| {n} | {method} | {r['identity_mean']:.2f} | {r['confusion_mean']:.2f} | "
-                   f"{r['two_concepts_mean']:.2f} | {r['kp_tv']:.3f} | {r['seconds']:.0f} |")
+                   f"{r['two_concepts_mean']:.2f} | {k['changed']:.2f} | {k['tv']:.2f} ({k['body_tv']:.2f}) | "
+                   f"{r['seconds']:.0f} |")
     return "\n".join(out) + "\n"
 
 

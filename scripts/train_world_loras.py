@@ -26,7 +26,7 @@ from sprite_world import render  # noqa: E402
 
 COMFY = os.environ.get("COMFYUI_PATH", os.path.join(ROOT, ".comfyui"))
 OUT = os.path.join(ROOT, "world", "loras", "loraclr_world")
-SETTINGS = dict(rank=4, alpha=4.0, target_layers="attention", learning_rate=5e-4, batch_size=4, count=32)
+SETTINGS = dict(rank=4, alpha=4.0, target_layers="attention", learning_rate=1e-3, batch_size=4, count=32)
 
 
 def lora_file(concept: render.Concept, kind: str) -> str:
@@ -57,7 +57,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concepts", default="all", help="comma-separated triggers, or all")
     ap.add_argument("--kinds", default="cat,plain")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--skip-existing", action="store_true")
     args = ap.parse_args(argv)
     concepts = list(render.CONCEPTS) if args.concepts == "all" else [
