@@ -26,7 +26,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(ROOT, "example_workflows")
-MICRO = "loraclr_micro_sd15.safetensors"
+WORLD = "loraclr_sprite_world.safetensors"  # the pack's own trained sprite world
+WORLD_LORAS = "loraclr_world"  # its concept LoRAs (the LoRA list gains this folder)
 
 # Inputs after which the editor stores a control value ("fixed", "randomize", ...).
 CONTROL = {"seed", "noise_seed", "sample_seed"}
@@ -36,7 +37,8 @@ CONTROL = {"seed", "noise_seed", "sample_seed"}
 MIN_HEIGHT = {
     "CheckpointLoaderSimple": 98, "LoRACLRConcept": 204, "LoRACLRCollectActivations": 484, "LoRACLRMerge": 612,
     "LoRACLRApplyDelta": 122, "LoRACLRSaveLoRA": 288, "LoRACLRMergeAllStages": 646, "LoRACLRSweepValues": 58,
-    "LoRACLRTrainCAT": 894, "LoRACLRSaveCAT": 224, "LoRACLRSpriteDataset": 222, "LoRACLREvaluate": 566,
+    "LoRACLRTrainCAT": 894, "LoRACLRSaveCAT": 224, "LoRACLRSpriteDataset": 222, "LoRACLRWorldDataset": 154,
+    "LoRACLREvaluate": 566,
     "CLIPTextEncode": 88, "EmptyLatentImage": 106, "KSampler": 262, "VAEDecode": 46, "SaveImage": 58,
     "PreviewImage": 26, "PreviewAny": 88, "ImageBatch": 46, "Note": 88,
 }
@@ -113,7 +115,7 @@ CKPT_OUT = [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]
 
 
 def checkpoint(g, col=0):
-    return g.add("CheckpointLoaderSimple", {"ckpt_name": MICRO}, [], CKPT_OUT, col=col)
+    return g.add("CheckpointLoaderSimple", {"ckpt_name": WORLD}, [], CKPT_OUT, col=col)
 
 
 def concept(g, lora, trigger, prompts, prev=None, col=0, lora_file=None):
@@ -125,7 +127,7 @@ def concept(g, lora, trigger, prompts, prev=None, col=0, lora_file=None):
                  inputs, [("concepts", "LORACLR_CONCEPTS")], col=col, size=(460, 0), title=f"Concept: {trigger}")
 
 
-def collect_widgets(stage="cross_attention", inputs_from="concept_lora", steps=4, record_steps=2, size=128):
+def collect_widgets(stage="cross_attention", inputs_from="concept_lora", steps=20, record_steps=4, size=64):
     return {"stage": stage, "inputs_from": inputs_from, "layer_filter": "", "only_lora_layers": True, "steps": steps,
             "record_steps": record_steps, "width": size, "height": size, "seed": 0, "token_rows": "all",
             "spatial_statistics": "compact", "memory_budget_gib": 4.0}
@@ -172,11 +174,11 @@ def save_merged(g, merges, filename, col, rank=32):
 def sample_and_save(g, model_src, clip_src, vae_src, text, prefix, col, seed=42):
     pos = g.add("CLIPTextEncode", {"text": text}, [("clip", "CLIP", clip_src)], [("CONDITIONING", "CONDITIONING")],
                 col=col, size=(340, 100), title="Prompt")
-    neg = g.add("CLIPTextEncode", {"text": "blurry, low quality"}, [("clip", "CLIP", clip_src)],
+    neg = g.add("CLIPTextEncode", {"text": ""}, [("clip", "CLIP", clip_src)],
                 [("CONDITIONING", "CONDITIONING")], col=col, size=(340, 100), title="Negative prompt")
-    latent = g.add("EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 1}, [], [("LATENT", "LATENT")],
+    latent = g.add("EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 4}, [], [("LATENT", "LATENT")],
                    col=col)
-    ks = g.add("KSampler", {"seed": seed, "steps": 8, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+    ks = g.add("KSampler", {"seed": seed, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
                             "denoise": 1.0},
                [("model", "MODEL", model_src), ("positive", "CONDITIONING", (pos, 0)),
                 ("negative", "CONDITIONING", (neg, 0)), ("latent_image", "LATENT", (latent, 0))],
@@ -186,33 +188,55 @@ def sample_and_save(g, model_src, clip_src, vae_src, text, prefix, col, seed=42)
     g.add("SaveImage", {"filename_prefix": prefix}, [("images", "IMAGE", (dec, 0))], [], col=col + 1, size=(340, 320))
 
 
+TRAIN_STEPS, TRAIN_LR = 100, 1e-3  # the training templates: a short run that still shows the concept
+
+# The world's shipped concepts the templates use: (trigger, class, LoRA file). sks and qrt are
+# look-alikes (two creatures that differ only in colour).
+SKS = ("sks", "creature", f"{WORLD_LORAS}/sks_creature_cat.safetensors")
+ZWX = ("zwx", "robot", f"{WORLD_LORAS}/zwx_robot_cat.safetensors")
+QRT = ("qrt", "creature", f"{WORLD_LORAS}/qrt_creature_cat.safetensors")
+# Concepts the training templates train afresh (their LoRAs are not shipped).
+VLM = ("vlm", "robot", "vlm robot: yellow/green")
+PXO = ("pxo", "mushroom", "pxo mushroom: red/yellow")
+
+
+def world_prompts(cls: str) -> str:
+    return f"a photo of {{}} {cls}\na photo of {{}} {cls} in a forest\na photo of {{}} {cls} on a beach"
+
+
+def world_concept(g, spec, prev=None, col=0):
+    trigger, cls, lora = spec
+    return concept(g, lora, trigger, world_prompts(cls), prev=prev, col=col)
+
+
 def merge_two_concepts() -> Graph:
-    g = Graph("Two concept LoRAs (from the loras folder) merged into one model with LoRACLR at the "
-              "cross-attention k/v layers: Collect records each concept's activations, Merge fits one ΔW per layer "
-              "(its chart and report show the objective per layer), Apply patches the model, Save writes the merged "
-              "LoRA that the stock Load LoRA reads, and the model samples both triggers together.")
+    g = Graph("Two concept LoRAs of the pack's sprite world (sks: a teal creature with a red cap; zwx: a blue "
+              "robot with an orange head) merged into one model with LoRACLR at the cross-attention k/v layers: "
+              "Collect records each concept's activations, Merge fits one ΔW per layer (its chart and report show "
+              "the objective per layer), Apply patches the model, Save writes the merged LoRA that the stock Load "
+              "LoRA reads, and the model draws both concepts in one picture. For your own model: pick your "
+              "checkpoint and LoRAs, and write prompts with your triggers.")
     ckpt = checkpoint(g)
-    prompts = "photo of a {}\na {} in a garden\nclose-up portrait of {}"
-    a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts)
-    b = concept(g, "loraclr_test/concept_b_peft.safetensors", "zwx", prompts, prev=a)
+    a = world_concept(g, SKS)
+    b = world_concept(g, ZWX, prev=a)
     coll = collect(g, (ckpt, 0), (ckpt, 1), b, col=1)
     m = merge(g, coll, col=2)
     ap = apply(g, (ckpt, 0), (ckpt, 1), m, col=3)
     save_merged(g, [m], "loraclr/example_merge", col=3)
-    sample_and_save(g, (ap, 0), (ap, 1), (ckpt, 2), "photo of a sks and a zwx", "loraclr/merge", col=4)
+    sample_and_save(g, (ap, 0), (ap, 1), (ckpt, 2), "a photo of sks creature and zwx robot", "loraclr/merge", col=4)
     return g
 
 
 def merge_three_concepts_all_stages() -> Graph:
-    g = Graph("Three concepts merged stage by stage in the original method's order: text encoder, then "
-              "cross-attention, then the spatial layers, each a visible Collect → Merge → Apply chain fed by the "
-              "previous stage's merged model and CLIP (so ComfyUI caches each stage). All three merged deltas are "
-              "saved as one LoRA. The spatial stage samples 4 steps at 128 px here so that it runs in seconds on the micro model; use 20 steps at the model's resolution on real models.")
+    g = Graph("Three concepts of the sprite world merged stage by stage in the original method's order: text "
+              "encoder, then cross-attention, then the spatial layers, each a visible Collect → Merge → Apply chain "
+              "fed by the previous stage's merged model and CLIP (so ComfyUI caches each stage). sks and qrt are "
+              "look-alikes: two creatures that differ only in colour. All three merged deltas are saved as one "
+              "LoRA. The spatial stage samples 20 steps at the world's 64 px; use your model's resolution.")
     ckpt = checkpoint(g)
-    prompts = "photo of a {}\na {} in a garden"
     prev = None
-    for lora, trig in [("concept_a_kohya", "sks"), ("concept_b_peft", "zwx"), ("concept_c_comfy", "qrt")]:
-        prev = concept(g, f"loraclr_test/{lora}.safetensors", trig, prompts, prev=prev)
+    for spec in (SKS, ZWX, QRT):
+        prev = world_concept(g, spec, prev=prev)
     model_src, clip_src, merges = (ckpt, 0), (ckpt, 1), []
     for n, stage in enumerate(["text_encoder", "cross_attention", "spatial"]):
         coll = collect(g, model_src, clip_src, prev, col=1 + n, title=f"Collect: {stage}", stage=stage,
@@ -222,7 +246,8 @@ def merge_three_concepts_all_stages() -> Graph:
         model_src, clip_src = (ap, 0), (ap, 1)
         merges.append(m)
     save_merged(g, merges, "loraclr/three_concepts_{method}", col=4, rank=64)
-    sample_and_save(g, model_src, clip_src, (ckpt, 2), "photo of a sks, a zwx and a qrt", "loraclr/three", col=4)
+    sample_and_save(g, model_src, clip_src, (ckpt, 2), "a photo of qrt creature and zwx robot", "loraclr/three",
+                    col=4)
     return g
 
 
@@ -231,9 +256,8 @@ def margin_sweep() -> Graph:
               "runs Merge and Save once per value while the activations are collected once. Each file is named "
               "after its margin ({margin} in the file name).")
     ckpt = checkpoint(g)
-    prompts = "photo of a {}\na {} in a garden"
-    a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts)
-    b = concept(g, "loraclr_test/concept_b_peft.safetensors", "zwx", prompts, prev=a)
+    a = world_concept(g, SKS)
+    b = world_concept(g, ZWX, prev=a)
     coll = collect(g, (ckpt, 0), (ckpt, 1), b, col=1)
     sweep = g.add("LoRACLRSweepValues", {"values": "0.25, 0.5, 1.0, 2.0"}, [], [("value", "FLOAT")], col=1,
                   size=(380, 0))
@@ -242,21 +266,22 @@ def margin_sweep() -> Graph:
     return g
 
 
-def train_widgets(trigger="sks", steps=30, preview_every=10, lambda_cat=1.0):
-    # captions is a widget wired from the data set: the editor still keeps a value for it
-    return {"captions": "", "trigger": trigger, "rank": 4, "alpha": 4.0, "target_layers": "attention", "layer_pattern": "",
-            "steps": steps, "learning_rate": 1e-3, "optimizer": "AdamW", "batch_size": 1, "grad_accumulation": 1,
-            "lambda_cat": lambda_cat, "seed": 0, "training_dtype": "float32", "gradient_checkpointing": False,
-            "resume_from": "none", "preview_every": preview_every}
+def train_widgets(trigger="sks", steps=TRAIN_STEPS, preview_every=50, lambda_cat=1.0):
+    # captions and trigger are widgets wired from the data set: the editor still keeps a value for each
+    return {"captions": "", "trigger": trigger, "rank": 4, "alpha": 4.0, "target_layers": "attention",
+            "layer_pattern": "", "steps": steps, "learning_rate": TRAIN_LR, "optimizer": "AdamW", "batch_size": 4,
+            "grad_accumulation": 1, "lambda_cat": lambda_cat, "seed": 0, "training_dtype": "float32",
+            "gradient_checkpointing": False, "resume_from": "none", "preview_every": preview_every}
 
 
-def train_concept(g, ckpt, trigger, variant, col, preview_every=10):
-    data = g.add("LoRACLRSpriteDataset", {"count": 4, "width": 64, "height": 64, "trigger": trigger, "seed": 0,
-                                          "variant": variant},
-                 [], [("images", "IMAGE"), ("captions", "STRING")], col=col, title=f"Sprite data: {trigger}")
+def train_concept(g, ckpt, spec, col, preview_every=50):
+    trigger, cls, label = spec
+    data = g.add("LoRACLRWorldDataset", {"concept": label, "count": 16, "size": 64, "seed": 0},
+                 [], [("images", "IMAGE"), ("captions", "STRING"), ("trigger", "STRING")], col=col,
+                 title=f"Sprite world concept: {trigger} {cls}")
     train = g.add("LoRACLRTrainCAT", train_widgets(trigger, preview_every=preview_every),
                   [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("captions", "STRING", (data, 1)),
-                   ("vae", "VAE", (ckpt, 2)), ("images", "IMAGE", (data, 0))],
+                   ("trigger", "STRING", (data, 2)), ("vae", "VAE", (ckpt, 2)), ("images", "IMAGE", (data, 0))],
                   [("MODEL", "MODEL"), ("lora", "LORACLR_TRAINED_LORA"), ("loss_history", "STRING"), ("steps", "INT"),
                    ("loss_plot", "IMAGE")], col=col + 1, size=(420, 1010 if preview_every else 0),
                   title=f"Train CAT LoRA: {trigger}")
@@ -266,43 +291,48 @@ def train_concept(g, ckpt, trigger, variant, col, preview_every=10):
     return data, train, save
 
 
+def train_two_fresh_concepts(g, ckpt):
+    """Train and save VLM and PXO, then chain their freshly saved LoRAs as concepts (column 2)."""
+    _, _, save_a = train_concept(g, ckpt, VLM, col=0, preview_every=0)
+    _, _, save_b = train_concept(g, ckpt, PXO, col=0, preview_every=0)
+    a = concept(g, "none", "vlm", world_prompts("robot"), col=2, lora_file=(save_a, 0))
+    return concept(g, "none", "pxo", world_prompts("mushroom"), prev=a, col=2, lora_file=(save_b, 0))
+
+
 def cat_train_sprite() -> Graph:
-    g = Graph("Train a concept LoRA with CAT on a synthetic sprite (4 images, 64 px, 30 steps: it runs in "
-              "seconds on the micro model; use your own images, captions and about 900 steps on a real model). "
-              "The chart shows both loss terms live; a preview sample appears every 10 steps. Save CAT LoRA "
-              "writes a kohya LoRA (and the state to resume), and the trained model samples the trigger.")
+    g = Graph(f"Train a concept LoRA with CAT on the sprite world: vlm, a yellow robot with a green head, which the "
+              f"world's base model has never drawn (16 images at 64 px, {TRAIN_STEPS} steps). The chart shows both "
+              "loss terms live; a preview sample appears every 50 steps. Save CAT LoRA writes a kohya LoRA (and "
+              "the state to resume), and the trained model draws the trigger. For your own concept: your images, "
+              "captions with your trigger, and about 900 steps on a real model.")
     ckpt = checkpoint(g)
-    _, train, _ = train_concept(g, ckpt, "sks", 0, col=0)
+    _, train, _ = train_concept(g, ckpt, VLM, col=0)
     g.add("PreviewImage", {}, [("images", "IMAGE", (train, 4))], [], col=2, size=(380, 320), title="Loss plot")
-    sample_and_save(g, (train, 0), (ckpt, 1), (ckpt, 2), "a photo of sks in a kitchen", "loraclr/cat", col=3)
+    sample_and_save(g, (train, 0), (ckpt, 1), (ckpt, 2), "a photo of vlm robot in a kitchen", "loraclr/cat", col=3)
     return g
 
 
 def cat_train_two_then_merge() -> Graph:
-    g = Graph("Train two concepts with CAT (two sprite variants, two triggers), save both, then merge the "
-              "freshly saved LoRAs with LoRACLR at the cross-attention k/v layers and sample both triggers "
-              "together. The merged LoRA is saved too.")
+    g = Graph("Train two concepts of the sprite world with CAT (vlm robot, pxo mushroom), save both, then merge the "
+              "freshly saved LoRAs with LoRACLR at the cross-attention k/v layers and draw both in one picture. The "
+              "merged LoRA is saved too.")
     ckpt = checkpoint(g)
-    _, _, save_a = train_concept(g, ckpt, "sks", 0, col=0, preview_every=0)
-    _, _, save_b = train_concept(g, ckpt, "zwx", 1, col=0, preview_every=0)
-    prompts = "a photo of {}\na {} in a garden"
-    a = concept(g, "none", "sks", prompts, col=2, lora_file=(save_a, 0))
-    b = concept(g, "none", "zwx", prompts, prev=a, col=2, lora_file=(save_b, 0))
+    b = train_two_fresh_concepts(g, ckpt)
     coll = collect(g, (ckpt, 0), (ckpt, 1), b, col=3)
     m = merge(g, coll, col=4)
     ap = apply(g, (ckpt, 0), (ckpt, 1), m, col=5)
     save_merged(g, [m], "loraclr/cat_pair_{method}", col=5, rank=0)
-    sample_and_save(g, (ap, 0), (ap, 1), (ckpt, 2), "a photo of sks and zwx on a beach", "loraclr/cat_pair", col=7)
+    sample_and_save(g, (ap, 0), (ap, 1), (ckpt, 2), "a photo of vlm robot and pxo mushroom on a beach",
+                    "loraclr/cat_pair", col=7)
     return g
 
 
-KP_PROMPTS = ("a photo of a person\na photo of a dog\na landscape painting of mountains at sunset\n"
-              "a red car parked on a city street")
+KP_PROMPTS = "a photo of a creature\na photo of a robot\na photo of a mushroom in a forest\na photo of a kite on a beach"
 
 
 def evaluate_widgets(images_per_concept=2):
-    return {"kp_prompts": KP_PROMPTS, "timesteps": "100, 300, 500, 700, 900", "seed": 0, "probe_width": 256,
-            "probe_height": 256, "probe_count": 2, "images_per_concept": images_per_concept, "clip_model_name": "",
+    return {"kp_prompts": KP_PROMPTS, "timesteps": "100, 300, 500, 700, 900", "seed": 0, "probe_width": 64,
+            "probe_height": 64, "probe_count": 2, "images_per_concept": images_per_concept, "clip_model_name": "",
             "clip_weights": "", "clip_samples": 1, "clip_steps": 20}
 
 
@@ -318,46 +348,42 @@ def evaluate(g, ckpt, model_src, clip_src, concepts_src, refs, col, json_preview
     return ev
 
 
-def reference_images(g, triggers, col):
-    refs = [g.add("LoRACLRSpriteDataset", {"count": 2, "width": 64, "height": 64, "trigger": t, "seed": 100,
-                                           "variant": v},
-                  [], [("images", "IMAGE"), ("captions", "STRING")], col=col, title=f"Reference images: {t}")
-            for t, v in triggers]
+def reference_images(g, labels, col):
+    refs = [g.add("LoRACLRWorldDataset", {"concept": label, "count": 2, "size": 64, "seed": 100},
+                  [], [("images", "IMAGE"), ("captions", "STRING"), ("trigger", "STRING")], col=col,
+                  title=f"Reference images: {label.split(':')[0]}")
+            for label in labels]
     return g.add("ImageBatch", {}, [("image1", "IMAGE", (refs[0], 0)), ("image2", "IMAGE", (refs[1], 0))],
                  [("IMAGE", "IMAGE")], col=col, title="Reference images, concept by concept")
 
 
 def merge_then_evaluate() -> Graph:
-    g = Graph("Two concept LoRAs merged with LoRACLR (cross-attention k/v), then LoRACLR Evaluate measures how "
-              "much of each concept the merged model keeps (retention, fidelity) and how far it moved the base "
-              "model on prompts without a trigger (knowledge preservation), on held-out reference images (two "
-              "per concept, in the concepts' order: replace the sprites with Load Image + Image Batch).")
+    g = Graph("Two concept LoRAs of the sprite world merged with LoRACLR (cross-attention k/v), then LoRACLR "
+              "Evaluate measures how much of each concept the merged model keeps (retention, fidelity) and how far "
+              "it moved the base model on prompts without a trigger (knowledge preservation), on held-out "
+              "reference images (two per concept, in the concepts' order: for your own concepts use Load Image + "
+              "Image Batch).")
     ckpt = checkpoint(g)
-    prompts = "photo of a {}\na {} in a garden"
-    a = concept(g, "loraclr_test/concept_a_kohya.safetensors", "sks", prompts)
-    b = concept(g, "loraclr_test/concept_c_comfy.safetensors", "zwx", prompts, prev=a)
+    a = world_concept(g, SKS)
+    b = world_concept(g, ZWX, prev=a)
     coll = collect(g, (ckpt, 0), (ckpt, 1), b, col=1)
     m = merge(g, coll, col=2)
     ap = apply(g, (ckpt, 0), (ckpt, 1), m, col=3)
-    refs = reference_images(g, [("sks", 0), ("zwx", 1)], col=3)
+    refs = reference_images(g, ["sks creature: teal/red", "zwx robot: blue/orange"], col=3)
     evaluate(g, ckpt, (ap, 0), (ap, 1), b, refs, col=4)
     return g
 
 
 def whole_story() -> Graph:
-    g = Graph("The whole story on the micro model, in about a minute: train two concepts with CAT (sprites, "
-              "tiny settings), merge the two fresh LoRAs with every LoRACLR stage (text encoder, cross-attention, "
-              "spatial) in one node, save the merged LoRA, and evaluate the merged model against each concept's own "
-              "LoRA on held-out images (the report shows on the Evaluate node, the table beside it).")
+    g = Graph("The whole story on the sprite world: train two concepts with CAT (short runs), merge the two fresh "
+              "LoRAs with every LoRACLR stage (text encoder, cross-attention, spatial) in one node, save the merged "
+              "LoRA, and evaluate the merged model against each concept's own LoRA on held-out images (the report "
+              "shows on the Evaluate node, the table beside it).")
     ckpt = checkpoint(g)
-    _, _, save_a = train_concept(g, ckpt, "sks", 0, col=0, preview_every=0)
-    _, _, save_b = train_concept(g, ckpt, "zwx", 1, col=0, preview_every=0)
-    prompts = "a photo of {}\na {} in a garden"
-    a = concept(g, "none", "sks", prompts, col=2, lora_file=(save_a, 0))
-    b = concept(g, "none", "zwx", prompts, prev=a, col=2, lora_file=(save_b, 0))
-    refs = reference_images(g, [("sks", 0), ("zwx", 1)], col=3)
-    widgets = {"preset": "all", "layer_filter": "", **merge_widgets(), "steps": 4, "record_steps": 2, "width": 128,
-               "height": 128, "sample_seed": 0, "memory_budget_gib": 4.0}
+    b = train_two_fresh_concepts(g, ckpt)
+    refs = reference_images(g, [VLM[2], PXO[2]], col=3)
+    widgets = {"preset": "all", "layer_filter": "", **merge_widgets(), "steps": 20, "record_steps": 4, "width": 64,
+               "height": 64, "sample_seed": 0, "memory_budget_gib": 4.0}
     allm = g.add("LoRACLRMergeAllStages", widgets,
                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
                  [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("merged", "LORACLR_DELTA"), ("report", "STRING")], col=4,

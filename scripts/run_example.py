@@ -1,11 +1,17 @@
-"""Run an example workflow headless on a real ComfyUI server and print where its files are.
+"""Run an example workflow headless on a real ComfyUI server, print where its files are, and let
+the sprite world's detector say which concepts each picture shows.
 
     python scripts/run_example.py --comfy .comfyui [--workflow example_workflows/….json]
+
+The default workflow merges two shipped concept LoRAs of the world (sks creature, zwx robot) and
+draws "a photo of sks creature and zwx robot": the detector's verdict is printed per picture.
+The server runs on a fresh base directory with only this pack installed, as a new user has it.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -13,6 +19,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from comfy_client import ComfyServer, load_workflow, run_prompt, ui_to_api  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def verdict(image_path: str, prompt: str) -> str:
+    """The detector's reading of one saved picture against the world concepts the prompt names."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sprite_world import detector, render
+
+    found = detector.load(os.path.join(ROOT, "world", "detector.safetensors"))(
+        torch.from_numpy(np.asarray(Image.open(image_path).convert("RGB"))).float()[None] / 255.0)[0]
+    named = [c for c in render.CONCEPTS if re.search(rf"\b{c.trigger}\b", prompt)]
+    parts = [f"{render.concept_label(c)} {'FOUND' if found.has_concept(c) else 'not found'}" for c in named]
+    seen = ", ".join(f"{cls} {body}/{accent}" for cls, body, accent in sorted(found.identities)) or "nothing"
+    return "; ".join(parts) + f" (detector sees: {seen})"
+
+
+def _prompt_text(prompt: dict) -> str:
+    texts = [n["inputs"]["text"] for n in prompt.values()
+             if n.get("class_type") == "CLIPTextEncode" and isinstance(n["inputs"].get("text"), str)]
+    return " ".join(texts)
 
 
 def main(argv=None):
@@ -24,11 +53,23 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     log = os.path.join(args.output, "comfyui-server.log")
     t0 = time.time()
-    with ComfyServer(args.comfy, output_dir=args.output, log_path=log) as server:
+    # a ComfyUI base directory with only this pack installed, as a new user has it; the merged LoRA
+    # lands in its models/loras
+    base = os.path.join(args.output, "comfyui-base")
+    os.makedirs(os.path.join(base, "custom_nodes"), exist_ok=True)
+    link = os.path.join(base, "custom_nodes", "comfyui-loraclr")
+    if not os.path.islink(link):
+        os.symlink(ROOT, link)
+    with ComfyServer(args.comfy, output_dir=args.output, log_path=log, extra_args=["--base-directory", base]) as server:
         print(f"ComfyUI up at {server.url} after {time.time() - t0:.1f}s (log: {log})")
         prompt = ui_to_api(load_workflow(args.workflow), server.object_info())
         t1 = time.time()
         hist = run_prompt(server.url, prompt)
+        print(f"workflow {os.path.basename(args.workflow)} ran in {time.time() - t1:.1f}s")
+    return _report(prompt, hist, args, log)
+
+
+def _report(prompt, hist, args, log):
     status = hist["status"]
     if status.get("status_str") != "success":
         for kind, msg in status.get("messages", []):
@@ -36,10 +77,14 @@ def main(argv=None):
                 print(f"error in node {msg.get('node_type')}: {msg.get('exception_message')}", file=sys.stderr)
         print(f"workflow failed; server log: {log}", file=sys.stderr)
         return 1
-    print(f"workflow {os.path.basename(args.workflow)} ran in {time.time() - t1:.1f}s")
+    prompt_text = _prompt_text(prompt)
     for node_id, out in hist["outputs"].items():
         for img in out.get("images", []):
-            print("image: " + os.path.join(args.output, img.get("subfolder", ""), img["filename"]))
+            if img.get("type", "output") != "output":
+                continue
+            path = os.path.join(args.output, img.get("subfolder", ""), img["filename"])
+            print("image: " + path)
+            print("  detector: " + verdict(path, prompt_text))
         for text in out.get("text", []):
             for line in str(text).splitlines():
                 if line.startswith("file: "):

@@ -1,7 +1,9 @@
 """The pack as a user meets it: a real ComfyUI server with its frontend and the pack, driven by
 headless Chromium (scripts/browser_check.py, run under Playwright's Python in .venv-browser).
 
-Every template is opened from the templates browser; the frontend must know every node, hold
+The server is a ComfyUI where only the pack is installed (a fresh base directory: none of the test
+assets), so the templates must run on what the pack itself ships (the sprite world). Every template
+is opened from the templates browser; the frontend must know every node, hold
 every widget value inside its options and mean what the file means (the prompt it builds equals
 the intent written in scripts/make_workflows.py and the pack's own converter); the saved view must
 show every node clear of the editor's bars, with no node overlapping another or smaller than its
@@ -13,13 +15,13 @@ error or failed request may come from the pack.
 
 Settings: LORACLR_FRONTEND=pinned (ComfyUI's own comfyui-frontend-package), a version such as
 1.58.1, or latest (the newest on PyPI), served with --front-end-root (scripts/setup_browser.sh
-installs it); LORACLR_CHROMIUM (default /usr/bin/chromium); LORACLR_BROWSER_VENV.
+installs it); LORACLR_CHROMIUM (default /usr/bin/chromium); LORACLR_BROWSER_VENV; LORACLR_BROWSER_UPDATE_DOCS=1
+also rewrites the template thumbnails and docs/screenshots from this run.
 Without chromium or Playwright the test fails in CI (CI set) and skips elsewhere, naming the reason.
 """
 import importlib.metadata
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -81,20 +83,18 @@ def report(tmp_path_factory):
         _unavailable(f"no Playwright in {BROWSER_VENV} (scripts/setup_browser.sh installs it)")
     extra, version = _frontend()
     out = tmp_path_factory.mktemp("browser")
-    loras = COMFY / "models" / "loras" / "loraclr"
-    before = set(os.listdir(loras)) if loras.exists() else set()
+    # A ComfyUI where only the pack is installed, as a user has it after installing it: a fresh base
+    # directory (models, user, input) whose custom_nodes holds the pack alone, none of the test assets.
+    base = out / "comfyui-base"
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / "comfyui-loraclr").symlink_to(ROOT)
     log = str(out / "server.log")
-    try:
-        with comfy_client.ComfyServer(str(COMFY), output_dir=str(out / "output"), log_path=log,
-                                      extra_args=extra) as server:
-            proc = subprocess.run([py, str(ROOT / "scripts" / "browser_check.py"), "--url", server.url, "--out",
-                                   str(out), "--run", RUN, "--chromium", CHROMIUM],
-                                  capture_output=True, text=True, timeout=1800)
-    finally:  # the templates save LoRAs into the loras folder: leave it as it was
-        if loras.exists():
-            for f in set(os.listdir(loras)) - before:
-                p = loras / f
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    with comfy_client.ComfyServer(str(COMFY), output_dir=str(out / "output"), log_path=log,
+                                  extra_args=extra + ["--base-directory", str(base)]) as server:
+        update = ["--update-docs"] if os.environ.get("LORACLR_BROWSER_UPDATE_DOCS") else []
+        proc = subprocess.run([py, str(ROOT / "scripts" / "browser_check.py"), "--url", server.url, "--out",
+                               str(out), "--run", RUN, "--chromium", CHROMIUM] + update,
+                              capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"browser_check failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     with open(out / "report.json") as f:
         rep = json.load(f)

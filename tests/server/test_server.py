@@ -14,7 +14,7 @@ import make_workflows  # noqa: E402
 
 PACK_NODES = ["LoRACLRConcept", "LoRACLRCollectActivations", "LoRACLRMerge", "LoRACLRApplyDelta", "LoRACLRSaveLoRA",
               "LoRACLRMergeAllStages", "LoRACLRSweepValues", "LoRACLRTrainCAT", "LoRACLRSaveCAT",
-              "LoRACLRSpriteDataset"]
+              "LoRACLRSpriteDataset", "LoRACLRWorldDataset"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_ui_to_api_maps_widgets_in_schema_order(object_info):
     by_type = {v["class_type"]: v["inputs"] for v in api.values()}
     ks = by_type["KSampler"]
     assert (ks["seed"], ks["steps"], ks["cfg"], ks["sampler_name"], ks["scheduler"], ks["denoise"]) == \
-        (42, 8, 5.0, "euler", "normal", 1.0)  # the seed's "fixed" control value is skipped
+        (42, 20, 4.0, "euler", "normal", 1.0)  # the seed's "fixed" control value is skipped
     merge = by_type["LoRACLRMerge"]
     assert merge["method"] == "loraclr" and merge["margin"] == 0.5 and merge["iterations"] == 50
     assert merge["warm_start"] is True and merge["activations"][1] == 0
@@ -89,11 +89,12 @@ def test_training_templates_load_the_intended_values(object_info):
     api = comfy_client.ui_to_api(wf, object_info)
     train = next(v["inputs"] for v in api.values() if v["class_type"] == "LoRACLRTrainCAT")
     assert (train["seed"], train["training_dtype"], train["gradient_checkpointing"], train["resume_from"],
-            train["preview_every"]) == (0, "float32", False, "none", 10)
+            train["preview_every"]) == (0, "float32", False, "none", 50)
+    assert train["trigger"][1] == 2  # wired from the data set's trigger output
     wf = comfy_client.load_workflow(make_workflows.path("train_two_merge"))
     api = comfy_client.ui_to_api(wf, object_info)
-    data = [v["inputs"] for v in api.values() if v["class_type"] == "LoRACLRSpriteDataset"]
-    assert sorted((d["trigger"], d["variant"]) for d in data) == [("sks", 0), ("zwx", 1)]
+    data = [v["inputs"] for v in api.values() if v["class_type"] == "LoRACLRWorldDataset"]
+    assert sorted(d["concept"] for d in data) == ["pxo mushroom: red/yellow", "vlm robot: yellow/green"]
     # the Collect seed defaults to "fixed" in the editor, so a re-queued prompt hits the cache
     seed = object_info["LoRACLRCollectActivations"]["input"]["required"]["seed"][1]
     assert seed.get("control_after_generate") == "fixed"
@@ -118,7 +119,7 @@ def test_example_merge_workflow_runs_and_stock_loader_samples_the_saved_lora(ser
         assert hist["status"]["status_str"] == "success", (_errors(hist), server.log)
 
         images = [img for out in hist["outputs"].values() for img in out.get("images", [])]
-        assert len(images) == 1
+        assert len(images) == 4  # a batch of 4 at 64 px
         img_path = os.path.join(server.out_dir, images[0]["subfolder"], images[0]["filename"])
         assert os.path.getsize(img_path) > 1000
 
@@ -127,12 +128,12 @@ def test_example_merge_workflow_runs_and_stock_loader_samples_the_saved_lora(ser
             meta, keys = f.metadata(), list(f.keys())
         assert meta["loraclr_method"] == "loraclr" and meta["loraclr_stage"] == "cross_attention"
         assert len(keys) == 8 * 3 and all(k.startswith("lora_unet_") for k in keys)
-        assert "concept_a_kohya" in meta["loraclr_concepts"] and "concept_b_peft" in meta["loraclr_concepts"]
+        assert "sks_creature_cat" in meta["loraclr_concepts"] and "zwx_robot_cat" in meta["loraclr_concepts"]
         assert not [p for p in os.listdir(lora_dir) if p.endswith(".tmp")]
 
         # The stock LoraLoader reads the saved file and the model samples with it.
         prompt = {
-            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "loraclr_micro_sd15.safetensors"}},
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "loraclr_sprite_world.safetensors"}},
             "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
                   "lora_name": f"{sub}/merged.safetensors", "strength_model": 1.0, "strength_clip": 1.0}},
             "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "photo of a sks"}},
@@ -185,10 +186,13 @@ def test_three_stage_example_runs_every_stage_on_the_server(server, object_info)
         texts = "\n".join(str(t) for out in hist["outputs"].values() for t in out.get("text", []))
         for stage in ("text_encoder", "cross_attention", "spatial"):
             assert f"{stage} merge, method loraclr" in texts
+        # the world's concept LoRAs adapt the UNet's attention only: nothing to merge in the text encoder
+        assert "no concept's LoRA changes a text_encoder layer" in texts
         with safe_open(str(COMFY / "models" / "loras" / sub / "three_loraclr.safetensors"), "pt") as f:
             keys = list(f.keys())
-        assert sum(k.startswith("lora_te_") for k in keys) == 12 * 3
-        assert sum(k.startswith("lora_unet_") for k in keys) == (8 + 12) * 3
+        assert not [k for k in keys if k.startswith("lora_te")]
+        # 4 transformer blocks: cross-attention K/V (8 layers), then attn1 q/k/v/out and attn2 q/out (24)
+        assert sum(k.startswith("lora_unet_") for k in keys) == (8 + 24) * 3
     finally:
         shutil.rmtree(COMFY / "models" / "loras" / sub, ignore_errors=True)
 
@@ -223,8 +227,8 @@ def test_margin_sweep_saves_one_file_per_value(server, object_info):
 def _small_training(sub):
     def edit(node):
         inp, ct = node["inputs"], node["class_type"]
-        if ct == "LoRACLRSpriteDataset":
-            inp.update(count=3, width=64, height=64)
+        if ct == "LoRACLRWorldDataset":
+            inp.update(count=3)
         if ct == "LoRACLRTrainCAT":  # the settings the resume below repeats (a resume refuses changed ones)
             inp.update(steps=3, rank=1, alpha=1.0, target_layers="attention", layer_pattern="", learning_rate=1e-4,
                        optimizer="AdamW", batch_size=1, grad_accumulation=1, lambda_cat=1.0, seed=0,
@@ -250,30 +254,30 @@ def test_cat_training_workflow_trains_saves_and_resumes_on_the_server(server, ob
         hist = _run_example(server, object_info, "train_sprite", _small_training(sub))
         images = [img for out in hist["outputs"].values() for img in out.get("images", [])]
         assert len(images) >= 2  # the loss plot preview and the generated image
-        assert sorted(os.listdir(lora_dir)) == ["cat_sks.loraclr-state", "cat_sks.safetensors"]
-        with safe_open(str(lora_dir / "cat_sks.safetensors"), "pt") as f:
+        assert sorted(os.listdir(lora_dir)) == ["cat_vlm.loraclr-state", "cat_vlm.safetensors"]
+        with safe_open(str(lora_dir / "cat_vlm.safetensors"), "pt") as f:
             meta = f.metadata()
             assert all(k.startswith("lora_unet_") for k in f.keys())
-        assert meta["loraclr_steps"] == "3" and meta["loraclr_trigger"] == "sks"
+        assert meta["loraclr_steps"] == "3" and meta["loraclr_trigger"] == "vlm"
 
         # resume the saved run to step 5 through the server, then sample with the stock loader
         prompt = {
-            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "loraclr_micro_sd15.safetensors"}},
-            "2": {"class_type": "LoRACLRSpriteDataset", "inputs": {"count": 3, "width": 64, "height": 64,
-                                                                   "trigger": "sks", "seed": 0, "variant": 0}},
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "loraclr_sprite_world.safetensors"}},
+            "2": {"class_type": "LoRACLRWorldDataset", "inputs": {"concept": "vlm robot: yellow/green", "count": 3,
+                                                                  "size": 64, "seed": 0}},
             "3": {"class_type": "LoRACLRTrainCAT", "inputs": {
                 "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "captions": ["2", 1],
-                "trigger": "sks", "rank": 1, "alpha": 1.0, "target_layers": "attention", "layer_pattern": "",
+                "trigger": "vlm", "rank": 1, "alpha": 1.0, "target_layers": "attention", "layer_pattern": "",
                 "steps": 5, "learning_rate": 1e-4, "optimizer": "AdamW", "batch_size": 1, "grad_accumulation": 1,
                 "lambda_cat": 1.0, "seed": 0, "training_dtype": "float32", "gradient_checkpointing": False,
-                "resume_from": f"{sub}/cat_sks.safetensors", "preview_every": 0}},
+                "resume_from": f"{sub}/cat_vlm.safetensors", "preview_every": 0}},
             "4": {"class_type": "LoRACLRSaveCAT", "inputs": {"lora": ["3", 1], "filename": f"{sub}/resumed",
                                                              "dtype": "float16", "if_exists": "error",
                                                              "save_state": False}},
             "5": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
-                                                         "lora_name": f"{sub}/cat_sks.safetensors",
+                                                         "lora_name": f"{sub}/cat_vlm.safetensors",
                                                          "strength_model": 1.0, "strength_clip": 1.0}},
-            "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["5", 1], "text": "a photo of sks"}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["5", 1], "text": "a photo of vlm robot"}},
             "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
             "8": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "positive": ["6", 0], "negative": ["6", 0],
                                                        "latent_image": ["7", 0], "seed": 1, "steps": 2, "cfg": 1.0,
@@ -300,10 +304,10 @@ def test_train_two_concepts_then_merge_workflow(server, object_info):
     try:
         _run_example(server, object_info, "train_two_merge", _small_training(sub))
         files = sorted(os.listdir(lora_dir))
-        assert "cat_sks.safetensors" in files and "cat_zwx.safetensors" in files and "pair_loraclr.safetensors" in files
+        assert "cat_vlm.safetensors" in files and "cat_pxo.safetensors" in files and "pair_loraclr.safetensors" in files
         with safe_open(str(lora_dir / "pair_loraclr.safetensors"), "pt") as f:
             concepts = json.loads(f.metadata()["loraclr_concepts"])
-        assert [c["lora"] for c in concepts] == [f"{sub}/cat_sks.safetensors", f"{sub}/cat_zwx.safetensors"]
+        assert [c["lora"] for c in concepts] == [f"{sub}/cat_vlm.safetensors", f"{sub}/cat_pxo.safetensors"]
     finally:
         shutil.rmtree(lora_dir, ignore_errors=True)
 
