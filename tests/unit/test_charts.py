@@ -1,16 +1,12 @@
 """The nodes' charts without ComfyUI: tick values at round steps (nodes/charts.py alone, as the
 nodes package needs ComfyUI), and no module the pack ships imports a plotting library."""
 import ast
-import importlib.util
 
-from _harness import ROOT
+from _harness import ROOT, module_from_file
 
 
 def _charts():
-    spec = importlib.util.spec_from_file_location("loraclr_charts", ROOT / "nodes" / "charts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file("nodes/charts.py", "loraclr_charts")
 
 
 def test_nice_ticks_hand_computed():

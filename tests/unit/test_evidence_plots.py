@@ -1,21 +1,17 @@
 """bench/evidence_plots.py on a small hand-made results.json: labelled axes, ticks at the merged
 N, a legend entry with a line sample per method, error bars of ± one standard deviation over the
 concepts, and PNGs of a modest size."""
-import importlib.util
 import json
 
 import pytest
 
-from _harness import ROOT
+from _harness import module_from_file
 
 pytest.importorskip("matplotlib")
 
 
 def _plots():
-    spec = importlib.util.spec_from_file_location("evidence_plots", ROOT / "bench" / "evidence_plots.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file("bench/evidence_plots.py", "evidence_plots")
 
 
 def _results():
