@@ -28,7 +28,7 @@ concepts' own LoRAs), and a merge whose text encoder is untouched reuses the bas
     python bench/evidence.py [--comfy .comfyui] [--quick] [--out output/evidence]
 
 Writes results.json, retention_vs_n_<preset>.png and cat_vs_plain.png into --out and prints
-tables. Last line:
+tables; bench/evidence_plots.py draws the plots from results.json (and redraws them alone). Last line:
 evidence: n=<N> retention_sum=<a> retention_lsq=<b> retention_loraclr=<c> kp_cat_over_plain=<d>
 (means over the concepts of the full three-stage merge at default settings for the largest N;
 d = mean KP of the CAT LoRAs over mean KP of the plain LoRAs, trained with equal steps).
@@ -48,7 +48,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+import evidence_plots  # noqa: E402
 from train_speed import setup_micro  # noqa: E402
+
 KP_PROMPTS_UNRELATED = ("a photo of a mountain lake", "a bowl of fruit on a table")
 
 FULL = dict(n_concepts=12, ns=(2, 5, 8, 12), train_images=8, heldout_images=2, size=64, steps=150, rank=4,
@@ -195,72 +197,6 @@ def fmt(s):
     return "nan" if s is None or not math.isfinite(s) else f"{s:.3f}"
 
 
-def line_plot(path, title, series, xs, ylabel):
-    """A plain line chart with PIL: series = {label: [y per x]}."""
-    from PIL import Image, ImageDraw
-
-    w, h, pad = 720, 420, 56
-    img = Image.new("RGB", (w, h), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    vals = [v for ys in series.values() for v in ys if v is not None and math.isfinite(v)]
-    lo, hi = (min(vals + [0.0]), max(vals + [1.0])) if vals else (0.0, 1.0)
-    span = (hi - lo) or 1.0
-    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-    def px(i, v):
-        x = pad + (i / max(1, len(xs) - 1)) * (w - 2 * pad - 150)
-        return x, h - pad - (v - lo) / span * (h - 2 * pad)
-
-    d.rectangle([pad, pad, w - pad - 150, h - pad], outline=(0, 0, 0))
-    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
-        v = lo + frac * span
-        y = h - pad - frac * (h - 2 * pad)
-        d.line([(pad - 4, y), (pad, y)], fill=(0, 0, 0))
-        d.text((4, y - 6), f"{v:.2f}", fill=(0, 0, 0))
-    for i, x in enumerate(xs):
-        d.text((px(i, lo)[0] - 4, h - pad + 6), str(x), fill=(0, 0, 0))
-    for n, (label, ys) in enumerate(series.items()):
-        col = colors[n % len(colors)]
-        pts = [px(i, v) for i, v in enumerate(ys) if v is not None and math.isfinite(v)]
-        if len(pts) > 1:
-            d.line(pts, fill=col, width=2)
-        for x, y in pts:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
-        d.text((w - pad - 140, pad + 16 * n), label, fill=col)
-    d.text((pad, 12), title, fill=(0, 0, 0))
-    d.text((pad, 28), ylabel, fill=(80, 80, 80))
-    img.save(path)
-
-
-def scatter_plot(path, title, groups, xlabel, ylabel):
-    """groups = {label: [(x, y), ...]}."""
-    from PIL import Image, ImageDraw
-
-    w, h, pad = 560, 420, 60
-    img = Image.new("RGB", (w, h), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    pts = [p for ps in groups.values() for p in ps if all(math.isfinite(v) for v in p)]
-    if not pts:
-        img.save(path)
-        return
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    sx, sy = (x1 - x0) or 1.0, (y1 - y0) or 1.0
-    d.rectangle([pad, pad, w - pad, h - pad], outline=(0, 0, 0))
-    for n, (label, ps) in enumerate(groups.items()):
-        col = ((31, 119, 180), (214, 39, 40))[n % 2]
-        for x, y in ps:
-            cx = pad + (x - x0) / sx * (w - 2 * pad)
-            cy = h - pad - (y - y0) / sy * (h - 2 * pad)
-            d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=col)
-        d.text((w - pad - 80, pad + 6 + 16 * n), label, fill=col)
-    d.text((pad, 12), title, fill=(0, 0, 0))
-    d.text((pad, h - pad + 24), f"{xlabel}: {x0:.4g} .. {x1:.4g}", fill=(0, 0, 0))
-    d.text((pad, 30), f"{ylabel}: {y0:.4g} .. {y1:.4g}", fill=(0, 0, 0))
-    img.save(path)
-
-
 def quick_checks(model, clip, cfg, files, refs_cat, log):
     """What must hold whatever the numbers; raises on a failure."""
     from comfyui_loraclr.loraclr.bundle import Concept
@@ -330,10 +266,6 @@ def main(argv=None):
               f"{rc.kp_lora:.4g} |")
     kp_plain = sum(r["kp_plain"] for r in results["cat_vs_plain"]) / len(results["cat_vs_plain"])
     kp_cat = sum(r["kp_cat"] for r in results["cat_vs_plain"]) / len(results["cat_vs_plain"])
-    scatter_plot(os.path.join(args.out, "cat_vs_plain.png"), "held-out loss of each LoRA vs KP (lower is better)",
-                 {"plain": [(r["kp_plain"], r["loss_plain"]) for r in results["cat_vs_plain"]],
-                  "CAT": [(r["kp_cat"], r["loss_cat"]) for r in results["cat_vs_plain"]]},
-                 "knowledge preservation", "held-out loss")
 
     if args.quick:
         quick_checks(model, clip, cfg, files, refs["cat"], log)
@@ -354,10 +286,6 @@ def main(argv=None):
                 log(f"{preset} n={n} {label}: retention {fmt(s['retention']['mean'])} ± "
                     f"{fmt(s['retention']['std'])}, fidelity {fmt(s['fidelity']['mean'])} ± "
                     f"{fmt(s['fidelity']['std'])}, KP {fmt(s['knowledge_preservation'])}, {iters} it")
-        line_plot(os.path.join(args.out, f"retention_vs_n_{preset}.png"), f"mean retention vs N ({preset})",
-                  {label: [next(r["retention"]["mean"] for r in results["merges"]
-                                if r["preset"] == preset and r["n"] == n and r["method"] == label)
-                           for n in cfg["ns"]] for label, _ in METHODS}, list(cfg["ns"]), "retention (1 keeps all)")
 
     # cross-attention rows: all 77 token rows of each prompt, or only the trigger-token rows
     results["token_rows"] = []
@@ -394,6 +322,7 @@ def main(argv=None):
 
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
+    evidence_plots.plot_all(results, args.out)  # the plots read only what results.json holds
 
     for preset in ("cross_attention", "all"):
         print(f"\nMerges, preset {preset}: retention mean ± std / fidelity mean ± std / KP (over concepts)")

@@ -379,20 +379,30 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def table_image(result: dict) -> torch.Tensor:
-    """The per-concept table and the summaries as a ComfyUI IMAGE tensor (1, H, W, 3)."""
-    import numpy as np
+BARS = (("retention", "retention (1 keeps what the LoRA learned)", (66, 165, 245)),
+        ("fidelity", "fidelity (0 = the LoRA's own output)", (255, 167, 38)))
+
+
+def table_chart(result: dict):
+    """The per-concept table, the summaries and a bar chart of each concept's retention and
+    fidelity on a numbered axis, as a PIL image with the chart's axes (or None without concepts)."""
     from PIL import Image, ImageDraw
 
+    from . import charts
+
     widths = (170, 90, 90, 90, 90, 90, 90)
-    row_h, pad = 20, 12
+    row_h, pad, bar_h = 20, 12, 8
+    concepts = result["concepts"]
     extra = ["retention: " + _summary_text(result["retention"]), "fidelity: " + _summary_text(result["fidelity"]),
              "knowledge preservation (model): " + _fmt(result["knowledge_preservation"])]
     extra += [f"{k.replace('_', ' ')}: {_summary_text(result[k])}" for k in
               ("clip_text_alignment", "clip_image_alignment", "clip_image_alignment_ref") if result.get(k)]
     w = pad * 2 + sum(widths)
-    h = pad * 2 + row_h * (len(result["concepts"]) + 1 + len(extra)) + 8
-    img = Image.new("RGB", (w, h), (24, 24, 24))
+    table_h = pad + row_h * (len(concepts) + 1 + len(extra)) + 8
+    group_h = 2 * bar_h + 8
+    chart_h = (24 + 18 + group_h * len(concepts) + 44) if concepts else 0
+    h = table_h + chart_h + pad
+    img = Image.new("RGB", (w, h), charts.BACKGROUND)
     d = ImageDraw.Draw(img)
 
     def row(y, cells, color):
@@ -402,16 +412,50 @@ def table_image(result: dict) -> torch.Tensor:
             x += cw
 
     row(pad, COLUMNS, (144, 202, 249))
-    for i, r in enumerate(result["concepts"]):
+    for i, r in enumerate(concepts):
         y = pad + row_h * (i + 1)
         if i % 2 == 0:
             d.rectangle([pad, y, w - pad, y + row_h - 1], fill=(36, 36, 36))
         row(y, [str(r["concept"])[:24]] + [_fmt(r[c]) for c in COLUMNS[1:]], (230, 230, 230))
-    y = pad + row_h * (len(result["concepts"]) + 1) + 8
+    y = pad + row_h * (len(concepts) + 1) + 8
     d.line([pad, y - 4, w - pad, y - 4], fill=(90, 90, 90))
     for i, text in enumerate(extra):
         d.text((pad + 4, y + row_h * i + 4), text, fill=(255, 183, 77))
-    return torch.from_numpy(np.asarray(img).astype("float32") / 255.0)[None]
+    if not concepts:
+        return img, None
+
+    # the chart: one group of bars per concept, on an axis that always shows 0 and 1
+    top = table_h + 24
+    d.line([pad, top - 14, w - pad, top - 14], fill=(90, 90, 90))
+    charts.legend(d, 180, top - 6, [(label, color) for _, label, color in BARS])
+    values = [r[k] for r in concepts for k, _, _ in BARS if r[k] is not None and math.isfinite(r[k])]
+    xlim = (min([0.0] + values), max([1.0] + values))
+    box = (180, top + 18, w - pad - 10, top + 18 + group_h * len(concepts))
+    ax = charts.Axes(img, box, xlim, (len(concepts), 0), most_x=11)
+    ax.yticks = []  # the concepts' names stand for the y ticks
+    ax.frame("value per concept (unitless ratio)", "concept")
+    zero = ax.px(0.0, 0)[0]
+    for i, r in enumerate(concepts):
+        y0 = box[1] + group_h * i + 4
+        name = str(r["concept"])[:24]
+        d.text((box[0] - 6 - d.textlength(name), y0 + bar_h - 6), name, fill=charts.TEXT)
+        for j, (key, _, color) in enumerate(BARS):
+            v = r[key]
+            yb = y0 + j * bar_h
+            if v is None or not math.isfinite(v):
+                d.text((zero + 3, yb - 3), "no value", fill=charts.TEXT)
+                continue
+            x = ax.px(v, 0)[0]
+            d.rectangle([min(zero, x), yb, max(zero, x), yb + bar_h - 2], fill=color)
+    d.line([(zero, box[1]), (zero, box[3])], fill=charts.FRAME)
+    return img, ax
+
+
+def table_image(result: dict) -> torch.Tensor:
+    """The per-concept table, the summaries and the chart as a ComfyUI IMAGE tensor (1, H, W, 3)."""
+    from . import charts
+
+    return charts.to_image_tensor(table_chart(result)[0])
 
 
 def _json_safe(x):

@@ -172,33 +172,38 @@ def load_resume_state(name: str) -> dict:
         raise _comfy.NodeError(NODE, f"field 'resume_from': could not read {side}: {e}") from e
 
 
-def loss_plot(history) -> torch.Tensor:
-    """A loss curve image (both terms) as a ComfyUI IMAGE tensor (1, H, W, 3)."""
-    from PIL import Image, ImageDraw
+def loss_chart(history):
+    """The loss curves (both terms and their sum) against the step, as a PIL image with its
+    axes (the axes tell a test where the ticks were drawn)."""
+    from PIL import Image
 
-    w, h, pad = 640, 320, 36
-    img = Image.new("RGB", (w, h), (24, 24, 24))
-    d = ImageDraw.Draw(img)
+    from . import charts
+
+    w, h = 640, 320
+    img = Image.new("RGB", (w, h), charts.BACKGROUND)
     series = [("diffusion loss", [r["diffusion"] for r in history], (66, 165, 245)),
               ("CAT loss", [r["cat"] for r in history], (255, 112, 67)),
               ("total", [r["loss"] for r in history], (200, 200, 200))]
-    values = [v for _, vs, _ in series for v in vs]
-    if values:
-        lo, hi = min(values), max(values)
-        span = (hi - lo) or 1.0
-        n = len(history)
-        for _, vs, color in series:
-            pts = [(pad + (i / max(1, n - 1)) * (w - 2 * pad), h - pad - (v - lo) / span * (h - 2 * pad))
-                   for i, v in enumerate(vs)]
-            if len(pts) > 1:
-                d.line(pts, fill=color, width=2)
-            elif pts:
-                d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
-        d.text((pad, 8), f"steps 1-{n}   range {lo:.4g} .. {hi:.4g}", fill=(220, 220, 220))
-    for i, (name, _, color) in enumerate(series):
-        d.text((pad + 150 * i, h - pad + 12), name, fill=color)
-    d.rectangle([pad, pad, w - pad, h - pad], outline=(90, 90, 90))
-    return torch.from_numpy(__import__("numpy").asarray(img).astype("float32") / 255.0)[None]
+    values = [v for _, vs, _ in series for v in vs if math.isfinite(v)]
+    n = len(history)
+    ylim = charts.padded(min(values), max(values)) if values else (0.0, 1.0)
+    ax = charts.Axes(img, (66, 30, w - 16, h - 40), (1, max(n, 2)), ylim, x_integer=True)
+    ax.frame("training step", "loss (MSE of the predicted noise)")
+    for _, vs, color in series:
+        pts = [ax.px(i + 1, v) for i, v in enumerate(vs) if math.isfinite(v)]
+        if len(pts) > 1:
+            ax.draw.line(pts, fill=color, width=2)
+        elif pts:
+            ax.draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
+    charts.legend(ax.draw, 66, 10, [(name, color) for name, _, color in series])
+    return img, ax
+
+
+def loss_plot(history) -> torch.Tensor:
+    """The loss curve image as a ComfyUI IMAGE tensor (1, H, W, 3)."""
+    from . import charts
+
+    return charts.to_image_tensor(loss_chart(history)[0])
 
 
 def check_finite_input(field: str, x: torch.Tensor):

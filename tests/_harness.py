@@ -22,6 +22,17 @@ if "comfyui_loraclr" not in sys.modules:
     sys.modules["comfyui_loraclr"] = _pkg
 
 
+def module_from_file(relative: str, name: str):
+    """One file of the pack imported alone, as module ``name`` (the nodes package needs ComfyUI,
+    the benchmarks their setup; a file without relative imports needs neither)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def import_comfy():
     """Import ComfyUI in-process on the CPU (``args.cpu`` must be set before model_management)."""
     if not (COMFY / "main.py").exists():

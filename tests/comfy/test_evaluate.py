@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from _charts import assert_axes_drawn, has_text
 from _executor import Executor, PromptError
 from conftest import MICRO, TEST_LORAS
 
@@ -81,6 +82,39 @@ def test_base_against_itself_keeps_nothing_and_moves_nothing(results):
     assert "sks" in text and "zwx" in text and "retention" in text and "fidelity" in text
     table = out["10"][1][0]
     assert table.ndim == 4 and table.shape[0] == 1 and table.shape[-1] == 3 and table.std() > 0
+    # the image is the one drawn from the JSON output, its chart on a numbered axis
+    from comfyui_loraclr.nodes import evaluation
+    assert torch.equal(table, evaluation.table_image(base))
+    assert_axes_drawn(*evaluation.table_chart(base), y_numbers=False)
+
+
+def test_table_chart_bars_on_a_numbered_axis(comfy_env):
+    """Two concepts with hand-picked values: the axis runs 0 to 1.2 in steps of 0.2 (it always shows
+    0 and 1, and widens to the largest value), each concept's name stands left of its bars, a bar
+    ends at its value, and a missing value draws no bar."""
+    from comfyui_loraclr.nodes import charts, evaluation
+
+    summary = {"mean": 0.5, "std": 0.1, "min": 0.4, "max": 0.6, "n": 2, "non_finite": 0}
+    row = dict(loss_base=1.0, loss_lora=0.5, loss=0.6, kp_lora=0.1)
+    result = {"concepts": [dict(row, concept="sks", retention=1.2, fidelity=0.3),
+                           dict(row, concept="zwx", retention=None, fidelity=0.5)],
+              "retention": summary, "fidelity": summary, "knowledge_preservation": 0.01}
+    img, ax = evaluation.table_chart(result)
+    assert ax.xlim == (0.0, 1.2) and ax.xticks == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
+    assert_axes_drawn(img, ax, y_numbers=False)
+    group = (ax.box[3] - ax.box[1]) / 2
+    retention, fidelity = (color for _, _, color in evaluation.BARS)
+    for i, name in enumerate(("sks", "zwx")):
+        y = ax.box[1] + group * i
+        assert has_text(img, ax.box[0] - 40, y, ax.box[0] - 4, y + group), f"no name for {name}"
+    bar_y = ax.box[1] + 5  # concept 0's retention bar
+    end = round(ax.px(1.2, 0)[0])
+    assert img.getpixel((end - 1, bar_y)) == retention and img.getpixel((end + 2, bar_y)) != retention
+    fid_y, fid_end = bar_y + 8, round(ax.px(0.3, 0)[0])
+    assert img.getpixel((fid_end - 1, fid_y)) == fidelity and img.getpixel((fid_end + 3, fid_y)) != fidelity
+    no_bar_y = ax.box[1] + group + 5  # concept 1 has no retention
+    assert retention not in {img.getpixel((x, no_bar_y)) for x in range(ax.box[0], ax.box[2])}
+    assert charts.nice_ticks(*ax.xlim, most=11) == ax.xticks
 
 
 def test_concept_lora_alone_is_its_own_reference(results):

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from _charts import assert_axes_drawn
 
 CAPTIONS = "photo of sks on a beach\na sks in a garden\n<sks>, a toy on a table"
 N_ATTN = 4 * 8  # 4 transformer blocks × (attn1, attn2) × (q, k, v, out)
@@ -82,6 +83,10 @@ def test_train_node_cat_term_and_plain_mode(micro, pack):
     assert hist[0]["cat"] == 0.0 and all(h["cat"] > 0 for h in hist[1:])
     assert len(lora.factors) == N_ATTN and len(m.patches) - len(model.patches) == N_ATTN
     assert plot.shape[0] == 1 and plot.shape[-1] == 3 and plot.std() > 0
+    # the plot is the one drawn from the history output, with numbered axes
+    from comfyui_loraclr.nodes import training
+    assert torch.equal(plot, training.loss_plot(hist))
+    assert_axes_drawn(*training.loss_chart(hist))
     # λ_cat = 0 is plain training: same first batch and loss, and no CAT term at all
     _, _, plain_hist, _, _ = _train(pack, micro, steps=3, lambda_cat=0.0)
     plain = json.loads(plain_hist)
@@ -197,3 +202,17 @@ def test_gradient_checkpointing_gives_the_same_result(micro, pack):
     assert hist_ckpt == hist
     for k, (up, down) in plain.factors.items():
         assert torch.equal(ckpt.factors[k][0], up) and torch.equal(ckpt.factors[k][1], down), k
+
+
+def test_loss_plot_axes_are_numbered_and_labelled(pack):
+    """Losses from 0 to 0.37 over 11 steps: the y axis is numbered 0, 0.1, 0.2, 0.3 and the x axis
+    2, 4, ..., 10 (ten ticks at most, round steps), and every number and both labels are drawn."""
+    from comfyui_loraclr.nodes import training
+
+    history = [{"step": i + 1, "loss": 0.037 * i, "diffusion": 0.037 * i, "cat": 0.0} for i in range(11)]
+    img, ax = training.loss_chart(history)
+    assert ax.yticks == [0.0, 0.1, 0.2, 0.3] and ax.xticks == [2.0, 4.0, 6.0, 8.0, 10.0]
+    assert_axes_drawn(img, ax)
+    # the curve itself: the last point (step 11, loss 0.37) is painted in the total's colour
+    x, y = (round(c) for c in ax.px(11, 0.37))
+    assert (200, 200, 200) in {img.getpixel((x - dx, y + dy)) for dx in (1, 2, 3) for dy in (-2, -1, 0, 1, 2)}

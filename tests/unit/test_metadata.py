@@ -3,16 +3,11 @@ and the pack registers through ComfyUI's V3 extension entry point."""
 import ast
 import re
 
-from _harness import ROOT
+from _harness import ROOT, module_from_file
 
 
 def test_version_has_one_source():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("loraclr_version", ROOT / "nodes" / "version.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # nodes/version.py alone: the nodes package needs ComfyUI
-    pack_version = module.pack_version
+    pack_version = module_from_file("nodes/version.py", "loraclr_version").pack_version
     text = (ROOT / "pyproject.toml").read_text()
     assert pack_version() == re.search(r'(?m)^version = "([^"]+)"', text).group(1)
     # no other file writes a version literal of its own
