@@ -15,78 +15,114 @@ from .collection import DEFAULT_MEMORY_BUDGET_GIB
 
 def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, on_layer=None,
                       release: bool = False) -> MergedDelta:
-    """One merged ΔW per layer. Layers with compact statistics whose merge cannot show that no
-    hinge is active are merged again from exact statistics, collected for groups of such layers
-    that fit the activations' memory budget (``acts.exact_source``). ``on_layer(report_so_far)``
-    is called after every merged layer (the editor's live chart). ``release``: drop each layer's
+    """One merged ΔW per layer, in three passes: every layer from its collected statistics; then
+    the layers whose compact statistics could not show that no hinge is active at the hinge-free
+    minimiser, certified by that point's exact distances (``acts.distance_source``); then the
+    layers still pending, merged again from exact statistics collected for groups of them that
+    fit the activations' memory budget (``acts.exact_source``). ``on_layer(report_so_far)`` is
+    called after every merged layer (the editor's live chart). ``release``: drop each layer's
     statistics once its merge no longer needs them (for activations nothing else will use), so
     the merged deltas replace the statistics in memory instead of adding to them."""
-    results, entries, pending, reasons = {}, {}, [], {}
-    by_key = {layer.key: layer for layer in acts.layers}
-    shapes = {layer.key: (layer.stats.in_features, layer.stats.out_features) for layer in acts.layers}
-    def one(layer, distances=None):
-        deltas = layer.delta_list() if config.method in ("sum", "average") else None
-        res = merge_layer(layer.weight(), layer.stats, config, deltas=deltas, distances=distances)
-        entries[layer.key] = _report_entry(acts, layer, res)
-        if on_layer:  # in the layers' order, each once (a layer merged again replaces its entry)
-            on_layer([entries[la.key] for la in acts.layers if la.key in entries])
-        return res
+    merger = _Merger(acts, config, on_layer)
+    pending = _merge_each_layer(merger, release, progress)
+    notes = list(acts.info.get("notes", []))
+    notes += _certify_with_distances(merger, pending, release)
+    notes += _merge_from_exact_statistics(merger, pending)
+    return merger.merged(notes)
 
-    candidates = {}
-    for layer in acts.layers:
+
+class _Merger:
+    """Merges layers of ``acts`` one at a time, keeping each layer's result and report entry (a
+    layer merged again replaces both)."""
+
+    def __init__(self, acts: ActivationSet, config: MergeConfig, on_layer=None):
+        self.acts, self.config, self.on_layer = acts, config, on_layer
+        self.results, self.entries = {}, {}
+        self.by_key = {layer.key: layer for layer in acts.layers}
+        # taken before any statistics are released
+        self.shapes = {layer.key: (layer.stats.in_features, layer.stats.out_features) for layer in acts.layers}
+
+    def merge(self, layer, distances=None):
+        deltas = layer.delta_list() if self.config.method in ("sum", "average") else None
+        res = merge_layer(layer.weight(), layer.stats, self.config, deltas=deltas, distances=distances)
+        self.results[layer.key] = res
+        self.entries[layer.key] = _report_entry(self.acts, layer, res)
+        if self.on_layer:  # in the layers' order, each once
+            self.on_layer([self.entries[la.key] for la in self.acts.layers if la.key in self.entries])
+
+    def merged(self, notes) -> MergedDelta:
+        acts, config = self.acts, self.config
+        model, clip, report = {}, {}, []
+        for layer in acts.layers:
+            res = self.results[layer.key]
+            if not torch.isfinite(res.delta).all():
+                raise _comfy.NodeError("LoRACLR Merge", f"the {config.method} merge gave NaN/Inf values at layer "
+                                                        f"'{layer.key}' ({acts.stage} stage); nothing is passed on")
+            (model if layer.target == "model" else clip)[layer.key] = res.delta
+            report.append(self.entries[layer.key])
+        settings = {k: getattr(config, k) for k in config.__dataclass_fields__}
+        info = dict(acts.info)
+        info["notes"] = notes
+        return MergedDelta(stage=acts.stage, method=config.method, concepts=acts.concepts, model=model, clip=clip,
+                           settings=settings, report=report, info=info)
+
+
+def _merge_each_layer(merger: _Merger, release: bool, progress) -> dict:
+    """The first pass: every layer from its collected statistics. Returns the layers whose merge
+    needs more (key → the NeedsExactStatistics raised, in the layers' order)."""
+    pending = {}
+    for layer in merger.acts.layers:
         try:
-            results[layer.key] = one(layer)
+            merger.merge(layer)
         except NeedsExactStatistics as e:
-            pending.append(layer.key)
-            reasons[layer.key] = e.reason
-            if e.candidate is not None:
-                candidates[layer.key] = e.candidate
-        if release and layer.key not in candidates:
+            pending[layer.key] = e
+        if release and (layer.key not in pending or pending[layer.key].candidate is None):
             layer.stats = None
         if progress:
             progress.step()
-    notes = list(acts.info.get("notes", []))
-    if candidates and acts.distance_source is not None:
-        # the bounds could not certify the hinge-free minimiser: measure its exact distances
-        # (one more sampling pass, N² numbers per layer) and certify it with those
-        exact = acts.distance_source(candidates)
-        certified = 0
-        for key in candidates:
-            try:
-                results[key] = one(by_key[key], exact[key])
-                pending.remove(key)
-                certified += 1
-            except NeedsExactStatistics as e:
-                reasons[key] = e.reason
-            if release:
-                by_key[key].stats = None
-        notes.append(f"{len(candidates)} layer(s) not certified by the distance bounds: {certified} certified by "
-                     "exact distances at the hinge-free minimiser (one more sampling pass)")
-    if pending:
-        if acts.exact_source is None:
-            raise _comfy.NodeError("LoRACLR Merge", f"layer {pending[0]} needs exact statistics "
-                                                    f"({reasons[pending[0]]}), and these activations cannot be "
-                                                    "collected again")
-        groups = exact_groups(acts, pending, shapes)
-        notes.append(f"{len(pending)} layer(s) needed exact statistics ({reasons[pending[0]]}): collected again "
-                     f"from the same noise in {len(groups)} group(s) within the memory budget")
-        for group in groups:
-            for layer in acts.exact_source(group):
-                results[layer.key] = one(layer)
-                del layer
-    model, clip, report = {}, {}, []
-    for layer in acts.layers:
-        res = results[layer.key]
-        if not torch.isfinite(res.delta).all():
-            raise _comfy.NodeError("LoRACLR Merge", f"the {config.method} merge gave NaN/Inf values at layer "
-                                                    f"'{layer.key}' ({acts.stage} stage); nothing is passed on")
-        (model if layer.target == "model" else clip)[layer.key] = res.delta
-        report.append(entries[layer.key])
-    settings = {k: getattr(config, k) for k in config.__dataclass_fields__}
-    info = dict(acts.info)
-    info["notes"] = notes
-    return MergedDelta(stage=acts.stage, method=config.method, concepts=acts.concepts, model=model, clip=clip,
-                       settings=settings, report=report, info=info)
+    return pending
+
+
+def _certify_with_distances(merger: _Merger, pending: dict, release: bool) -> list[str]:
+    """The second pass: where the bounds could not certify the hinge-free minimiser, measure its
+    exact distances (one more sampling pass, N² numbers per layer) and certify it with those.
+    Certified layers leave ``pending``."""
+    candidates = {k: e.candidate for k, e in pending.items() if e.candidate is not None}
+    if not candidates or merger.acts.distance_source is None:
+        return []
+    exact = merger.acts.distance_source(candidates)
+    certified = 0
+    for key in candidates:
+        try:
+            merger.merge(merger.by_key[key], exact[key])
+            del pending[key]
+            certified += 1
+        except NeedsExactStatistics as e:
+            pending[key] = e
+        if release:
+            merger.by_key[key].stats = None
+    return [f"{len(candidates)} layer(s) not certified by the distance bounds: {certified} certified by "
+            "exact distances at the hinge-free minimiser (one more sampling pass)"]
+
+
+def _merge_from_exact_statistics(merger: _Merger, pending: dict) -> list[str]:
+    """The third pass: the layers still pending, merged from exact statistics collected again in
+    groups within the memory budget."""
+    if not pending:
+        return []
+    acts, first = merger.acts, next(iter(pending))
+    if acts.exact_source is None:
+        raise _comfy.NodeError("LoRACLR Merge", f"layer {first} needs exact statistics "
+                                                f"({pending[first].reason}), and these activations cannot be "
+                                                "collected again")
+    groups = exact_groups(acts, list(pending), merger.shapes)
+    note = (f"{len(pending)} layer(s) needed exact statistics ({pending[first].reason}): collected again "
+            f"from the same noise in {len(groups)} group(s) within the memory budget")
+    for group in groups:
+        for layer in acts.exact_source(group):
+            merger.merge(layer)
+            del layer
+    return [note]
 
 
 def _report_entry(acts, layer, res) -> dict:
