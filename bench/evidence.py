@@ -152,6 +152,14 @@ def subset(refs, n):
     return References(refs.concepts[:n], refs.kp_prompts, refs.kp_probes, refs.kp_base, refs.info)
 
 
+def collect_settings(cfg, token_rows):
+    """The collection settings of every merge here (seed 0)."""
+    from comfyui_loraclr.nodes.stages.settings import CollectSettings, SpatialSampling
+
+    return CollectSettings(token_rows=token_rows, sampling=SpatialSampling(
+        steps=cfg["collect_steps"], record_steps=cfg["record_steps"], width=cfg["size"], height=cfg["size"], seed=0))
+
+
 class FirstStages:
     """The first stage of a preset collected once per (preset, concepts, token rows): it reads
     only the concepts' own LoRAs, so every merge method of a sweep shares it."""
@@ -167,9 +175,8 @@ class FirstStages:
         if key not in self.cache:
             self.cache.clear()  # sweeps go preset by preset, N by N: keep one at a time
             cfg = self.cfg
-            self.cache[key] = collect_stage(self.model, self.clip, concepts, PRESETS[preset][0], "concept_lora",
-                                            steps=cfg["collect_steps"], record_steps=cfg["record_steps"],
-                                            width=cfg["size"], height=cfg["size"], seed=0, token_rows=token_rows)
+            self.cache[key] = collect_stage(self.model, self.clip, concepts, PRESETS[preset][0],
+                                            collect_settings(cfg, token_rows))
         return self.cache[key]
 
 
@@ -178,14 +185,12 @@ def merge_and_score(model, clip, concepts, refs, preset, overrides, cfg, token_r
 
     from comfyui_loraclr.loraclr import MergeConfig
     from comfyui_loraclr.nodes import evaluation
-    from comfyui_loraclr.nodes.merging import merge_all_stages
+    from comfyui_loraclr.nodes.merging import AllStagesSettings, merge_all_stages
 
-    config = MergeConfig(**overrides)
+    settings = AllStagesSettings(preset, MergeConfig(**overrides), collect_settings(cfg, token_rows))
     with torch.inference_mode():
         first_stage = first.get(preset, concepts, token_rows) if first is not None else None
-        m, c, merged, _ = merge_all_stages(model, clip, concepts, preset, config, steps=cfg["collect_steps"],
-                                           record_steps=cfg["record_steps"], width=cfg["size"], height=cfg["size"],
-                                           seed=0, token_rows=token_rows, first_stage=first_stage)
+        m, c, merged, _ = merge_all_stages(model, clip, concepts, settings, first_stage=first_stage)
         scores = evaluation.score(m, c, refs)
     iters = sum(r["iterations"] for r in merged.report)
     return scores, iters

@@ -38,6 +38,10 @@ class MergeConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_inputs(cls, learning_rate=None, **inputs) -> "MergeConfig":
+        """From settings named as the Merge node's inputs (``learning_rate`` is :attr:`lr`)."""
+        return cls(**inputs) if learning_rate is None else cls(lr=learning_rate, **inputs)
 
 
 @dataclass

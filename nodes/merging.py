@@ -3,14 +3,21 @@ exact statistics collected again where a merge needs them), its report, and the 
 (collect, merge and apply each stage of a preset in turn)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 import torch
 
 from ..loraclr import MergeConfig, merge_layer
 from ..loraclr.bundle import ActivationSet, MergedDelta
 from ..loraclr.stats import NeedsExactStatistics
 from . import _comfy
+from .collection import collect_stage
 from .display import shown
-from .collection import DEFAULT_MEMORY_BUDGET_GIB
+from .stages.settings import DEFAULT_MEMORY_BUDGET_GIB, CollectSettings
+from .stages.spatial_exact import exact_layer_bytes
+
+MERGE_INPUTS = ("method", "margin", "lambda_con", "lambda_mse", "lambda_reg", "learning_rate", "iterations",
+                "warm_start", "normalize", "compute_dtype")  # the Merge node's settings, by input name
 
 
 def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, on_layer=None,
@@ -135,8 +142,6 @@ def _report_entry(acts, layer, res) -> dict:
 def exact_groups(acts: ActivationSet, keys, shapes) -> list[list[str]]:
     """``keys`` in order, split into groups whose exact statistics fit the memory budget
     (``shapes``: key → (in, out))."""
-    from .collection import exact_layer_bytes
-
     budget = float(acts.info.get("memory_budget_gib", DEFAULT_MEMORY_BUDGET_GIB)) * 2 ** 30
     n = len(acts.concepts)
     groups, current, used = [], [], 0
@@ -179,29 +184,39 @@ PRESETS = {
 }
 
 
-def merge_all_stages(model, clip, concepts, preset: str, config: MergeConfig, layer_filter="",
-                     steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all", first_stage=None,
-                     memory_budget_gib=None):
-    """The stages of ``preset`` in order, each collected on the model/CLIP with the previous
-    stages' merged deltas applied (the first stage reads the concepts' own LoRAs throughout).
-    ``first_stage``: the first stage's activations when already collected with these settings
-    (they do not depend on the merge settings, so a sweep over methods collects them once)."""
-    from .collection import collect_stage
+@dataclass(frozen=True)
+class AllStagesSettings:
+    """Merge (all stages)' settings: which stages (``preset``), how each is merged, and how each is
+    collected (``collect.inputs_from`` is set per stage)."""
+    preset: str = "all"
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    collect: CollectSettings = field(default_factory=CollectSettings)
 
+    @classmethod
+    def from_inputs(cls, preset="all", sample_seed=0, **inputs) -> "AllStagesSettings":
+        """From the node's inputs by name: the Merge node's inputs, the collection's, and
+        ``sample_seed`` (the spatial stage's seed)."""
+        merge = {k: inputs.pop(k) for k in MERGE_INPUTS if k in inputs}
+        return cls(preset, MergeConfig.from_inputs(**merge), CollectSettings.from_inputs(seed=sample_seed, **inputs))
+
+
+def merge_all_stages(model, clip, concepts, settings: AllStagesSettings, first_stage=None):
+    """The stages of ``settings.preset`` in order, each collected on the model/CLIP with the
+    previous stages' merged deltas applied (the first stage reads the concepts' own LoRAs
+    throughout). ``first_stage``: the first stage's activations when already collected with these
+    settings (they do not depend on the merge settings, so a sweep over methods collects them once)."""
     _comfy.check_families("LoRACLR Merge (all stages)", "LoRACLR merging", [("model", model)], [("clip", clip)])
-    if preset not in PRESETS:
+    if settings.preset not in PRESETS:
         raise _comfy.NodeError("LoRACLR Merge (all stages)", f"field 'preset' must be one of {list(PRESETS)}")
     merged_all, texts = None, []
-    for n, stage in enumerate(PRESETS[preset]):
+    for n, stage in enumerate(PRESETS[settings.preset]):
         if n == 0 and first_stage is not None:
             acts = first_stage
         else:
-            acts = collect_stage(model, clip, concepts, stage, inputs_from="concept_lora" if n == 0 else "wired",
-                                 layer_filter=layer_filter, steps=steps, record_steps=record_steps,
-                                 width=width, height=height, seed=seed, token_rows=token_rows,
-                                 **({} if memory_budget_gib is None else {"memory_budget_gib": memory_budget_gib}))
+            collect = replace(settings.collect, inputs_from="concept_lora" if n == 0 else "wired")
+            acts = collect_stage(model, clip, concepts, stage, collect)
         # these activations serve this merge alone (unless the caller shares the first stage's)
-        merged = merge_activations(acts, config, _comfy.Progress(len(acts.layers)),
+        merged = merge_activations(acts, settings.merge, _comfy.Progress(len(acts.layers)),
                                    release=first_stage is None or n > 0)
         model = _comfy.patch_model(model, merged.model, 1.0)
         clip = _comfy.patch_clip(clip, merged.clip, 1.0)
