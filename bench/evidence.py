@@ -101,10 +101,12 @@ def train_concepts(model, clip, vae, cfg, log):
                 continue
             t0 = time.time()
             with torch.inference_mode():  # as the executor runs every node
-                res = pack.TrainCATLoRA.execute(model, clip, "\n".join(captions), sprites.TRIGGERS[k], cfg["rank"],
-                                                cfg["alpha"], "attention", "", cfg["steps"], cfg["lr"], "AdamW",
-                                                cfg["batch"], 1, lam, 0, "float32", False, "none", 0, vae=vae,
-                                                images=images)
+                res = pack.TrainCATLoRA.execute(
+                    model, clip, captions="\n".join(captions), trigger=sprites.TRIGGERS[k], rank=cfg["rank"],
+                    alpha=cfg["alpha"], target_layers="attention", layer_pattern="", steps=cfg["steps"],
+                    learning_rate=cfg["lr"], optimizer="AdamW", batch_size=cfg["batch"], grad_accumulation=1,
+                    lambda_cat=lam, seed=0, training_dtype="float32", gradient_checkpointing=False,
+                    resume_from="none", preview_every=0, vae=vae, images=images)
                 pack.SaveCATLoRA.execute(res.result[1], name[: -len(".safetensors")], "float32", "overwrite", False)
             with open(path + ".stamp", "w") as f:
                 f.write(stamp)
