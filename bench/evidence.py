@@ -318,9 +318,9 @@ def main(argv=None):
     refs = {}
     with torch.inference_mode():
         for variant in ("plain", "cat"):
-            refs[variant] = evaluation.references(model, clip, concept_objects(cfg, files, variant), latents, kp,
-                                                  cfg["timesteps"], seed=0, kp_latents=kp_latents,
-                                                  kp_timesteps=cfg["kp_timesteps"])
+            probes = evaluation.ProbeSettings(tuple(kp), cfg["timesteps"], seed=0, kp_timesteps=cfg["kp_timesteps"])
+            refs[variant] = evaluation.references(model, clip, concept_objects(cfg, files, variant), latents, probes,
+                                                  kp_latents=kp_latents)
     log(f"references ready ({refs['cat'].info['kp_probes']} knowledge-preservation probes × {len(kp)} prompts)")
     results = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}, "kp_prompts": kp,
                "cat_vs_plain": [], "merges": [], "ablation": []}
