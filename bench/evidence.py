@@ -103,10 +103,12 @@ def train_concepts(model, clip, vae, cfg, log):
                 continue
             t0 = time.time()
             with torch.inference_mode():  # as the executor runs every node
-                res = pack.TrainCATLoRA.execute(model, clip, "\n".join(captions), sprites.TRIGGERS[k], cfg["rank"],
-                                                cfg["alpha"], "attention", "", cfg["steps"], cfg["lr"], "AdamW",
-                                                cfg["batch"], 1, lam, 0, "float32", False, "none", 0, vae=vae,
-                                                images=images)
+                res = pack.TrainCATLoRA.execute(
+                    model, clip, captions="\n".join(captions), trigger=sprites.TRIGGERS[k], rank=cfg["rank"],
+                    alpha=cfg["alpha"], target_layers="attention", layer_pattern="", steps=cfg["steps"],
+                    learning_rate=cfg["lr"], optimizer="AdamW", batch_size=cfg["batch"], grad_accumulation=1,
+                    lambda_cat=lam, seed=0, training_dtype="float32", gradient_checkpointing=False,
+                    resume_from="none", preview_every=0, vae=vae, images=images)
                 pack.SaveCATLoRA.execute(res.result[1], name[: -len(".safetensors")], "float32", "overwrite", False)
             with open(path + ".stamp", "w") as f:
                 f.write(stamp)
@@ -154,6 +156,14 @@ def subset(refs, n):
     return References(refs.concepts[:n], refs.kp_prompts, refs.kp_probes, refs.kp_base, refs.info)
 
 
+def collect_settings(cfg, token_rows):
+    """The collection settings of every merge here (seed 0)."""
+    from comfyui_loraclr.nodes.stages.settings import CollectSettings, SpatialSampling
+
+    return CollectSettings(token_rows=token_rows, sampling=SpatialSampling(
+        steps=cfg["collect_steps"], record_steps=cfg["record_steps"], width=cfg["size"], height=cfg["size"], seed=0))
+
+
 class FirstStages:
     """The first stage of a preset collected once per (preset, concepts, token rows): it reads
     only the concepts' own LoRAs, so every merge method of a sweep shares it."""
@@ -169,9 +179,8 @@ class FirstStages:
         if key not in self.cache:
             self.cache.clear()  # sweeps go preset by preset, N by N: keep one at a time
             cfg = self.cfg
-            self.cache[key] = collect_stage(self.model, self.clip, concepts, PRESETS[preset][0], "concept_lora",
-                                            steps=cfg["collect_steps"], record_steps=cfg["record_steps"],
-                                            width=cfg["size"], height=cfg["size"], seed=0, token_rows=token_rows)
+            self.cache[key] = collect_stage(self.model, self.clip, concepts, PRESETS[preset][0],
+                                            collect_settings(cfg, token_rows))
         return self.cache[key]
 
 
@@ -180,14 +189,12 @@ def merge_and_score(model, clip, concepts, refs, preset, overrides, cfg, token_r
 
     from comfyui_loraclr.loraclr import MergeConfig
     from comfyui_loraclr.nodes import evaluation
-    from comfyui_loraclr.nodes.merging import merge_all_stages
+    from comfyui_loraclr.nodes.merging import AllStagesSettings, merge_all_stages
 
-    config = MergeConfig(**overrides)
+    settings = AllStagesSettings(preset, MergeConfig(**overrides), collect_settings(cfg, token_rows))
     with torch.inference_mode():
         first_stage = first.get(preset, concepts, token_rows) if first is not None else None
-        m, c, merged, _ = merge_all_stages(model, clip, concepts, preset, config, steps=cfg["collect_steps"],
-                                           record_steps=cfg["record_steps"], width=cfg["size"], height=cfg["size"],
-                                           seed=0, token_rows=token_rows, first_stage=first_stage)
+        m, c, merged, _ = merge_all_stages(model, clip, concepts, settings, first_stage=first_stage)
         scores = evaluation.score(m, c, refs)
     iters = sum(r["iterations"] for r in merged.report)
     return scores, iters
@@ -247,9 +254,9 @@ def main(argv=None):
     refs = {}
     with torch.inference_mode():
         for variant in ("plain", "cat"):
-            refs[variant] = evaluation.references(model, clip, concept_objects(cfg, files, variant), latents, kp,
-                                                  cfg["timesteps"], seed=0, kp_latents=kp_latents,
-                                                  kp_timesteps=cfg["kp_timesteps"])
+            probes = evaluation.ProbeSettings(tuple(kp), cfg["timesteps"], seed=0, kp_timesteps=cfg["kp_timesteps"])
+            refs[variant] = evaluation.references(model, clip, concept_objects(cfg, files, variant), latents, probes,
+                                                  kp_latents=kp_latents)
     log(f"references ready ({refs['cat'].info['kp_probes']} knowledge-preservation probes × {len(kp)} prompts)")
     results = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}, "kp_prompts": kp,
                "cat_vs_plain": [], "merges": [], "ablation": []}

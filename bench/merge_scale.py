@@ -80,7 +80,7 @@ def make_loras(pack, model, clip, n):
 
     import folder_paths
     from comfyui_loraclr.nodes import _comfy
-    from comfyui_loraclr.nodes.collection import STAGE_PATTERNS
+    from comfyui_loraclr.nodes.stages.settings import STAGE_PATTERNS
 
     folder = os.path.join(folder_paths.get_folder_paths("loras")[0], SUB)
     os.makedirs(folder, exist_ok=True)
@@ -133,7 +133,8 @@ def main(argv=None):
     from comfyui_loraclr.nodes import _comfy
     from comfyui_loraclr.nodes.apply import build_lora_tensors, build_metadata
     from comfyui_loraclr.nodes.memory import PeakMemory
-    from comfyui_loraclr.nodes.merging import merge_all_stages
+    from comfyui_loraclr.nodes.merging import AllStagesSettings, merge_all_stages
+    from comfyui_loraclr.nodes.stages.settings import CollectSettings, SpatialSampling
 
     t0 = time.time()
     with torch.inference_mode():
@@ -150,8 +151,9 @@ def main(argv=None):
                             prompts=(f"a photo of qx{c} creature", f"qx{c} creature in a forest")) for c in range(n)]
         with torch.inference_mode(), PeakMemory(model.load_device) as peak:
             t = time.time()
-            _, _, merged, _ = merge_all_stages(model, clip, concepts, "all", MergeConfig(), steps=steps,
-                                               record_steps=steps, width=px, height=px, seed=0)
+            settings = AllStagesSettings("all", MergeConfig(), CollectSettings(sampling=SpatialSampling(
+                steps=steps, record_steps=steps, width=px, height=px, seed=0)))
+            _, _, merged, _ = merge_all_stages(model, clip, concepts, settings)
             tensors, energy = build_lora_tensors(merged, 64, "kohya", torch.float16, "bench")
             with tempfile.TemporaryDirectory() as tmp:
                 _comfy.atomic_save_safetensors(tensors, os.path.join(tmp, "merged.safetensors"),

@@ -56,8 +56,11 @@ def run_config(mode, comfy_path, size, steps_pair, device, queue):
     captions = "photo of sks on a beach\nsks in a garden\na sks toy\n<sks>, a drawing"
 
     def ours(steps, lam):
-        return pack.TrainCATLoRA.execute(model, clip, captions, "sks", 4, 4.0, "all", "", steps, 1e-4, "AdamW", 1, 1,
-                                         lam, 0, "float32", False, "none", latents={"samples": latents})
+        return pack.TrainCATLoRA.execute(model, clip, captions=captions, trigger="sks", rank=4, alpha=4.0,
+                                         target_layers="all", layer_pattern="", steps=steps, learning_rate=1e-4,
+                                         optimizer="AdamW", batch_size=1, grad_accumulation=1, lambda_cat=lam, seed=0,
+                                         training_dtype="float32", gradient_checkpointing=False, resume_from="none",
+                                         latents={"samples": latents})
 
     def comfy(steps):
         from comfy_trainer import train_lora_node

@@ -46,6 +46,13 @@ METHODS = (
 LORA_DIR = os.path.join(ROOT, "world", "loras", "loraclr_world")
 
 
+def world_collect():
+    """The collection settings of every merge here: 20 steps, 5 of them recorded, 64 px, seed 0."""
+    from comfyui_loraclr.nodes.stages.settings import CollectSettings, SpatialSampling
+
+    return CollectSettings(sampling=SpatialSampling(steps=20, record_steps=5, width=64, height=64, seed=0))
+
+
 def concept_lora(c, kind="cat"):
     name = f"{c.trigger}_{c.cls}_{kind}.safetensors"
     return f"loraclr_world/{name}" if os.path.exists(os.path.join(LORA_DIR, name)) else None
@@ -143,7 +150,7 @@ def main(argv=None):
     import torch
 
     from comfyui_loraclr.loraclr import MergeConfig
-    from comfyui_loraclr.nodes.merging import merge_all_stages
+    from comfyui_loraclr.nodes.merging import AllStagesSettings, merge_all_stages
     from sprite_world import render
 
     t0 = time.time()
@@ -188,8 +195,8 @@ def main(argv=None):
                 if label not in args.methods.split(","):
                     continue
                 t1 = time.time()
-                m, cl, _, _ = merge_all_stages(model, clip, pcs, "all", MergeConfig(**overrides), steps=20,
-                                               record_steps=5, width=64, height=64, seed=0)
+                settings = AllStagesSettings("all", MergeConfig(**overrides), world_collect())
+                m, cl, _, _ = merge_all_stages(model, clip, pcs, settings)
                 t_merge = time.time() - t1
                 per = [judge.identity(m, cl, concepts, i, tag=f"n{n}_{label}") for i in range(n)]
                 two = [judge.pair(m, cl, concepts[a], concepts[b], tag=f"n{n}_{label}") for a, b in pairs(n)]
@@ -251,7 +258,7 @@ def hero(out_path: str, seed: int = 42, n: int = 4):
     from PIL import Image
 
     from comfyui_loraclr.loraclr import MergeConfig
-    from comfyui_loraclr.nodes.merging import merge_all_stages
+    from comfyui_loraclr.nodes.merging import AllStagesSettings, merge_all_stages
     from sprite_world import render
 
     model, clip, vae = world_eval.load_world()
@@ -261,9 +268,8 @@ def hero(out_path: str, seed: int = 42, n: int = 4):
     panels, lines = [], []
     with torch.inference_mode():
         for label, overrides in (("loraclr", dict(method="loraclr")), ("sum", dict(method="sum"))):
-            m, c, _, _ = merge_all_stages(model, clip, [pack_concept(a), pack_concept(b)], "all",
-                                          MergeConfig(**overrides), steps=20, record_steps=5, width=64, height=64,
-                                          seed=0)
+            m, c, _, _ = merge_all_stages(model, clip, [pack_concept(a), pack_concept(b)],
+                                          AllStagesSettings("all", MergeConfig(**overrides), world_collect()))
             images = world_eval.sample(m, c, vae, prompt, n, seed)
             found = verdicts(images)
             both = sum(f.has_concept(a) and f.has_concept(b) for f in found)

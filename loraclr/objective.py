@@ -173,9 +173,9 @@ class Problem:
 
 
 def loraclr_objective(W, stats: LayerStats, W0, margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001,
-                      normalize=False, problem: Problem | None = None):
+                      normalize=False):
     """Objective value (differentiable in W, the full merged weight) and its parts as floats."""
-    problem = problem or Problem(stats, W0)
+    problem = Problem(stats, W0)
     dW = as_matrix(W).to(problem.dtype) - as_matrix(W0).to(problem.dtype)
     total, parts = problem.loss(dW, margin, lambda_con, lambda_mse, lambda_reg, normalize)
     return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -38,6 +38,11 @@ class MergeConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_inputs(cls, learning_rate=None, **inputs) -> "MergeConfig":
+        """From settings named as the Merge node's inputs (``learning_rate`` is :attr:`lr`)."""
+        return cls(**inputs) if learning_rate is None else cls(lr=learning_rate, **inputs)
+
 
 @dataclass
 class MergeResult:
@@ -240,78 +245,124 @@ def _merge_layer(W0, stats, cfg, deltas, distances=None):
         raise ValueError(f"unknown merge method {cfg.method!r}; choose one of {METHODS}")
     if cfg.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {list(COMPUTE_DTYPES)}")
-    shape = W0.shape
-    problem = Problem(stats, W0, compute_dtype=COMPUTE_DTYPES[cfg.compute_dtype]
-                      if stats.dtype != torch.float64 else torch.float64)
-    scoring = problem if problem.matmul_dtype != torch.bfloat16 else Problem(stats, W0)
-    kw = dict(margin=cfg.margin, lambda_con=cfg.lambda_con, lambda_mse=cfg.lambda_mse, lambda_reg=cfg.lambda_reg,
-              normalize=cfg.normalize)
+    solve = _Solve(W0, stats, cfg)
+    return _BY_METHOD[cfg.method](solve, deltas, distances)
 
-    compact = problem.compact is not None
 
-    def evaluate(dW):
+@dataclass
+class _Point:
+    """A ΔW with its objective value and parts, and the squared distances there (None where the
+    statistics do not give them, or where the value is unknown)."""
+    dW: torch.Tensor
+    value: float | None = None
+    parts: dict = field(default_factory=dict)
+    D2: torch.Tensor | None = None
+
+
+class _Solve:
+    """What every method shares for one layer: the problem in the compute dtype, the problem it is
+    scored on (float32 where the products run in bfloat16), the objective's weights, and the
+    result built from a start and a final point."""
+
+    def __init__(self, W0, stats, cfg):
+        self.shape, self.stats, self.cfg = W0.shape, stats, cfg
+        self.problem = Problem(stats, W0, compute_dtype=COMPUTE_DTYPES[cfg.compute_dtype]
+                               if stats.dtype != torch.float64 else torch.float64)
+        self.scoring = self.problem if self.problem.matmul_dtype != torch.bfloat16 else Problem(stats, W0)
+        self.weights = dict(margin=cfg.margin, lambda_con=cfg.lambda_con, lambda_mse=cfg.lambda_mse,
+                            lambda_reg=cfg.lambda_reg, normalize=cfg.normalize)
+        self.compact = self.problem.compact is not None
+
+    def point(self, dW) -> _Point:
+        """``dW`` scored: with compact statistics exact where the bounds certify that no hinge is
+        active (no distances), else NeedsExactStatistics."""
         with torch.no_grad():
-            if compact:  # exact where the bounds certify that no hinge is active, else NeedsExactStatistics
-                total, parts = scoring.loss(dW, **kw)
-                return float(total), {k: float(v) for k, v in parts.items()}, None
-            D2 = scoring.squared_distances(dW)
-            total, parts = scoring.loss(dW, D2=D2, **kw)
-        return float(total), {k: float(v) for k, v in parts.items()}, D2
+            if self.compact:
+                total, parts = self.scoring.loss(dW, **self.weights)
+                return _Point(dW, float(total), {k: float(v) for k, v in parts.items()})
+            D2 = self.scoring.squared_distances(dW)
+            total, parts = self.scoring.loss(dW, D2=D2, **self.weights)
+        return _Point(dW, float(total), {k: float(v) for k, v in parts.items()}, D2)
 
-    history, converged, iterations = [], True, 0
-    if cfg.method in ("sum", "average"):
-        if deltas is None:
-            raise ValueError(f"method {cfg.method!r} needs the concepts' deltas")
-        if len(deltas) != stats.n_concepts:
-            raise ValueError(f"got {len(deltas)} deltas for {stats.n_concepts} concepts")
-        flat = [as_matrix(d) for d in deltas]
-        dW = sum_merge(flat) if cfg.method == "sum" else average_merge(flat)
-        try:
-            start_value = evaluate(torch.zeros_like(dW))[0]
-            value, parts, D2 = evaluate(dW)
-        except NeedsExactStatistics:  # the baseline needs no statistics; only its score is unknown
-            start_value = value = None
-            parts, D2 = {}, None
+    def result(self, start: _Point, final: _Point, history=(), converged=True, iterations=0) -> MergeResult:
+        return MergeResult(delta=final.dW.to(torch.float32).reshape(self.shape).contiguous(), method=self.cfg.method,
+                           objective=final.value, start_objective=start.value, history=list(history),
+                           converged=converged, iterations_run=iterations,
+                           report=_report(self.scoring, final.D2, final.dW), parts=final.parts)
+
+
+def _of_concept_deltas(solve: _Solve, deltas, combine) -> MergeResult:
+    """A baseline of the concepts' own deltas (sum, average), scored like every method."""
+    if deltas is None:
+        raise ValueError(f"method {solve.cfg.method!r} needs the concepts' deltas")
+    if len(deltas) != solve.stats.n_concepts:
+        raise ValueError(f"got {len(deltas)} deltas for {solve.stats.n_concepts} concepts")
+    dW = combine([as_matrix(d) for d in deltas])
+    try:
+        start, final = solve.point(torch.zeros_like(dW)), solve.point(dW)
+    except NeedsExactStatistics:  # the baseline needs no statistics; only its score is unknown
+        start, final = _Point(torch.zeros_like(dW)), _Point(dW)
+    return solve.result(start, final)
+
+
+def _sum(solve: _Solve, deltas, distances=None) -> MergeResult:
+    return _of_concept_deltas(solve, deltas, sum_merge)
+
+
+def _average(solve: _Solve, deltas, distances=None) -> MergeResult:
+    return _of_concept_deltas(solve, deltas, average_merge)
+
+
+def _least_squares_fit(solve: _Solve, deltas=None, distances=None) -> MergeResult:
+    dW = _least_squares(solve.problem, solve.cfg.ridge).to(torch.float32)
+    try:
+        start = solve.point(dW)
+    except NeedsExactStatistics:
+        start = _Point(dW)
+    return solve.result(start, start)
+
+
+def _certified_start(solve: _Solve, distances) -> _Point:
+    """Compact statistics: the hinge-free minimiser, certified by the distance bounds or by
+    ``distances`` measured there; NeedsExactStatistics (carrying it as the candidate to measure)
+    when neither shows that no hinge is active."""
+    start = smooth_minimiser(solve.problem, solve.cfg).to(torch.float32)
+    try:
+        return solve.point(start)  # certified by the distance bounds
+    except NeedsExactStatistics as e:
+        if distances is None:
+            raise NeedsExactStatistics(reason=e.reason, candidate=start) from None
+    D2 = distances.to(torch.float64).clamp_min(0)
+    if not _hinges_inactive(solve.scoring, D2, solve.cfg):
+        raise NeedsExactStatistics(reason="a hinge is active at the hinge-free minimiser")
+    with torch.no_grad():
+        total, parts = solve.scoring.loss(start, D2=D2, **solve.weights)
+    return _Point(start, float(total), {k: float(v) for k, v in parts.items()}, D2)
+
+
+def _warm_start(solve: _Solve) -> tuple[_Point, bool]:
+    """The hinge-free minimiser and whether no hinge is active there (then it is the global
+    minimum); when one is, the plain least-squares fit (which separates the concepts more) if it
+    scores lower."""
+    start = solve.point(smooth_minimiser(solve.problem, solve.cfg).to(torch.float32))
+    if _hinges_inactive(solve.scoring, start.D2, solve.cfg):
+        return start, True
+    ls = solve.point(_least_squares(solve.problem, solve.cfg.ridge).to(torch.float32))
+    return (ls if ls.value < start.value else start), False
+
+
+def _loraclr(solve: _Solve, deltas=None, distances=None) -> MergeResult:
+    cfg = solve.cfg
+    if cfg.warm_start and solve.compact:
+        start, certified = _certified_start(solve, distances), True
+    elif cfg.warm_start:
+        start, certified = _warm_start(solve)
     else:
-        certified = False
-        if cfg.method == "least_squares":
-            start = _least_squares(problem, cfg.ridge).to(torch.float32)
-            try:
-                start_value, parts, D2 = evaluate(start)
-            except NeedsExactStatistics:
-                start_value, parts, D2 = None, {}, None
-        elif cfg.warm_start and compact:
-            start = smooth_minimiser(problem, cfg).to(torch.float32)
-            try:
-                start_value, parts, D2 = evaluate(start)  # certified by the distance bounds
-            except NeedsExactStatistics as e:
-                if distances is None:
-                    raise NeedsExactStatistics(reason=e.reason, candidate=start) from None
-                D2 = distances.to(torch.float64).clamp_min(0)
-                if not _hinges_inactive(scoring, D2, cfg):
-                    raise NeedsExactStatistics(reason="a hinge is active at the hinge-free minimiser") from None
-                with torch.no_grad():
-                    total, p = scoring.loss(start, D2=D2, **kw)
-                start_value, parts = float(total), {k: float(v) for k, v in p.items()}
-            certified = True
-        elif cfg.warm_start:
-            start = smooth_minimiser(problem, cfg).to(torch.float32)
-            start_value, parts, D2 = evaluate(start)
-            certified = _hinges_inactive(scoring, D2, cfg)
-            if not certified:
-                # a hinge is active at the hinge-free optimum: the plain least-squares fit (which
-                # separates the concepts more) may be the better start
-                ls = _least_squares(problem, cfg.ridge).to(torch.float32)
-                ls_value, ls_parts, ls_D2 = evaluate(ls)
-                if ls_value < start_value:
-                    start, start_value, parts, D2 = ls, ls_value, ls_parts, ls_D2
-        else:
-            start = torch.zeros(stats.out_features, stats.in_features)
-            start_value, parts, D2 = evaluate(start)
-        value, dW = start_value, start
-        if cfg.method == "loraclr" and cfg.iterations > 0 and not certified:
-            dW, history, converged, iterations = _optimise(problem, start, cfg)
-            value, parts, D2 = evaluate(dW)
-    return MergeResult(delta=dW.to(torch.float32).reshape(shape).contiguous(), method=cfg.method, objective=value,
-                       start_objective=start_value, history=history, converged=converged,
-                       iterations_run=iterations, report=_report(scoring, D2, dW), parts=parts)
+        start, certified = solve.point(torch.zeros(solve.stats.out_features, solve.stats.in_features)), False
+    if cfg.iterations <= 0 or certified:
+        return solve.result(start, start)
+    dW, history, converged, iterations = _optimise(solve.problem, start.dW, cfg)
+    return solve.result(start, solve.point(dW), history, converged, iterations)
+
+
+_BY_METHOD = {"loraclr": _loraclr, "sum": _sum, "average": _average, "least_squares": _least_squares_fit}

@@ -17,6 +17,9 @@ sums tt and ||Y||² are kept in float64.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 
 
@@ -39,17 +42,21 @@ def pairwise_sq_distances(B: torch.Tensor, Y: torch.Tensor, yy: torch.Tensor | N
     return (Bd.pow(2).sum(1)[:, None] + yy[None, :] - 2 * Bd @ Yd.T).clamp_min(0)
 
 
+@dataclass(eq=False, repr=False)
 class LayerStats:
-    def __init__(self, form, rows, in_features, out_features, X=None, Y=None, G=None, E=None, tt=None, yy=None,
-                 base=None):
-        self.form = form
-        self.rows = rows
-        self.in_features = in_features
-        self.out_features = out_features
-        self.X, self.Y = X, Y  # rows form: (N, n, in), (N, n, out)
-        # gram form: (N, in, in), (N, N, in, out), (N, N) float64, (N,) float64, centred on ``base``
-        # (None: centred on zero, i.e. E_ij = X_iᵀY_j)
-        self.G, self.E, self.tt, self.yy, self.base = G, E, tt, yy, base
+    form: str
+    rows: int
+    in_features: int
+    out_features: int
+    X: torch.Tensor | None = None  # rows form: (N, n, in)
+    Y: torch.Tensor | None = None  # rows form: (N, n, out)
+    # gram form: (N, in, in), (N, N, in, out), (N, N) float64, (N,) float64, centred on ``base``
+    # (None: centred on zero, i.e. E_ij = X_iᵀY_j)
+    G: torch.Tensor | None = None
+    E: torch.Tensor | None = None
+    tt: torch.Tensor | None = None
+    yy: torch.Tensor | None = None
+    base: torch.Tensor | None = None
 
     @property
     def n_concepts(self) -> int:
@@ -225,6 +232,7 @@ class NeedsExactStatistics(Exception):
         self.candidate = candidate
 
 
+@dataclass(eq=False, repr=False)
 class CompactStats:
     """Statistics whose size does not depend on the number of concepts N, for layers whose
     outputs come from known weights (Y_i = X_i(W0 + ΔW_i)ᵀ):
@@ -243,12 +251,20 @@ class CompactStats:
     (:meth:`negative_lower_bounds`), which certifies that no hinge is active without the N²
     cross terms of the exact Gram form. Where the bound fails, the exact statistics are needed."""
 
-    form = "compact"
+    form: ClassVar[str] = "compact"
+    rows: int
+    in_features: int
+    out_features: int
+    G_sum: torch.Tensor
+    E_full: torch.Tensor | None  # ΣE of the concepts given as full deltas (None: none)
+    rr: torch.Tensor
+    yy: torch.Tensor
+    tt: torch.Tensor
+    oo: torch.Tensor
+    E_parts: list = field(default_factory=list)
 
-    def __init__(self, rows, in_features, out_features, G_sum, E_sum, rr, yy, tt, oo, E_parts=()):
-        self.rows, self.in_features, self.out_features = rows, in_features, out_features
-        self.G_sum, self.E_full, self.E_parts = G_sum, E_sum, list(E_parts)
-        self.rr, self.yy, self.tt, self.oo = rr, yy, tt, oo
+    def __post_init__(self):
+        self.E_parts = list(self.E_parts)
 
     @property
     def E_sum(self) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """LoRACLR Concept and Collect LoRA Activations nodes: their schemas; the collection itself is in
-:mod:`.collection`."""
+:mod:`.collection` and :mod:`.stages`."""
 from __future__ import annotations
 
 from comfy_api.latest import io, ui
@@ -8,8 +8,9 @@ from ..loraclr.bundle import Concept
 from . import _comfy
 from .display import safe_text
 from .patterns import queue_time_problem
-from .collection import (DEFAULT_MEMORY_BUDGET_GIB, INPUTS_FROM, SPATIAL_STATISTICS, STAGE_PATTERNS, TOKEN_ROWS,
-                         collect_stage, describe, parse_prompts)
+from .collection import collect_stage, describe, parse_prompts
+from .stages.settings import (DEFAULT_MEMORY_BUDGET_GIB, INPUTS_FROM, SPATIAL_STATISTICS, STAGE_PATTERNS, TOKEN_ROWS,
+                              CollectSettings)
 
 CONCEPTS = io.Custom("LORACLR_CONCEPTS")
 ACTIVATIONS = io.Custom("LORACLR_ACTIVATIONS")
@@ -130,12 +131,7 @@ class LoRACLRCollect(io.ComfyNode):
         return True if problem is None else problem
 
     @classmethod
-    def execute(cls, model, clip, concepts, stage, inputs_from="concept_lora", layer_filter="", only_lora_layers=True,
-                steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all", spatial_statistics="compact",
-                memory_budget_gib=DEFAULT_MEMORY_BUDGET_GIB):
-        acts = collect_stage(model, clip, concepts, stage, inputs_from=inputs_from, layer_filter=layer_filter or "",
-                             only_lora_layers=only_lora_layers, steps=steps, record_steps=record_steps,
-                             width=width, height=height, seed=seed, token_rows=token_rows,
-                             spatial_statistics=spatial_statistics, memory_budget_gib=memory_budget_gib)
+    def execute(cls, model, clip, concepts, stage, **inputs):
+        acts = collect_stage(model, clip, concepts, stage, CollectSettings.from_inputs(**inputs))
         text = describe(acts)
         return io.NodeOutput(acts, text, ui=ui.PreviewText(safe_text(text)))

@@ -76,14 +76,9 @@ class LoRACLREvaluate(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, base_model, base_clip, model, clip, concepts, kp_prompts, timesteps, seed, probe_width,
-                probe_height, probe_count, images_per_concept, images=None, vae=None, clip_model_name="",
-                clip_weights="", clip_samples=1, clip_steps=20):
-        result = evaluation.evaluate(
-            base_model, base_clip, model, clip, concepts, images, vae, images_per_concept,
-            evaluation.parse_kp_prompts(kp_prompts), evaluation.parse_timesteps(timesteps), seed,
-            evaluation.probe_shape(base_model, probe_count, probe_width, probe_height),
-            _comfy.Progress(len(concepts or ()) + 1, _comfy.node_id(cls)), clip_model_name, clip_weights,
-            clip_samples, clip_steps)
+    def execute(cls, base_model, base_clip, model, clip, concepts, images=None, vae=None, **inputs):
+        settings = evaluation.EvalSettings.from_inputs(base_model, **inputs)
+        result = evaluation.evaluate((base_model, base_clip), (model, clip), concepts, settings, images, vae,
+                                     _comfy.Progress(len(concepts or ()) + 1, _comfy.node_id(cls)))
         text = evaluation.format_report(result)
         return io.NodeOutput(text, evaluation.table_image(result), evaluation.to_json(result), ui=ui.PreviewText(safe_text(text)))

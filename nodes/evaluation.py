@@ -132,12 +132,27 @@ def concept_model(model, clip, concept, node=NODE):
     return m, _comfy.clip_with_patches(clip, te, concept.strength_clip)
 
 
-def references(model, clip, concepts, latents=None, kp_prompts=(), timesteps=DEFAULT_TIMESTEPS, seed=0,
-               shape=(2, 4, 32, 32), progress=None, kp_latents=None, kp_timesteps=None) -> References:
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The fixed probes every model is measured on: the knowledge-preservation prompts, the
+    timesteps, the seed of the noise (concept i uses seed + i), the shape of the seeded latents
+    that stand in without reference images, and the knowledge-preservation probes' own timesteps
+    (None: ``timesteps``)."""
+    kp_prompts: tuple = ()
+    timesteps: tuple = DEFAULT_TIMESTEPS
+    seed: int = 0
+    shape: tuple = (2, 4, 32, 32)
+    kp_timesteps: tuple | None = None
+
+
+def references(model, clip, concepts, latents=None, probes: ProbeSettings = ProbeSettings(), progress=None,
+               kp_latents=None) -> References:
     """Base and per-concept-LoRA predictions on each concept's probes (``latents[i]``: that
     concept's reference latents, or None), and the base predictions on the knowledge-preservation
-    prompts. The knowledge-preservation probes are ``kp_latents`` at ``kp_timesteps`` when given,
-    else every concept's reference latents (or seeded latents) at ``timesteps``."""
+    prompts. The knowledge-preservation probes are ``kp_latents`` at ``probes.kp_timesteps`` when
+    given, else every concept's reference latents (or seeded latents) at ``probes.timesteps``."""
+    kp_prompts, timesteps, seed, shape = probes.kp_prompts, probes.timesteps, probes.seed, probes.shape
+    kp_timesteps = probes.kp_timesteps
     if not concepts:
         raise _comfy.NodeError(NODE, "input 'concepts' is empty")
     latents = list(latents) if latents is not None else [None] * len(concepts)
@@ -156,12 +171,12 @@ def references(model, clip, concepts, latents=None, kp_prompts=(), timesteps=DEF
         kp_base = predict(model, kp_probes, refs_out.encode(clip, kp_prompts))
     refs = []
     for i, c in enumerate(concepts):
-        probes = make_probes(model, latents[i], timesteps, seed + i, shape)
-        base = predict(model, probes, refs_out.encode(clip, c.prompts))
+        own = make_probes(model, latents[i], timesteps, seed + i, shape)
+        base = predict(model, own, refs_out.encode(clip, c.prompts))
         m_i, c_i = concept_model(model, clip, c)  # the concept's LoRA read once, for both probe sets
-        lora = predict(m_i, probes, _encode(c_i, c.prompts, model, refs_out.latent_shape))
-        target = probes.target[None].expand_as(base)
-        ref = ConceptReference(c.label, c.prompts, probes, base, lora, metrics.denoising_loss(base, target),
+        lora = predict(m_i, own, _encode(c_i, c.prompts, model, refs_out.latent_shape))
+        target = own.target[None].expand_as(base)
+        ref = ConceptReference(c.label, c.prompts, own, base, lora, metrics.denoising_loss(base, target),
                                metrics.denoising_loss(lora, target))
         if kp_probes is not None:
             ref.kp_lora = metrics.knowledge_preservation(
@@ -255,24 +270,26 @@ def generate(patcher, clip, vae, prompts, seed: int, per_prompt: int, steps: int
     return _comfy.decode_latents(patcher, vae, torch.cat(latents))
 
 
-def clip_alignment_scores(base_model, base_clip, model, clip, concepts, vae, images, images_per_concept, settings,
-                          seed, shape, progress=None) -> list[dict]:
-    """Per concept, CLIP alignment (:mod:`.clip_alignment`) of the images ``model`` generates from the
-    concept's prompts, against the prompts, the concept's own LoRA model's images at equal seeds, and the
-    reference images when given."""
+def clip_alignment_scores(base, evaluated, concepts, vae, images, settings: "EvalSettings", scorer,
+                          progress=None) -> list[dict]:
+    """Per concept, CLIP alignment (:mod:`.clip_alignment`, by ``scorer``) of the images the evaluated
+    (MODEL, CLIP) generates from the concept's prompts, against the prompts, the concept's own LoRA
+    model's images at equal seeds, and the reference images when given."""
     from . import clip_alignment
 
     if vae is None:
         raise _comfy.NodeError(NODE, "field 'vae' is needed to decode the generated images for CLIP alignment")
-    scorer = settings["scorer"]
-    refs = list(images.split(images_per_concept)) if images is not None else [None] * len(concepts)
+    (base_model, base_clip), (model, clip) = base, evaluated
+    seed, shape = settings.probes.seed, settings.probes.shape
+    samples, steps = settings.clip_samples, settings.clip_steps
+    refs = list(images.split(settings.images_per_concept)) if images is not None else [None] * len(concepts)
     rows = []
     for c, ref in zip(concepts, refs):
         m_i, c_i = concept_model(base_model, base_clip, c)
-        gen = generate(model, clip, vae, c.prompts, seed, settings["samples"], settings["steps"], shape)
-        gen_lora = generate(m_i, c_i, vae, c.prompts, seed, settings["samples"], settings["steps"], shape)
+        gen = generate(model, clip, vae, c.prompts, seed, samples, steps, shape)
+        gen_lora = generate(m_i, c_i, vae, c.prompts, seed, samples, steps, shape)
         texts = [clip_alignment.without_trigger(p, c.trigger) for p in c.prompts]
-        rows.append(clip_alignment.alignment(scorer, gen, gen_lora, texts, settings["samples"], ref))
+        rows.append(clip_alignment.alignment(scorer, gen, gen_lora, texts, samples, ref))
         if progress:
             progress.step()
     return rows
@@ -294,12 +311,35 @@ def load_clip_scorer(model_name: str, weights: str):
     return clip_alignment.OpenCLIP(model_name, weights)
 
 
-def evaluate(base_model, base_clip, model, clip, concepts, images=None, vae=None, images_per_concept=1,
-             kp_prompts=DEFAULT_KP_PROMPTS, timesteps=DEFAULT_TIMESTEPS, seed=0, shape=(2, 4, 64, 64),
-             progress=None, clip_model_name="", clip_weights="", clip_samples=1, clip_steps=20) -> dict:
-    """References from the base model and each concept's LoRA on it, then ``model``/``clip`` scored
-    against them (:func:`score`), with the settings used; with an open_clip model, also the CLIP
-    alignment of generated images (:func:`clip_alignment_scores`)."""
+@dataclass(frozen=True)
+class EvalSettings:
+    """The Evaluate node's settings: the probes, how many reference images belong to each concept,
+    and the optional CLIP alignment (an open_clip model and its weights file, images per prompt,
+    sampling steps)."""
+    probes: ProbeSettings = field(default_factory=lambda: ProbeSettings(DEFAULT_KP_PROMPTS, shape=(2, 4, 64, 64)))
+    images_per_concept: int = 1
+    clip_model_name: str = ""
+    clip_weights: str = ""
+    clip_samples: int = 1
+    clip_steps: int = 20
+
+    @classmethod
+    def from_inputs(cls, base_model, kp_prompts, timesteps, seed, probe_width, probe_height, probe_count,
+                    **inputs) -> "EvalSettings":
+        """From the node's inputs by name (the probes' fields parsed, the seeded latents' shape
+        from ``base_model``); an optional input left out keeps its default."""
+        probes = ProbeSettings(parse_kp_prompts(kp_prompts), parse_timesteps(timesteps), seed,
+                               probe_shape(base_model, probe_count, probe_width, probe_height))
+        return cls(probes, **inputs)
+
+
+def evaluate(base, evaluated, concepts, settings: EvalSettings = EvalSettings(), images=None, vae=None,
+             progress=None) -> dict:
+    """References from the base (MODEL, CLIP) and each concept's LoRA on it, then the evaluated
+    (MODEL, CLIP) scored against them (:func:`score`), with the settings used; with an open_clip
+    model, also the CLIP alignment of generated images (:func:`clip_alignment_scores`)."""
+    (base_model, base_clip), (model, clip) = base, evaluated
+    probes = settings.probes
     _comfy.check_families(NODE, "Evaluation", [("base_model", base_model), ("model", model)],
                           [("base_clip", base_clip), ("clip", clip)])
     if not concepts:
@@ -307,31 +347,31 @@ def evaluate(base_model, base_clip, model, clip, concepts, images=None, vae=None
     for m, field_name in ((base_model, "base_model"), (model, "model")):
         _comfy.check_sampling_support(NODE, m, what=f"evaluation ('{field_name}')",
                                       supported="SD1.5-family models and SDXL are supported")
-    latents = reference_latents(base_model, vae, images, images_per_concept, len(concepts))
-    scorer = load_clip_scorer(clip_model_name, clip_weights)  # fails before any long work
+    latents = reference_latents(base_model, vae, images, settings.images_per_concept, len(concepts))
+    scorer = load_clip_scorer(settings.clip_model_name, settings.clip_weights)  # fails before any long work
     if progress and scorer is not None:
         progress.set_total(2 * len(concepts) + 1)
-    refs = references(base_model, base_clip, concepts, latents, kp_prompts, timesteps, seed, shape, progress)
+    refs = references(base_model, base_clip, concepts, latents, probes, progress)
     result = score(model, clip, refs)
     if progress:
         progress.step()
     if scorer is not None:
-        settings = {"scorer": scorer, "samples": clip_samples, "steps": clip_steps}
-        rows = clip_alignment_scores(base_model, base_clip, model, clip, concepts, vae, images, images_per_concept,
-                                     settings, seed, shape, progress)
+        rows = clip_alignment_scores(base, evaluated, concepts, vae, images, settings, scorer, progress)
         for r, a in zip(result["concepts"], rows):
             r.update(a)
         for k in ("clip_text_alignment", "clip_image_alignment", "clip_image_alignment_ref"):
             vals = [r[k] for r in rows if r[k] is not None]
             result[k] = metrics.summary(vals) if vals else None
     _comfy.load_patched(base_model)
-    result["settings"] = {"timesteps": list(timesteps), "seed": seed, "kp_prompts": list(kp_prompts),
+    shape = probes.shape
+    result["settings"] = {"timesteps": list(probes.timesteps), "seed": probes.seed,
+                          "kp_prompts": list(probes.kp_prompts),
                           "probes": ("reference images" if latents is not None else "seeded latents"),
                           "probe_latent_shape": list(latents[0].shape[1:] if latents is not None else shape[1:]),
-                          "probes_per_concept": (images_per_concept if latents is not None else shape[0])}
+                          "probes_per_concept": (settings.images_per_concept if latents is not None else shape[0])}
     if scorer is not None:
         result["settings"]["clip"] = {"model": scorer.name, "weights": os.path.basename(scorer.path),
-                                      "samples_per_prompt": clip_samples, "steps": clip_steps,
+                                      "samples_per_prompt": settings.clip_samples, "steps": settings.clip_steps,
                                       "sample_latent_shape": list(shape[1:])}
     return result
 

@@ -9,8 +9,8 @@ from . import _comfy
 from .display import safe_text
 from .patterns import queue_time_problem
 from .collect import ACTIVATIONS, CONCEPTS
-from .collection import DEFAULT_MEMORY_BUDGET_GIB
-from .merging import PRESETS, format_report, merge_activations, merge_all_stages
+from .merging import PRESETS, AllStagesSettings, format_report, merge_activations, merge_all_stages
+from .stages.settings import DEFAULT_MEMORY_BUDGET_GIB
 
 MERGED = io.Custom("LORACLR_DELTA")
 
@@ -59,16 +59,13 @@ class LoRACLRMerge(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, activations, method, margin, lambda_con, lambda_mse, lambda_reg, learning_rate,
-                iterations, warm_start, normalize, compute_dtype="float32"):
-        config = MergeConfig(method=method, margin=margin, lambda_con=lambda_con, lambda_mse=lambda_mse,
-                             lambda_reg=lambda_reg, lr=learning_rate, iterations=iterations,
-                             warm_start=warm_start, normalize=normalize, compute_dtype=compute_dtype)
+    def execute(cls, activations, **inputs):
+        config = MergeConfig.from_inputs(**inputs)
         node, total = _comfy.node_id(cls), len(activations.layers)
 
         def chart(report):
             _comfy.send_message("loraclr.merge", {
-                "node": node, "stage": activations.stage, "method": method, "total": total,
+                "node": node, "stage": activations.stage, "method": config.method, "total": total,
                 "layers": [{"layer": r["layer"], "objective": r["objective"], "start_objective": r["start_objective"]}
                            for r in report]})
 
@@ -120,16 +117,10 @@ class LoRACLRMergeAllStages(io.ComfyNode):
         return True if problem is None else problem
 
     @classmethod
-    def execute(cls, model, clip, concepts, preset, layer_filter, method, margin, lambda_con, lambda_mse, lambda_reg,
-                learning_rate, iterations, warm_start, normalize, compute_dtype, steps, record_steps, width,
-                height, sample_seed, memory_budget_gib=DEFAULT_MEMORY_BUDGET_GIB):
-        config = MergeConfig(method=method, margin=margin, lambda_con=lambda_con, lambda_mse=lambda_mse,
-                             lambda_reg=lambda_reg, lr=learning_rate, iterations=iterations,
-                             warm_start=warm_start, normalize=normalize, compute_dtype=compute_dtype)
+    def execute(cls, model, clip, concepts, **inputs):
+        settings = AllStagesSettings.from_inputs(**inputs)
         with _comfy.reporting_as("LoRACLR Merge (all stages)"):  # errors name this node, not Collect's or Merge's
-            m, c, merged, text = merge_all_stages(model, clip, concepts, preset, config, layer_filter or "", steps,
-                                                  record_steps, width, height, sample_seed,
-                                                  memory_budget_gib=memory_budget_gib)
+            m, c, merged, text = merge_all_stages(model, clip, concepts, settings)
         return io.NodeOutput(m, c, merged, text, ui=ui.PreviewText(safe_text(text)))
 
 

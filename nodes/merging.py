@@ -3,90 +3,133 @@ exact statistics collected again where a merge needs them), its report, and the 
 (collect, merge and apply each stage of a preset in turn)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 import torch
 
 from ..loraclr import MergeConfig, merge_layer
 from ..loraclr.bundle import ActivationSet, MergedDelta
 from ..loraclr.stats import NeedsExactStatistics
 from . import _comfy
+from .collection import collect_stage
 from .display import shown
-from .collection import DEFAULT_MEMORY_BUDGET_GIB
+from .stages.settings import DEFAULT_MEMORY_BUDGET_GIB, CollectSettings
+from .stages.spatial_exact import exact_layer_bytes
+
+MERGE_INPUTS = ("method", "margin", "lambda_con", "lambda_mse", "lambda_reg", "learning_rate", "iterations",
+                "warm_start", "normalize", "compute_dtype")  # the Merge node's settings, by input name
 
 
 def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, on_layer=None,
                       release: bool = False) -> MergedDelta:
-    """One merged ΔW per layer. Layers with compact statistics whose merge cannot show that no
-    hinge is active are merged again from exact statistics, collected for groups of such layers
-    that fit the activations' memory budget (``acts.exact_source``). ``on_layer(report_so_far)``
-    is called after every merged layer (the editor's live chart). ``release``: drop each layer's
+    """One merged ΔW per layer, in three passes: every layer from its collected statistics; then
+    the layers whose compact statistics could not show that no hinge is active at the hinge-free
+    minimiser, certified by that point's exact distances (``acts.distance_source``); then the
+    layers still pending, merged again from exact statistics collected for groups of them that
+    fit the activations' memory budget (``acts.exact_source``). ``on_layer(report_so_far)`` is
+    called after every merged layer (the editor's live chart). ``release``: drop each layer's
     statistics once its merge no longer needs them (for activations nothing else will use), so
     the merged deltas replace the statistics in memory instead of adding to them."""
-    results, entries, pending, reasons = {}, {}, [], {}
-    by_key = {layer.key: layer for layer in acts.layers}
-    shapes = {layer.key: (layer.stats.in_features, layer.stats.out_features) for layer in acts.layers}
-    def one(layer, distances=None):
-        deltas = layer.delta_list() if config.method in ("sum", "average") else None
-        res = merge_layer(layer.weight(), layer.stats, config, deltas=deltas, distances=distances)
-        entries[layer.key] = _report_entry(acts, layer, res)
-        if on_layer:  # in the layers' order, each once (a layer merged again replaces its entry)
-            on_layer([entries[la.key] for la in acts.layers if la.key in entries])
-        return res
+    merger = _Merger(acts, config, on_layer)
+    pending = _merge_each_layer(merger, release, progress)
+    notes = list(acts.info.get("notes", []))
+    notes += _certify_with_distances(merger, pending, release)
+    notes += _merge_from_exact_statistics(merger, pending)
+    return merger.merged(notes)
 
-    candidates = {}
-    for layer in acts.layers:
+
+class _Merger:
+    """Merges layers of ``acts`` one at a time, keeping each layer's result and report entry (a
+    layer merged again replaces both)."""
+
+    def __init__(self, acts: ActivationSet, config: MergeConfig, on_layer=None):
+        self.acts, self.config, self.on_layer = acts, config, on_layer
+        self.results, self.entries = {}, {}
+        self.by_key = {layer.key: layer for layer in acts.layers}
+        # taken before any statistics are released
+        self.shapes = {layer.key: (layer.stats.in_features, layer.stats.out_features) for layer in acts.layers}
+
+    def merge(self, layer, distances=None):
+        deltas = layer.delta_list() if self.config.method in ("sum", "average") else None
+        res = merge_layer(layer.weight(), layer.stats, self.config, deltas=deltas, distances=distances)
+        self.results[layer.key] = res
+        self.entries[layer.key] = _report_entry(self.acts, layer, res)
+        if self.on_layer:  # in the layers' order, each once
+            self.on_layer([self.entries[la.key] for la in self.acts.layers if la.key in self.entries])
+
+    def merged(self, notes) -> MergedDelta:
+        acts, config = self.acts, self.config
+        model, clip, report = {}, {}, []
+        for layer in acts.layers:
+            res = self.results[layer.key]
+            if not torch.isfinite(res.delta).all():
+                raise _comfy.NodeError("LoRACLR Merge", f"the {config.method} merge gave NaN/Inf values at layer "
+                                                        f"'{layer.key}' ({acts.stage} stage); nothing is passed on")
+            (model if layer.target == "model" else clip)[layer.key] = res.delta
+            report.append(self.entries[layer.key])
+        settings = {k: getattr(config, k) for k in config.__dataclass_fields__}
+        info = dict(acts.info)
+        info["notes"] = notes
+        return MergedDelta(stage=acts.stage, method=config.method, concepts=acts.concepts, model=model, clip=clip,
+                           settings=settings, report=report, info=info)
+
+
+def _merge_each_layer(merger: _Merger, release: bool, progress) -> dict:
+    """The first pass: every layer from its collected statistics. Returns the layers whose merge
+    needs more (key → the NeedsExactStatistics raised, in the layers' order)."""
+    pending = {}
+    for layer in merger.acts.layers:
         try:
-            results[layer.key] = one(layer)
+            merger.merge(layer)
         except NeedsExactStatistics as e:
-            pending.append(layer.key)
-            reasons[layer.key] = e.reason
-            if e.candidate is not None:
-                candidates[layer.key] = e.candidate
-        if release and layer.key not in candidates:
+            pending[layer.key] = e
+        if release and (layer.key not in pending or pending[layer.key].candidate is None):
             layer.stats = None
         if progress:
             progress.step()
-    notes = list(acts.info.get("notes", []))
-    if candidates and acts.distance_source is not None:
-        # the bounds could not certify the hinge-free minimiser: measure its exact distances
-        # (one more sampling pass, N² numbers per layer) and certify it with those
-        exact = acts.distance_source(candidates)
-        certified = 0
-        for key in candidates:
-            try:
-                results[key] = one(by_key[key], exact[key])
-                pending.remove(key)
-                certified += 1
-            except NeedsExactStatistics as e:
-                reasons[key] = e.reason
-            if release:
-                by_key[key].stats = None
-        notes.append(f"{len(candidates)} layer(s) not certified by the distance bounds: {certified} certified by "
-                     "exact distances at the hinge-free minimiser (one more sampling pass)")
-    if pending:
-        if acts.exact_source is None:
-            raise _comfy.NodeError("LoRACLR Merge", f"layer {pending[0]} needs exact statistics "
-                                                    f"({reasons[pending[0]]}), and these activations cannot be "
-                                                    "collected again")
-        groups = exact_groups(acts, pending, shapes)
-        notes.append(f"{len(pending)} layer(s) needed exact statistics ({reasons[pending[0]]}): collected again "
-                     f"from the same noise in {len(groups)} group(s) within the memory budget")
-        for group in groups:
-            for layer in acts.exact_source(group):
-                results[layer.key] = one(layer)
-                del layer
-    model, clip, report = {}, {}, []
-    for layer in acts.layers:
-        res = results[layer.key]
-        if not torch.isfinite(res.delta).all():
-            raise _comfy.NodeError("LoRACLR Merge", f"the {config.method} merge gave NaN/Inf values at layer "
-                                                    f"'{layer.key}' ({acts.stage} stage); nothing is passed on")
-        (model if layer.target == "model" else clip)[layer.key] = res.delta
-        report.append(entries[layer.key])
-    settings = {k: getattr(config, k) for k in config.__dataclass_fields__}
-    info = dict(acts.info)
-    info["notes"] = notes
-    return MergedDelta(stage=acts.stage, method=config.method, concepts=acts.concepts, model=model, clip=clip,
-                       settings=settings, report=report, info=info)
+    return pending
+
+
+def _certify_with_distances(merger: _Merger, pending: dict, release: bool) -> list[str]:
+    """The second pass: where the bounds could not certify the hinge-free minimiser, measure its
+    exact distances (one more sampling pass, N² numbers per layer) and certify it with those.
+    Certified layers leave ``pending``."""
+    candidates = {k: e.candidate for k, e in pending.items() if e.candidate is not None}
+    if not candidates or merger.acts.distance_source is None:
+        return []
+    exact = merger.acts.distance_source(candidates)
+    certified = 0
+    for key in candidates:
+        try:
+            merger.merge(merger.by_key[key], exact[key])
+            del pending[key]
+            certified += 1
+        except NeedsExactStatistics as e:
+            pending[key] = e
+        if release:
+            merger.by_key[key].stats = None
+    return [f"{len(candidates)} layer(s) not certified by the distance bounds: {certified} certified by "
+            "exact distances at the hinge-free minimiser (one more sampling pass)"]
+
+
+def _merge_from_exact_statistics(merger: _Merger, pending: dict) -> list[str]:
+    """The third pass: the layers still pending, merged from exact statistics collected again in
+    groups within the memory budget."""
+    if not pending:
+        return []
+    acts, first = merger.acts, next(iter(pending))
+    if acts.exact_source is None:
+        raise _comfy.NodeError("LoRACLR Merge", f"layer {first} needs exact statistics "
+                                                f"({pending[first].reason}), and these activations cannot be "
+                                                "collected again")
+    groups = exact_groups(acts, list(pending), merger.shapes)
+    note = (f"{len(pending)} layer(s) needed exact statistics ({pending[first].reason}): collected again "
+            f"from the same noise in {len(groups)} group(s) within the memory budget")
+    for group in groups:
+        for layer in acts.exact_source(group):
+            merger.merge(layer)
+            del layer
+    return [note]
 
 
 def _report_entry(acts, layer, res) -> dict:
@@ -99,8 +142,6 @@ def _report_entry(acts, layer, res) -> dict:
 def exact_groups(acts: ActivationSet, keys, shapes) -> list[list[str]]:
     """``keys`` in order, split into groups whose exact statistics fit the memory budget
     (``shapes``: key → (in, out))."""
-    from .collection import exact_layer_bytes
-
     budget = float(acts.info.get("memory_budget_gib", DEFAULT_MEMORY_BUDGET_GIB)) * 2 ** 30
     n = len(acts.concepts)
     groups, current, used = [], [], 0
@@ -143,29 +184,39 @@ PRESETS = {
 }
 
 
-def merge_all_stages(model, clip, concepts, preset: str, config: MergeConfig, layer_filter="",
-                     steps=20, record_steps=20, width=512, height=512, seed=0, token_rows="all", first_stage=None,
-                     memory_budget_gib=None):
-    """The stages of ``preset`` in order, each collected on the model/CLIP with the previous
-    stages' merged deltas applied (the first stage reads the concepts' own LoRAs throughout).
-    ``first_stage``: the first stage's activations when already collected with these settings
-    (they do not depend on the merge settings, so a sweep over methods collects them once)."""
-    from .collection import collect_stage
+@dataclass(frozen=True)
+class AllStagesSettings:
+    """Merge (all stages)' settings: which stages (``preset``), how each is merged, and how each is
+    collected (``collect.inputs_from`` is set per stage)."""
+    preset: str = "all"
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    collect: CollectSettings = field(default_factory=CollectSettings)
 
+    @classmethod
+    def from_inputs(cls, preset="all", sample_seed=0, **inputs) -> "AllStagesSettings":
+        """From the node's inputs by name: the Merge node's inputs, the collection's, and
+        ``sample_seed`` (the spatial stage's seed)."""
+        merge = {k: inputs.pop(k) for k in MERGE_INPUTS if k in inputs}
+        return cls(preset, MergeConfig.from_inputs(**merge), CollectSettings.from_inputs(seed=sample_seed, **inputs))
+
+
+def merge_all_stages(model, clip, concepts, settings: AllStagesSettings, first_stage=None):
+    """The stages of ``settings.preset`` in order, each collected on the model/CLIP with the
+    previous stages' merged deltas applied (the first stage reads the concepts' own LoRAs
+    throughout). ``first_stage``: the first stage's activations when already collected with these
+    settings (they do not depend on the merge settings, so a sweep over methods collects them once)."""
     _comfy.check_families("LoRACLR Merge (all stages)", "LoRACLR merging", [("model", model)], [("clip", clip)])
-    if preset not in PRESETS:
+    if settings.preset not in PRESETS:
         raise _comfy.NodeError("LoRACLR Merge (all stages)", f"field 'preset' must be one of {list(PRESETS)}")
     merged_all, texts = None, []
-    for n, stage in enumerate(PRESETS[preset]):
+    for n, stage in enumerate(PRESETS[settings.preset]):
         if n == 0 and first_stage is not None:
             acts = first_stage
         else:
-            acts = collect_stage(model, clip, concepts, stage, inputs_from="concept_lora" if n == 0 else "wired",
-                                 layer_filter=layer_filter, steps=steps, record_steps=record_steps,
-                                 width=width, height=height, seed=seed, token_rows=token_rows,
-                                 **({} if memory_budget_gib is None else {"memory_budget_gib": memory_budget_gib}))
+            collect = replace(settings.collect, inputs_from="concept_lora" if n == 0 else "wired")
+            acts = collect_stage(model, clip, concepts, stage, collect)
         # these activations serve this merge alone (unless the caller shares the first stage's)
-        merged = merge_activations(acts, config, _comfy.Progress(len(acts.layers)),
+        merged = merge_activations(acts, settings.merge, _comfy.Progress(len(acts.layers)),
                                    release=first_stage is None or n > 0)
         model = _comfy.patch_model(model, merged.model, 1.0)
         clip = _comfy.patch_clip(clip, merged.clip, 1.0)

@@ -8,7 +8,7 @@ from ..cat_training import DTYPES, OPTIMIZERS, TrainConfig
 from . import _comfy, filenames
 from .display import safe_text
 from .patterns import queue_time_problem
-from .training import SAVE_FIELDS, TARGETS, save_cat_lora, train_from_inputs
+from .training import SAVE_FIELDS, TARGETS, TrainSettings, save_cat_lora, train_from_inputs
 
 TRAINED = io.Custom("LORACLR_TRAINED_LORA")
 
@@ -117,13 +117,9 @@ class TrainCATLoRA(io.ComfyNode):
         return _comfy.check_lora_choice("resume_from", resume_from, what="a run saved by Save CAT LoRA")
 
     @classmethod
-    def execute(cls, model, clip, captions, trigger, rank, alpha, target_layers, layer_pattern, steps, learning_rate,
-                optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype, gradient_checkpointing,
-                resume_from="none", preview_every=0, vae=None, images=None, latents=None):
+    def execute(cls, model, clip, *, vae=None, images=None, latents=None, **inputs):
         out_model, trained, history, steps_done, plot, text = train_from_inputs(
-            model, clip, captions, trigger, rank, alpha, target_layers, layer_pattern, steps, learning_rate, optimizer,
-            batch_size, grad_accumulation, lambda_cat, seed, training_dtype, gradient_checkpointing, resume_from,
-            preview_every, vae, images, latents, node_id=_comfy.node_id(cls))
+            model, clip, TrainSettings(**inputs), vae, images, latents, node_id=_comfy.node_id(cls))
         return io.NodeOutput(out_model, trained, history, steps_done, plot, ui=ui.PreviewText(safe_text(text)))
 
 

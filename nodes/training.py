@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -229,28 +230,57 @@ def check_rank_alpha(rank: int, alpha: float, keys, shapes):
                                      f"rank to {width} or less, or adapt other layers")
 
 
-def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target_layers, layer_pattern, steps,
-                   learning_rate, optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype,
-                   gradient_checkpointing, resume_from="none", node_id=None, preview_every=0, vae=None):
+@dataclass(frozen=True)
+class TrainSettings:
+    """One training run's settings, named as Train CAT LoRA's inputs (``trigger``: one or more,
+    comma-separated)."""
+    captions: str
+    trigger: str
+    rank: int
+    alpha: float
+    target_layers: str
+    layer_pattern: str
+    steps: int
+    learning_rate: float
+    optimizer: str
+    batch_size: int
+    grad_accumulation: int
+    lambda_cat: float
+    seed: int
+    training_dtype: str
+    gradient_checkpointing: bool
+    resume_from: str = "none"
+    preview_every: int = 0
+
+    @property
+    def triggers(self) -> list[str]:
+        return [t.strip() for t in self.trigger.split(",") if t.strip()]
+
+
+def train_cat_lora(model, clip, latents, settings: TrainSettings, node_id=None, vae=None):
+    """CAT training of ``latents`` (in the model's latent space) with ``settings``: (MODEL with the
+    LoRA, the trained LoRA)."""
+    s = settings
+    triggers = s.triggers
     _comfy.check_families(NODE, "CAT training", [("model", model)], [("clip", clip)])
     _comfy.check_sampling_support(NODE, model, what="training", supported="SD1.5-family models and SDXL are "
                                                                            "supported")
     n = latents.shape[0]
-    captions = parse_captions(captions, n)
-    if lambda_cat > 0 and not triggers:
+    captions = parse_captions(s.captions, n)
+    if s.lambda_cat > 0 and not triggers:
         raise _comfy.NodeError(NODE, "field 'trigger' is empty: the CAT term needs the trigger to remove")
-    if optimizer not in OPTIMIZERS:
-        raise _comfy.NodeError(NODE, f"field 'optimizer' must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
-    if training_dtype not in DTYPES:
-        raise _comfy.NodeError(NODE, f"field 'training_dtype' must be one of {list(DTYPES)}, got {training_dtype!r}")
-    keys = target_keys(model, target_layers, layer_pattern)
-    check_rank_alpha(rank, alpha, keys, _comfy.model_weight_shapes(model))
+    if s.optimizer not in OPTIMIZERS:
+        raise _comfy.NodeError(NODE, f"field 'optimizer' must be one of {list(OPTIMIZERS)}, got {s.optimizer!r}")
+    if s.training_dtype not in DTYPES:
+        raise _comfy.NodeError(NODE, f"field 'training_dtype' must be one of {list(DTYPES)}, got {s.training_dtype!r}")
+    keys = target_keys(model, s.target_layers, s.layer_pattern)
+    check_rank_alpha(s.rank, s.alpha, keys, _comfy.model_weight_shapes(model))
     # SDXL's size conditioning as ComfyUI's samplers build it: the image size, no crop
     scale = _comfy.latent_scale(model)
     width, height = latents.shape[-1] * scale, latents.shape[-2] * scale
     conds = _comfy.model_conditioning(NODE, model, clip, captions, width, height)
     neutral = None
-    if lambda_cat > 0:
+    if s.lambda_cat > 0:
         removers = make_removers(clip, triggers)
         tokens = []
         for c in captions:
@@ -260,23 +290,24 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
                 raise _comfy.NodeError(NODE, f"field 'captions': {e} ({', '.join(triggers)}); every caption "
                                              "must name the concept when lambda_cat > 0") from e
         neutral = _comfy.model_conditioning(NODE, model, clip, tokens, width, height)
-    cfg = TrainConfig(steps=steps, learning_rate=learning_rate, optimizer=optimizer, batch_size=batch_size,
-                      grad_accumulation=grad_accumulation, lambda_cat=lambda_cat, seed=seed, dtype=training_dtype)
+    cfg = TrainConfig(steps=s.steps, learning_rate=s.learning_rate, optimizer=s.optimizer, batch_size=s.batch_size,
+                      grad_accumulation=s.grad_accumulation, lambda_cat=s.lambda_cat, seed=s.seed,
+                      dtype=s.training_dtype)
     shapes = _comfy.model_weight_shapes(model)
     stems = _comfy.inverse_key_map(model, None, "kohya")
     base_sha = base_hash(model, keys)
-    run = {"rank": rank, "alpha": float(alpha), "target_layers": keys, "optimizer": optimizer,
-           "learning_rate": learning_rate, "batch_size": batch_size, "grad_accumulation": grad_accumulation,
-           "lambda_cat": lambda_cat, "seed": seed, "training_dtype": training_dtype, "captions": captions,
+    run = {"rank": s.rank, "alpha": float(s.alpha), "target_layers": keys, "optimizer": s.optimizer,
+           "learning_rate": s.learning_rate, "batch_size": s.batch_size, "grad_accumulation": s.grad_accumulation,
+           "lambda_cat": s.lambda_cat, "seed": s.seed, "training_dtype": s.training_dtype, "captions": captions,
            "trigger": list(triggers), "images/latents": tensor_hash(latents), "model": base_sha}
     with torch.inference_mode(False), torch.enable_grad():
         # loaded here so its tensors (optimizer moments) are normal tensors that can be updated in place
         state = None
-        if resume_from and resume_from != "none":
-            state = load_resume_state(resume_from)
-            check_resume(state, run, resume_from, steps)
-        gen = torch.Generator().manual_seed(seed)
-        adapters = {k: LoRAWeight(shapes[k], rank, alpha, generator=gen) for k in keys}
+        if s.resume_from and s.resume_from != "none":
+            state = load_resume_state(s.resume_from)
+            check_resume(state, run, s.resume_from, s.steps)
+        gen = torch.Generator().manual_seed(s.seed)
+        adapters = {k: LoRAWeight(shapes[k], s.rank, s.alpha, generator=gen) for k in keys}
         # the model computes in float32 whatever dtype ComfyUI stores it in (float16 on most GPUs);
         # bfloat16/float16 training lowers the precision of the passes with autocast on top
         mp = _comfy.attach_weight_wrappers(model, adapters, compute_dtype=torch.float32)
@@ -287,9 +318,9 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
                              device_type=predict.device.type)
         if state is not None:
             trainer.load_state(state)
-        remaining = max(0, steps - trainer.step_count)
+        remaining = max(0, s.steps - trainer.step_count)
         progress = _comfy.Progress(max(1, remaining))
-        with _comfy.GradientCheckpointing(mp, gradient_checkpointing):
+        with _comfy.GradientCheckpointing(mp, s.gradient_checkpointing):
             for _ in range(remaining):
                 _comfy.check_cancel()
                 rec = trainer.step()
@@ -300,24 +331,21 @@ def train_cat_lora(model, clip, latents, captions, triggers, rank, alpha, target
                 _comfy.send_message("loraclr.train", {"node": node_id, "step": rec.step, "loss": rec.loss,
                                                       "diffusion_loss": rec.diffusion, "cat_loss": rec.cat})
                 progress.step()
-                if preview_every > 0 and vae is not None and rec.step % preview_every == 0:
-                    progress.preview(_comfy.preview_sample(mp, vae, conds[:1], (1, *latents.shape[1:]), seed=seed))
+                if s.preview_every > 0 and vae is not None and rec.step % s.preview_every == 0:
+                    progress.preview(_comfy.preview_sample(mp, vae, conds[:1], (1, *latents.shape[1:]), seed=s.seed))
         factors = {k: (a.up.detach().to("cpu", torch.float32).clone(), a.down.detach().to("cpu", torch.float32).clone())
                    for k, a in adapters.items()}
         final_state = trainer.state()
         final_state["run"] = run
     history = [h for h in final_state["history"]]
-    trained = TrainedLoRA(factors=factors, shapes={k: shapes[k] for k in keys}, rank=rank, alpha=float(alpha),
-                          stems={k: stems.get(k) for k in keys}, triggers=list(triggers), lambda_cat=lambda_cat,
+    trained = TrainedLoRA(factors=factors, shapes={k: shapes[k] for k in keys}, rank=s.rank, alpha=float(s.alpha),
+                          stems={k: stems.get(k) for k in keys}, triggers=list(triggers), lambda_cat=s.lambda_cat,
                           steps=trainer.step_count, base_sha256=base_sha, config=cfg.as_dict(),
                           history=history, state=final_state)
     return _comfy.patch_model(model, trained.deltas(), 1.0), trained
 
 
-def train_from_inputs(model, clip, captions, trigger, rank, alpha, target_layers, layer_pattern, steps,
-                      learning_rate, optimizer, batch_size, grad_accumulation, lambda_cat, seed, training_dtype,
-                      gradient_checkpointing, resume_from="none", preview_every=0, vae=None, images=None, latents=None,
-                      node_id=None):
+def train_from_inputs(model, clip, settings: TrainSettings, vae=None, images=None, latents=None, node_id=None):
     """Train CAT LoRA's work from its inputs (training images with a VAE, or latents): (MODEL with
     the LoRA, the trained LoRA, the loss history as JSON, the step reached, the loss plot, a summary)."""
     if latents is not None:
@@ -339,12 +367,7 @@ def train_from_inputs(model, clip, captions, trigger, rank, alpha, target_layers
     # the model learns in its own latent space, where ComfyUI's samplers put every latent
     # (SD1.5: the VAE's latents × 0.18215)
     x = _comfy.model_latents(model, x)
-    triggers = [t.strip() for t in trigger.split(",") if t.strip()]
-    out_model, trained = train_cat_lora(model, clip, x, captions, triggers, rank, alpha, target_layers,
-                                        layer_pattern, steps, learning_rate, optimizer, batch_size,
-                                        grad_accumulation, lambda_cat, seed, training_dtype,
-                                        gradient_checkpointing, resume_from, node_id,
-                                        preview_every, vae)
+    out_model, trained = train_cat_lora(model, clip, x, settings, node_id, vae)
     history = json.dumps(trained.history)
     last = trained.history[-1] if trained.history else None
     text = (f"trained {len(trained.factors)} layers to step {trained.steps}"

@@ -8,6 +8,13 @@ MICRO = "loraclr_micro_sd15.safetensors"
 TEST_LORAS = ["loraclr_test/concept_a_kohya.safetensors", "loraclr_test/concept_b_peft.safetensors",
               "loraclr_test/concept_c_comfy.safetensors", "loraclr_test/concept_d_loha.safetensors",
               "loraclr_test/concept_e_lokr.safetensors"]
+# the Merge node's inputs by name, as these tests use them (``merge_args`` changes some)
+MERGE_INPUTS = dict(method="loraclr", margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001, learning_rate=1e-4,
+                    iterations=50, warm_start=True, normalize=False)
+
+
+def merge_args(method, **changes) -> dict:
+    return {**MERGE_INPUTS, "method": method, **changes}
 
 
 @pytest.fixture(scope="session")

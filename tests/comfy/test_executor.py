@@ -136,11 +136,14 @@ def test_sampling_refuses_models_whose_y_it_cannot_build(comfy_env):
     model = comfy.model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(_comfy.NodeError, match=r"Collect LoRA Activations.*SD21UnclipL.*vector y \(1536 wide\).*SDXL"):
         collect_stage(model, None, [Concept(lora=TEST_LORAS[0], prompts=("a sks",))], "spatial")
-    from comfyui_loraclr.nodes.training import train_cat_lora
+    from comfyui_loraclr.nodes.training import TrainSettings, train_cat_lora
 
+    settings = TrainSettings(captions="a sks", trigger="sks", rank=1, alpha=1.0, target_layers="attention",
+                             layer_pattern="", steps=1, learning_rate=1e-4, optimizer="AdamW", batch_size=1,
+                             grad_accumulation=1, lambda_cat=1.0, seed=0, training_dtype="float32",
+                             gradient_checkpointing=False)
     with pytest.raises(_comfy.NodeError, match=r"Train CAT LoRA.*SD21UnclipL.*training"):
-        train_cat_lora(model, None, torch.zeros(1, 4, 8, 8), "a sks", ["sks"], 1, 1.0, "attention", "", 1, 1e-4,
-                       "AdamW", 1, 1, 1.0, 0, "float32", False)
+        train_cat_lora(model, None, torch.zeros(1, 4, 8, 8), settings)
 
 
 def _interrupt_after(n_updates, target):

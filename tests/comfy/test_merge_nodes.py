@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import TEST_LORAS
+from conftest import TEST_LORAS, merge_args
 
 PROMPTS = "photo of a {}\na {} on a beach"
 
@@ -30,7 +30,7 @@ def merged_two(micro, pack):
     model, clip, _ = micro
     concepts = _concepts(pack)
     acts = pack.LoRACLRCollect.execute(model, clip, concepts, "cross_attention").result[0]
-    merged = pack.LoRACLRMerge.execute(acts, "loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 50, True, False).result[0]
+    merged = pack.LoRACLRMerge.execute(acts, **merge_args("loraclr")).result[0]
     return concepts, acts, merged
 
 
@@ -179,7 +179,7 @@ def test_baselines_in_the_same_node(pack, merged_two):
     _, acts, loraclr = merged_two
     out = {}
     for method in ("sum", "average", "least_squares"):
-        out[method] = pack.LoRACLRMerge.execute(acts, method, 0.5, 1.0, 0.1, 0.001, 1e-4, 50, True, False).result[0]
+        out[method] = pack.LoRACLRMerge.execute(acts, **merge_args(method)).result[0]
     layer = acts.layers[0]
     d = layer.delta_list()
     torch.testing.assert_close(out["sum"].model[layer.key], d[0] + d[1])

@@ -127,16 +127,17 @@ def test_compact_spatial_statistics_equal_the_exact_ones_on_sdxl(sdxl):
     """The batched compact collection (per-concept hooks, linear proj_in/out, SDXL's y) against
     the exact one (each concept sampled on its own patched model): the same sums."""
     from comfyui_loraclr.loraclr.stats import CompactAccumulator
-    from comfyui_loraclr.nodes import collection
+    from comfyui_loraclr.nodes.stages.settings import CollectSettings, SpatialSampling
+    from comfyui_loraclr.nodes.stages.spatial import collect_spatial
 
     model, clip, names, _ = sdxl
     from comfyui_loraclr.loraclr.bundle import Concept
 
     concepts = [Concept(lora=n, trigger=t, prompts=(f"photo of a {t}", f"a {t} on a beach"))
                 for n, t in zip(names, ("sks", "zwx"))]
-    kw = dict(steps=2, record_steps=2, width=64, height=64, seed=5)
-    exact = collection.collect_spatial(model, clip, concepts, statistics="exact", **kw)
-    compact = collection.collect_spatial(model, clip, concepts, statistics="compact", **kw)
+    sampling = SpatialSampling(steps=2, record_steps=2, width=64, height=64, seed=5)
+    exact = collect_spatial(model, clip, concepts, CollectSettings(spatial_statistics="exact", sampling=sampling))
+    compact = collect_spatial(model, clip, concepts, CollectSettings(spatial_statistics="compact", sampling=sampling))
     assert [la.key for la in exact.layers] == [la.key for la in compact.layers] and exact.layers
     for le, lc in zip(exact.layers, compact.layers):
         X = le.stats.X.double() if le.stats.form == "rows" else None

@@ -4,14 +4,14 @@ exact pairwise statistics), on the micro model with the test LoRA files (LoRA, L
 import pytest
 import torch
 
-from conftest import TEST_LORAS
+from conftest import TEST_LORAS, merge_args
 
 from comfyui_loraclr.loraclr import Problem
 from comfyui_loraclr.loraclr.stats import CompactAccumulator
 
 PROMPTS = "photo of a {}\na {} on a beach"
 SMALL = dict(steps=3, record_steps=3, width=64, height=64, seed=7)
-MERGE = ("least_squares", 0.5, 1.0, 0.1, 0.001, 1e-4, 0, True, False)
+MERGE = merge_args("least_squares", iterations=0)
 
 
 def _concepts(pack, names, triggers=("sks", "zwx", "qrt", "vlm", "pxo")):
@@ -64,9 +64,9 @@ def test_compact_merge_matches_the_exact_merge(both, pack):
     at most 2e-3 above the exact merge's (and within 1e-2 of it either way)."""
     _, exact, compact = both
     for method in ("least_squares", "loraclr", "sum"):
-        args = (method,) + MERGE[1:]
-        a = pack.LoRACLRMerge.execute(exact, *args).result[0]
-        b = pack.LoRACLRMerge.execute(compact, *args).result[0]
+        args = {**MERGE, "method": method}
+        a = pack.LoRACLRMerge.execute(exact, **args).result[0]
+        b = pack.LoRACLRMerge.execute(compact, **args).result[0]
         assert all(r["statistics"] == "compact" for r in b.report), [n for n in b.info["notes"]]
         for layer in exact.layers:
             W0 = layer.weight()
@@ -115,16 +115,16 @@ def test_active_hinge_collects_exact_statistics_in_groups_within_the_budget(both
     exact = _collect(pack, model, clip, concepts, "exact", inputs_from="wired")
     compact = _collect(pack, model, clip, concepts, "compact", inputs_from="wired",
                        memory_budget_gib=0.02)  # one layer (14 MB) per group
-    args = ("loraclr", 1e4, 1.0, 0.1, 0.001, 1e-3, 5, True, False)
-    a = pack.LoRACLRMerge.execute(exact, *args).result[0]
-    b = pack.LoRACLRMerge.execute(compact, *args).result[0]
+    args = merge_args("loraclr", margin=1e4, learning_rate=1e-3, iterations=5)
+    a = pack.LoRACLRMerge.execute(exact, **args).result[0]
+    b = pack.LoRACLRMerge.execute(compact, **args).result[0]
     assert all(r["statistics"] != "compact" for r in b.report)
     note = next(n for n in b.info["notes"] if "needed exact statistics" in n)
     assert f"{len(compact.layers)} layer(s)" in note and f"in {len(compact.layers)} group(s)" in note
     for k in a.model:
         assert torch.allclose(a.model[k], b.model[k], rtol=1e-4, atol=1e-7), k
     with pytest.raises(Exception, match="memory budget"):
-        pack.LoRACLRMerge.execute(_collect(pack, model, clip, concepts, "compact", memory_budget_gib=1e-4), *args)
+        pack.LoRACLRMerge.execute(_collect(pack, model, clip, concepts, "compact", memory_budget_gib=1e-4), **args)
 
 
 def test_exact_distances_certify_what_the_bounds_cannot_with_wired_inputs(both, micro, pack):
@@ -137,8 +137,8 @@ def test_exact_distances_certify_what_the_bounds_cannot_with_wired_inputs(both, 
     model, clip, _ = micro
     exact = _collect(pack, model, clip, concepts, "exact", inputs_from="wired")
     compact = _collect(pack, model, clip, concepts, "compact", inputs_from="wired")
-    args = ("loraclr",) + MERGE[1:]
-    b = pack.LoRACLRMerge.execute(compact, *args).result[0]
+    args = {**MERGE, "method": "loraclr"}
+    b = pack.LoRACLRMerge.execute(compact, **args).result[0]
     by_distance = [r for r in b.report if not r["concepts"][0].get("nearest_is_bound")]
     assert by_distance, "expected some layer the bounds could not certify"
     for r in by_distance:

@@ -1,7 +1,7 @@
 """The text-encoder and spatial stages, and the all-stages node, in-process on the micro model."""
 import torch
 
-from conftest import TEST_LORAS
+from conftest import TEST_LORAS, merge_args
 
 PROMPTS = "photo of a {}\na {} on a beach"
 SMALL = dict(steps=3, record_steps=3, width=64, height=64, seed=7)
@@ -46,7 +46,7 @@ def test_text_encoder_stage_records_the_concept_clip_layers(micro, pack):
     module = comfy.utils.get_attr(clip.cond_stage_model, layer.key[: -len(".weight")])
     real = _module_outputs(clip_a, module, lambda: [nodes.CLIPTextEncode().encode(clip_a, p)
                                                    for p in concepts[0].prompts])
-    merged = pack.LoRACLRMerge.execute(acts, "least_squares", 0.5, 1.0, 0.1, 0.001, 1e-4, 0, True, False).result[0]
+    merged = pack.LoRACLRMerge.execute(acts, **merge_args("least_squares", iterations=0)).result[0]
     assert set(merged.clip) == set(keys) and not merged.model
     stats = layer.stats
     assert stats.rows == real.shape[0] == 2 * 77
@@ -79,10 +79,10 @@ def test_spatial_stage_samples_in_lockstep_with_bounded_memory(micro, pack):
         assert twice.nbytes() == more.nbytes()
 
     # compact statistics (the default): no per-concept errors, a certified bound on the nearest other
-    merged = pack.LoRACLRMerge.execute(acts, "loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 20, True, False).result[0]
+    merged = pack.LoRACLRMerge.execute(acts, **merge_args("loraclr", iterations=20)).result[0]
     assert all(r["statistics"] == "compact" and r["objective"] is not None for r in merged.report)
     exact = pack.LoRACLRCollect.execute(model, clip, concepts, "spatial", **SMALL, spatial_statistics="exact").result[0]
-    merged = pack.LoRACLRMerge.execute(exact, "loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 20, True, False).result[0]
+    merged = pack.LoRACLRMerge.execute(exact, **merge_args("loraclr", iterations=20)).result[0]
     for r in merged.report:
         for c in r["concepts"]:
             assert c["relative_error"] < 1.0
@@ -102,8 +102,8 @@ def test_all_stages_node_merges_every_stage_in_order(micro, pack):
     model, clip, _ = micro
     concepts = _concepts(pack)
     m, c, merged, report = pack.LoRACLRMergeAllStages.execute(
-        model, clip, concepts, "all", "", "loraclr", 0.5, 1.0, 0.1, 0.001, 1e-4, 10, True, False, "float32",
-        3, 3, 64, 64, 7).result
+        model, clip, concepts, preset="all", layer_filter="", **merge_args("loraclr", iterations=10),
+        compute_dtype="float32", steps=3, record_steps=3, width=64, height=64, sample_seed=7).result
     assert len(merged.clip) == 12 and len(merged.model) == 8 + 12
     assert "text_encoder merge" in report and "cross_attention merge" in report and "spatial merge" in report
     assert len(m.patches) - len(model.patches) == 20
@@ -115,7 +115,7 @@ def test_one_concept_gives_its_own_delta(micro, pack):
     concepts = _concepts(pack, TEST_LORAS[:1], ("sks",))
     acts = pack.LoRACLRCollect.execute(model, clip, concepts, "cross_attention").result[0]
     for method in ("loraclr", "least_squares", "sum"):
-        merged = pack.LoRACLRMerge.execute(acts, method, 0.5, 1.0, 0.1, 0.001, 1e-4, 50, True, False).result[0]
+        merged = pack.LoRACLRMerge.execute(acts, **merge_args(method)).result[0]
         for layer in acts.layers:
             d = layer.deltas[0]
             # within the span of the concept's inputs the merged delta acts as the concept's own

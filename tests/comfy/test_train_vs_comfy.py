@@ -56,8 +56,10 @@ def test_plain_mode_learns_as_well_as_train_lora_node(micro, pack, comfy_env):
 
     before = _eval(model, latents, cond)
     with torch.inference_mode():
-        ours = pack.TrainCATLoRA.execute(model, clip, caption, "sks", RANK, float(RANK), "all", "", STEPS, LR, "AdamW",
-                                         1, 1, 0.0, 0, "float32", False, "none",
+        ours = pack.TrainCATLoRA.execute(model, clip, captions=caption, trigger="sks", rank=RANK, alpha=float(RANK),
+                                         target_layers="all", layer_pattern="", steps=STEPS, learning_rate=LR,
+                                         optimizer="AdamW", batch_size=1, grad_accumulation=1, lambda_cat=0.0, seed=0,
+                                         training_dtype="float32", gradient_checkpointing=False, resume_from="none",
                                          latents={"samples": latents}).result[0]
         theirs = train_lora_node(model, [{"samples": latents[i:i + 1]} for i in range(4)],
                                  nodes.CLIPTextEncode().encode(clip, caption)[0], STEPS, LR, RANK)
