@@ -149,12 +149,12 @@ def main(argv=None):
         return hero(args.hero)
     import torch
 
+    t0 = time.time()
+    model, clip, vae = world_eval.load_world()  # first: it puts ComfyUI and the pack on the path
     from comfyui_loraclr.loraclr import MergeConfig
     from comfyui_loraclr.nodes.merging import AllStagesSettings, merge_all_stages
     from sprite_world import render
 
-    t0 = time.time()
-    model, clip, vae = world_eval.load_world()
     judge = Judge(vae, world_eval.detector(), args.samples, [int(s) for s in args.seeds.split(",")],
                   args.kp_samples)
     available = []
@@ -257,11 +257,11 @@ def hero(out_path: str, seed: int = 42, n: int = 4):
     import torch
     from PIL import Image
 
+    model, clip, vae = world_eval.load_world()  # first: it puts ComfyUI and the pack on the path
     from comfyui_loraclr.loraclr import MergeConfig
     from comfyui_loraclr.nodes.merging import AllStagesSettings, merge_all_stages
     from sprite_world import render
 
-    model, clip, vae = world_eval.load_world()
     verdicts = world_eval.detector()
     a, b = render.CONCEPTS[0], render.CONCEPTS[1]
     prompt = render.caption([(a.cls, a.trigger), (b.cls, b.trigger)])
