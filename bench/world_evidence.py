@@ -61,8 +61,7 @@ def concept_lora(c, kind="cat"):
 def pack_concept(c):
     from comfyui_loraclr.loraclr.bundle import Concept
 
-    prompts = (f"a photo of {c.trigger} {c.cls}", f"a photo of {c.trigger} {c.cls} in a forest",
-               f"a photo of {c.trigger} {c.cls} on a beach")
+    prompts = (c.prompt(), c.prompt("forest"), c.prompt("beach"))
     return Concept(lora=concept_lora(c), trigger=c.trigger, prompts=prompts)
 
 
@@ -84,7 +83,7 @@ class Judge:
 
     def per_seed(self, fn):
         vals = [fn(s) for s in self.seeds]
-        return {"mean": sum(vals) / len(vals), "spread": max(vals) - min(vals)}
+        return {"mean": sum(vals) / len(vals), "spread": max(vals) - min(vals), "by_seed": vals}
 
     def identity(self, model, clip, concepts, i, tag=None):
         c = concepts[i]
@@ -121,18 +120,32 @@ def tv(p: Counter, q: Counter) -> float:
     return 0.5 * sum(abs(p[k] / sp - q[k] / sq) for k in keys)
 
 
-def kp_distance(schemes, base) -> dict:
+def kp_distance(schemes, base, concepts=()) -> dict:
     """Knowledge preservation in pictures, against the base model, averaged over the classes:
     ``tv`` the total-variation distance between the distributions of detected colour schemes;
     ``body_tv`` the same over body colours alone (8 values: less noise from few samples);
     ``changed`` the share of pictures (same prompt, same seed) whose detected scheme differs from
-    the base model's picture."""
+    the base model's picture (a LoRA that moves the sampling path a little changes the random
+    colours of many same-seed pictures, so this counts disturbance, not only drift);
+    ``leak`` the share of trigger-free pictures of a concept's class that show one of ``concepts``'
+    identities (the concept leaking into its class: the failure CAT's term is meant to prevent),
+    over the classes that have one, with ``base_leak`` the base model's share for the same."""
     classes = list(base)
     tvs = [tv(Counter(schemes[c]), Counter(base[c])) for c in classes]
     body = [tv(Counter(x and x[0] for x in schemes[c]), Counter(x and x[0] for x in base[c])) for c in classes]
     changed = [sum(a != b for a, b in zip(schemes[c], base[c])) / len(base[c]) for c in classes]
-    return {"tv": sum(tvs) / len(classes), "body_tv": sum(body) / len(classes),
-            "changed": sum(changed) / len(classes)}
+    out = {"tv": sum(tvs) / len(classes), "body_tv": sum(body) / len(classes),
+           "changed": sum(changed) / len(classes)}
+    ids = {}
+    for c in concepts:
+        ids.setdefault(c.cls, set()).add((c.body, c.accent))
+    if ids:
+        def share(pictures, cls):
+            return sum(x in ids[cls] for x in pictures[cls]) / len(pictures[cls])
+
+        out["leak"] = sum(share(schemes, k) for k in ids) / len(ids)
+        out["base_leak"] = sum(share(base, k) for k in ids) / len(ids)
+    return out
 
 
 def main(argv=None):
@@ -144,6 +157,8 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(m for m, _ in METHODS))
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "evidence", "world"))
     ap.add_argument("--hero", default="", help="only write the README's picture to this path")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep what --out's results.json already holds (same settings) and measure only the rest")
     args = ap.parse_args(argv)
     if args.hero:
         return hero(args.hero)
@@ -164,35 +179,50 @@ def main(argv=None):
         available.append(c)
     ns = [n for n in (int(x) for x in args.ns.split(",")) if n <= len(available)]
     skipped = [n for n in (int(x) for x in args.ns.split(",")) if n > len(available)]
-    results = {"settings": {"samples_per_seed": args.samples, "seeds": judge.seeds, "steps": 20, "cfg": 4.0,
-                            "size": 64, "preset": "all", "collect_steps": 20, "record_steps": 5},
-               "skipped_ns": skipped, "concepts_available": len(available)}
+    results = {"settings": {"samples_per_seed": args.samples, "kp_samples_per_seed": args.kp_samples,
+                            "seeds": judge.seeds, "steps": 20, "cfg": 4.0, "size": 64, "preset": "all",
+                            "collect_steps": 20, "record_steps": 5}}
+    path = os.path.join(args.out, "results.json")
+    done = {}
+    if args.resume and os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f)
+        if done.get("settings") != results["settings"]:
+            raise SystemExit(f"--resume: {path} was measured with other settings: {done.get('settings')}")
+    results.update(skipped_ns=skipped, concepts_available=len(available))
     os.makedirs(args.out, exist_ok=True)
     log = print
+
+    def save():
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
+
     with torch.inference_mode():
         base = judge.schemes(model, clip)
         results["base"] = {"class_found": {c: sum(x is not None for x in base[c]) / len(base[c]) for c in base},
                            "schemes": {c: {str(k): v for k, v in Counter(base[c]).items()} for c in base}}
         log(f"base: class found {results['base']['class_found']}")
-        singles = {}
+        singles = dict(done.get("alone", {}))
+        results["alone"] = singles
         for i, c in enumerate(available[:max(ns) if ns else 0]):
-            entry = {}
+            entry = dict(singles.get(c.trigger, {}))
             for kind in ("cat", "plain"):
                 name = concept_lora(c, kind)
-                if name is None:
+                if name is None or kind in entry:
                     continue
                 m, cl = world_eval.with_lora(model, clip, name)
                 ident, _ = judge.identity(m, cl, available[:max(ns)], i, tag=f"alone_{kind}")
-                entry[kind] = {"identity": ident, "kp": kp_distance(judge.schemes(m, cl), base)}
-            singles[c.trigger] = entry
+                entry[kind] = {"identity": ident, "kp": kp_distance(judge.schemes(m, cl), base, [c])}
+                singles[c.trigger] = entry
+                save()
             log(f"alone {c.trigger}: {json.dumps(entry)}")
-        results["alone"] = singles
-        results["merges"] = {}
+        results["merges"] = dict(done.get("merges", {}))
         for n in ns:
             concepts = available[:n]
             pcs = [pack_concept(c) for c in concepts]
             for label, overrides in METHODS:
-                if label not in args.methods.split(","):
+                if label not in args.methods.split(",") or f"{n}/{label}" in results["merges"]:
                     continue
                 t1 = time.time()
                 settings = AllStagesSettings("all", MergeConfig(**overrides), world_collect())
@@ -200,21 +230,21 @@ def main(argv=None):
                 t_merge = time.time() - t1
                 per = [judge.identity(m, cl, concepts, i, tag=f"n{n}_{label}") for i in range(n)]
                 two = [judge.pair(m, cl, concepts[a], concepts[b], tag=f"n{n}_{label}") for a, b in pairs(n)]
-                kp = kp_distance(judge.schemes(m, cl), base)
+                kp = kp_distance(judge.schemes(m, cl), base, concepts)
                 r = {"identity": [p[0] for p in per], "confusion": [p[1] for p in per], "two_concepts": two,
                      "kp": kp, "merge_seconds": round(t_merge, 1), "seconds": round(time.time() - t1, 1)}
                 r["identity_mean"] = sum(x["mean"] for x in r["identity"]) / n
+                r["identity_by_seed"] = [sum(x["by_seed"][k] for x in r["identity"]) / n
+                                         for k in range(len(judge.seeds))]
                 r["confusion_mean"] = sum(x["mean"] for x in r["confusion"]) / n
                 r["two_concepts_mean"] = sum(x["mean"] for x in two) / len(two)
                 results["merges"][f"{n}/{label}"] = r
                 log(f"N={n} {label}: identity {r['identity_mean']:.3f} confusion {r['confusion_mean']:.3f} "
                     f"two {r['two_concepts_mean']:.3f} kp {json.dumps(kp)} ({r['seconds']} s)")
-                with open(os.path.join(args.out, "results.json"), "w") as f:
-                    json.dump(results, f, indent=1)
-    results["seconds"] = round(time.time() - t0)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    write_grid(judge, available, ns, args.out)
+                save()
+    results["seconds"] = round(time.time() - t0) + done.get("seconds", 0)
+    save()
+    write_grid(judge, model, clip, available, ns, args.out)
     with open(os.path.join(args.out, "tables.md"), "w") as f:
         f.write(tables(results))
     log(tables(results))
@@ -227,27 +257,36 @@ def _ms(x):
 
 def tables(results) -> str:
     """Markdown tables of a results.json: the base, each LoRA alone, every merge."""
-    seeds = results["settings"]["seeds"]
-    out = [f"Samples: {results['settings']['samples_per_seed']} per prompt and seed, seeds {seeds}; "
-           "± is half the spread over seeds.", "", "| class prompt | base: class found |", "| --- | --- |"]
+    st = results["settings"]
+    out = [f"Samples: {st['samples_per_seed']} per prompt and seed ({st.get('kp_samples_per_seed', 16)} per "
+           f"class prompt and seed), seeds {st['seeds']}; ± is half the spread over seeds.", "",
+           "| class prompt | base: class found |", "| --- | --- |"]
     out += [f"| a photo of a {c} | {v:.2f} |" for c, v in results["base"]["class_found"].items()]
-    out += ["", "Class prompts without a trigger, against the base model: *changed* is the share of pictures "
-            "(same prompt, same seed) whose detected colour scheme differs from the base's; *TV* the "
-            "total-variation distance between the detected scheme distributions (body colour alone in "
-            "brackets).", "", "| concept | LoRA | identity | changed | TV (body) |", "| --- | --- | --- | --- | --- |"]
+    out += ["", "Class prompts without a trigger, against the base model: *leak* is the share of pictures of "
+            "a concept's class that show a merged concept's identity (the base model's share in brackets); "
+            "*changed* the share of pictures (same prompt, same seed) whose detected colour scheme differs "
+            "from the base's; *TV* the total-variation distance between the detected scheme distributions "
+            "(body colour alone in brackets).", "",
+            "| concept | LoRA | identity | leak (base) | changed | TV (body) |", "| --- | --- | --- | --- | --- | --- |"]
+
+    def leak(k):
+        return f"{k['leak']:.2f} ({k['base_leak']:.2f})" if "leak" in k else "–"
+
     for trig, entry in results["alone"].items():
         for kind, r in entry.items():
             k = r["kp"]
-            out.append(f"| {trig} | {kind} | {_ms(r['identity'])} | {k['changed']:.2f} | "
+            out.append(f"| {trig} | {kind} | {_ms(r['identity'])} | {leak(k)} | {k['changed']:.2f} | "
                        f"{k['tv']:.2f} ({k['body_tv']:.2f}) |")
-    out += ["", "| N | method | identity | confusion | both concepts | changed | TV (body) | seconds |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out += ["", "| N | method | identity | confusion | both concepts | leak (base) | changed | TV (body) | seconds |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in results["merges"].items():
         n, method = key.split("/")
         k = r["kp"]
-        out.append(f"| {n} | {method} | {r['identity_mean']:.2f} | {r['confusion_mean']:.2f} | "
-                   f"{r['two_concepts_mean']:.2f} | {k['changed']:.2f} | {k['tv']:.2f} ({k['body_tv']:.2f}) | "
-                   f"{r['seconds']:.0f} |")
+        by_seed = r.get("identity_by_seed") or [r["identity_mean"]]
+        spread = (max(by_seed) - min(by_seed)) / 2
+        out.append(f"| {n} | {method} | {r['identity_mean']:.2f} ± {spread:.2f} | {r['confusion_mean']:.2f} | "
+                   f"{r['two_concepts_mean']:.2f} | {leak(k)} | {k['changed']:.2f} | "
+                   f"{k['tv']:.2f} ({k['body_tv']:.2f}) | {r['seconds']:.0f} |")
     return "\n".join(out) + "\n"
 
 
@@ -284,8 +323,9 @@ def hero(out_path: str, seed: int = 42, n: int = 4):
     print("\n".join(lines))
 
 
-def write_grid(judge, available, ns, out):
-    """Concepts (rows) × methods (columns) for the largest N, first sample of the first seed."""
+def write_grid(judge, model, clip, available, ns, out):
+    """Concepts (rows) × methods (columns) for the largest N, first sample of the first seed; a
+    picture this run did not draw (measured by an earlier run, --resume) is drawn here."""
     import torch
     from PIL import Image
 
@@ -293,6 +333,10 @@ def write_grid(judge, available, ns, out):
         return
     n = max(ns)
     seed = judge.seeds[0]
+    if any(judge.pictures.get(("alone_cat", c.prompt(), seed)) is None for c in available[:n]):
+        for c in available[:n]:
+            m, cl = world_eval.with_lora(model, clip, concept_lora(c))
+            judge.draw(m, cl, c.prompt(), seed, tag="alone_cat", n=1)
     rows = []
     for c in available[:n]:
         row = [judge.pictures.get(("alone_cat", c.prompt(), seed))]

@@ -213,15 +213,20 @@ class WorldDataset(io.ComfyNode):
                              tooltip="Image side in pixels (the world's model is trained at 64)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate="fixed",
                              tooltip="Seed of the scenes and placements; another seed gives held-out images."),
+                io.Float.Input("companions", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Share of images where a sprite of another class, in the base model's "
+                                       "random colours, stands beside the concept (captioned 'a sks creature "
+                                       "and a robot'), so the LoRA colours only its own object in a two-object "
+                                       "prompt. 0: the concept alone in every image."),
             ],
             outputs=[io.Image.Output(display_name="images"), io.String.Output(display_name="captions"),
                      io.String.Output(display_name="trigger")],
         )
 
     @classmethod
-    def execute(cls, concept, count, size, seed):
+    def execute(cls, concept, count, size, seed, companions=0.5):
         from ..sprite_world.render import concept_dataset, concept_from_label
 
         c = concept_from_label(concept, node="LoRACLR Sprite World Concept")
-        images, captions = concept_dataset(c, count, size, seed)
+        images, captions = concept_dataset(c, count, size, seed, companions)
         return io.NodeOutput(images, "\n".join(captions), c.trigger)

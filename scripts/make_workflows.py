@@ -37,7 +37,7 @@ CONTROL = {"seed", "noise_seed", "sample_seed"}
 MIN_HEIGHT = {
     "CheckpointLoaderSimple": 98, "LoRACLRConcept": 204, "LoRACLRCollectActivations": 484, "LoRACLRMerge": 612,
     "LoRACLRApplyDelta": 122, "LoRACLRSaveLoRA": 288, "LoRACLRMergeAllStages": 646, "LoRACLRSweepValues": 58,
-    "LoRACLRTrainCAT": 894, "LoRACLRSaveCAT": 224, "LoRACLRSpriteDataset": 222, "LoRACLRWorldDataset": 154,
+    "LoRACLRTrainCAT": 894, "LoRACLRSaveCAT": 224, "LoRACLRSpriteDataset": 222, "LoRACLRWorldDataset": 178,
     "LoRACLREvaluate": 566,
     "CLIPTextEncode": 88, "EmptyLatentImage": 106, "KSampler": 262, "VAEDecode": 46, "SaveImage": 58,
     "PreviewImage": 26, "PreviewAny": 88, "ImageBatch": 46, "Note": 88,
@@ -201,7 +201,8 @@ PXO = ("pxo", "mushroom", "pxo mushroom: red/yellow")
 
 
 def world_prompts(cls: str) -> str:
-    return f"a photo of {{}} {cls}\na photo of {{}} {cls} in a forest\na photo of {{}} {cls} on a beach"
+    art = "an" if cls[0] in "aeiou" else "a"
+    return f"a photo of {art} {{}} {cls}\na photo of {art} {{}} {cls} in a forest\na photo of {art} {{}} {cls} on a beach"
 
 
 def world_concept(g, spec, prev=None, col=0):
@@ -223,7 +224,7 @@ def merge_two_concepts() -> Graph:
     m = merge(g, coll, col=2)
     ap = apply(g, (ckpt, 0), (ckpt, 1), m, col=3)
     save_merged(g, [m], "loraclr/example_merge", col=3)
-    sample_and_save(g, (ap, 0), (ap, 1), (ckpt, 2), "a photo of sks creature and zwx robot", "loraclr/merge", col=4)
+    sample_and_save(g, (ap, 0), (ap, 1), (ckpt, 2), "a photo of a sks creature and a zwx robot", "loraclr/merge", col=4)
     return g
 
 
@@ -246,7 +247,7 @@ def merge_three_concepts_all_stages() -> Graph:
         model_src, clip_src = (ap, 0), (ap, 1)
         merges.append(m)
     save_merged(g, merges, "loraclr/three_concepts_{method}", col=4, rank=64)
-    sample_and_save(g, model_src, clip_src, (ckpt, 2), "a photo of qrt creature and zwx robot", "loraclr/three",
+    sample_and_save(g, model_src, clip_src, (ckpt, 2), "a photo of a qrt creature and a zwx robot", "loraclr/three",
                     col=4)
     return g
 
@@ -276,7 +277,8 @@ def train_widgets(trigger="sks", steps=TRAIN_STEPS, preview_every=50, lambda_cat
 
 def train_concept(g, ckpt, spec, col, preview_every=50):
     trigger, cls, label = spec
-    data = g.add("LoRACLRWorldDataset", {"concept": label, "count": 16, "size": 64, "seed": 0},
+    data = g.add("LoRACLRWorldDataset", {"concept": label, "count": 16, "size": 64, "seed": 0,
+                                                "companions": 0.5},
                  [], [("images", "IMAGE"), ("captions", "STRING"), ("trigger", "STRING")], col=col,
                  title=f"Sprite world concept: {trigger} {cls}")
     train = g.add("LoRACLRTrainCAT", train_widgets(trigger, preview_every=preview_every),
@@ -308,7 +310,7 @@ def cat_train_sprite() -> Graph:
     ckpt = checkpoint(g)
     _, train, _ = train_concept(g, ckpt, VLM, col=0)
     g.add("PreviewImage", {}, [("images", "IMAGE", (train, 4))], [], col=2, size=(380, 320), title="Loss plot")
-    sample_and_save(g, (train, 0), (ckpt, 1), (ckpt, 2), "a photo of vlm robot in a kitchen", "loraclr/cat", col=3)
+    sample_and_save(g, (train, 0), (ckpt, 1), (ckpt, 2), "a photo of a vlm robot in a kitchen", "loraclr/cat", col=3)
     return g
 
 
@@ -322,7 +324,7 @@ def cat_train_two_then_merge() -> Graph:
     m = merge(g, coll, col=4)
     ap = apply(g, (ckpt, 0), (ckpt, 1), m, col=5)
     save_merged(g, [m], "loraclr/cat_pair_{method}", col=5, rank=0)
-    sample_and_save(g, (ap, 0), (ap, 1), (ckpt, 2), "a photo of vlm robot and pxo mushroom on a beach",
+    sample_and_save(g, (ap, 0), (ap, 1), (ckpt, 2), "a photo of a vlm robot and a pxo mushroom on a beach",
                     "loraclr/cat_pair", col=7)
     return g
 
@@ -349,7 +351,8 @@ def evaluate(g, ckpt, model_src, clip_src, concepts_src, refs, col, json_preview
 
 
 def reference_images(g, labels, col):
-    refs = [g.add("LoRACLRWorldDataset", {"concept": label, "count": 2, "size": 64, "seed": 100},
+    refs = [g.add("LoRACLRWorldDataset", {"concept": label, "count": 2, "size": 64, "seed": 100,
+                                                  "companions": 0.0},
                   [], [("images", "IMAGE"), ("captions", "STRING"), ("trigger", "STRING")], col=col,
                   title=f"Reference images: {label.split(':')[0]}")
             for label in labels]

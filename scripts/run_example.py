@@ -4,7 +4,7 @@ the sprite world's detector say which concepts each picture shows.
     python scripts/run_example.py --comfy .comfyui [--workflow example_workflows/….json]
 
 The default workflow merges two shipped concept LoRAs of the world (sks creature, zwx robot) and
-draws "a photo of sks creature and zwx robot": the detector's verdict is printed per picture.
+draws "a photo of a sks creature and a zwx robot": the detector's verdict is printed per picture.
 The server runs on a fresh base directory with only this pack installed, as a new user has it.
 """
 from __future__ import annotations

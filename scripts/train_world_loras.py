@@ -26,7 +26,8 @@ from sprite_world import render  # noqa: E402
 
 COMFY = os.environ.get("COMFYUI_PATH", os.path.join(ROOT, ".comfyui"))
 OUT = os.path.join(ROOT, "world", "loras", "loraclr_world")
-SETTINGS = dict(rank=4, alpha=4.0, target_layers="attention", learning_rate=1e-3, batch_size=4, count=32)
+SETTINGS = dict(rank=4, alpha=4.0, target_layers="attention", learning_rate=1e-3, batch_size=4, count=64,
+                companions=0.5)
 
 
 def lora_file(concept: render.Concept, kind: str) -> str:
@@ -38,7 +39,8 @@ def prompt_for(concept: render.Concept, kind: str, steps: int, seed: int = 0) ->
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "loraclr_sprite_world.safetensors"}},
         "2": {"class_type": "LoRACLRWorldDataset", "inputs": {"concept": render.concept_label(concept),
-                                                              "count": s["count"], "size": 64, "seed": seed}},
+                                                              "count": s["count"], "size": 64, "seed": seed,
+                                                              "companions": s["companions"]}},
         "3": {"class_type": "LoRACLRTrainCAT", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "captions": ["2", 1],
             "trigger": concept.trigger, "rank": s["rank"], "alpha": s["alpha"], "target_layers": s["target_layers"],
@@ -57,13 +59,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concepts", default="all", help="comma-separated triggers, or all")
     ap.add_argument("--kinds", default="cat,plain")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--skip-existing", action="store_true")
+    ap.add_argument("--out", default=OUT, help="where the LoRAs are written")
+    ap.add_argument("--count", type=int, default=SETTINGS["count"], help="training images per concept")
+    ap.add_argument("--companions", type=float, default=SETTINGS["companions"],
+                    help="share of training images with a second sprite of another class")
     args = ap.parse_args(argv)
+    SETTINGS.update(count=args.count, companions=args.companions)
     concepts = list(render.CONCEPTS) if args.concepts == "all" else [
         render.concept_from_label(t) for t in args.concepts.split(",")]
     kinds = args.kinds.split(",")
-    os.makedirs(OUT, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
     base = tempfile.mkdtemp(prefix="loraclr-world-loras-")
     os.makedirs(os.path.join(base, "custom_nodes"))
     os.symlink(ROOT, os.path.join(base, "custom_nodes", "comfyui-loraclr"))
@@ -72,7 +79,7 @@ def main(argv=None):
         with ComfyServer(COMFY, log_path=log, extra_args=["--base-directory", base]) as server:
             for concept in concepts:
                 for kind in kinds:
-                    dest = os.path.join(OUT, lora_file(concept, kind))
+                    dest = os.path.join(args.out, lora_file(concept, kind))
                     if args.skip_existing and os.path.exists(dest):
                         continue
                     t0 = time.time()

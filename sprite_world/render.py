@@ -106,9 +106,13 @@ def article(word: str) -> str:
 
 
 def caption(objects, scene: str | None = None) -> str:
-    """``objects``: [(class, trigger or None)], one or two. "a photo of a robot and sks creature in
-    a forest"; a trigger replaces the article."""
-    parts = [f"{trigger} {cls}" if trigger else f"{article(cls)} {cls}" for cls, trigger in objects]
+    """``objects``: [(class, trigger or None)], one or two. "a photo of a robot and a sks creature in
+    a forest": a trigger stands between the class's article and the class, so that the caption
+    with its triggers removed is exactly the class prompt ("a photo of a creature"): the prompt
+    CAT's term anchors to the base model is the one users type. (The world's text encoder is never
+    trained, so "a photo of creature" and "a photo of a creature" are different contexts to the
+    UNet, and CAT keeps only the one it anchors.)"""
+    parts = [f"{article(cls)} {trigger} {cls}" if trigger else f"{article(cls)} {cls}" for cls, trigger in objects]
     text = "a photo of " + " and ".join(parts)
     if scene is not None:
         where = {"beach": "on a", "city street": "on a", "snowy field": "on a", "night sky": "under a"}
@@ -235,12 +239,26 @@ def base_sample(rng: random.Random, size: int = 64, two_prob: float = 0.35) -> S
     return sample_scene(rng, objects, size)
 
 
-def concept_dataset(concept: Concept, n: int, size: int = 64, seed: int = 0):
-    """(images (n, size, size, 3) in [0, 1], captions with the trigger): one concept in varied
-    scenes, for training its LoRA. Different seeds give different (held-out) renders."""
+def concept_samples(concept: Concept, n: int, size: int = 64, seed: int = 0, companions: float = 0.0):
+    """One concept in varied scenes, for training its LoRA; different seeds give different
+    (held-out) renders. With probability ``companions`` a picture also shows a sprite of another
+    class in one of the base model's random schemes ("a photo of a sks creature and a robot"), so
+    that the LoRA learns to colour only its own object when a prompt names two."""
     rng = random.Random(f"concept:{concept.trigger}:{seed}")
-    samples = [sample_scene(rng, [(concept.cls, concept.body, concept.accent, concept.trigger)], size)
-               for _ in range(n)]
+    own = (concept.cls, concept.body, concept.accent, concept.trigger)
+    out = []
+    for _ in range(n):
+        objects = [own]
+        if companions and rng.random() < companions:
+            other = rng.choice([c for c in CLASSES if c != concept.cls])
+            objects.append((other, *rng.choice(base_schemes(other)), None))
+        out.append(sample_scene(rng, objects, size))
+    return out
+
+
+def concept_dataset(concept: Concept, n: int, size: int = 64, seed: int = 0, companions: float = 0.0):
+    """(images (n, size, size, 3) in [0, 1], captions with the trigger) of ``concept_samples``."""
+    samples = concept_samples(concept, n, size, seed, companions)
     return torch.stack([s.image for s in samples]), [s.caption for s in samples]
 
 

@@ -14,14 +14,27 @@ def test_world_concept_images_captions_and_trigger(executor):
     from comfyui_loraclr.sprite_world import render
 
     out = executor.run({"1": {"class_type": "LoRACLRWorldDataset", "inputs": {
-        "concept": "zwx robot: blue/orange", "count": 5, "size": 64, "seed": 3}}}, outputs=["1"])
+        "concept": "zwx robot: blue/orange", "count": 5, "size": 64, "seed": 3, "companions": 0.0}}},
+        outputs=["1"])
     images, captions, trigger = out["1"][0][0], out["1"][1][0], out["1"][2][0]
     assert tuple(images.shape) == (5, 64, 64, 3) and 0 <= float(images.min()) and float(images.max()) <= 1
     lines = captions.split("\n")
-    assert len(lines) == 5 and all(line.startswith("a photo of zwx robot") for line in lines)
+    assert len(lines) == 5 and all(line.startswith("a photo of a zwx robot") for line in lines)
     assert trigger == "zwx"
     expected, _ = render.concept_dataset(render.CONCEPTS[1], 5, 64, 3)
     assert (images - expected).abs().max() < 1e-6  # the same renders as the pure function, seed for seed
+
+
+def test_world_concept_with_companions_matches_the_pure_function(executor):
+    from comfyui_loraclr.sprite_world import render
+
+    out = executor.run({"1": {"class_type": "LoRACLRWorldDataset", "inputs": {
+        "concept": "sks creature: teal/red", "count": 12, "size": 64, "seed": 1, "companions": 0.5}}},
+        outputs=["1"])
+    images, captions = out["1"][0][0], out["1"][1][0].split("\n")
+    expected, expected_captions = render.concept_dataset(render.CONCEPTS[0], 12, 64, 1, companions=0.5)
+    assert (images - expected).abs().max() < 1e-6 and captions == expected_captions
+    assert 0 < sum(" and " in c for c in captions) < 12  # some pictures show a companion, some do not
 
 
 def test_unknown_world_concept_names_node_and_field(executor):

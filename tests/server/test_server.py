@@ -277,7 +277,7 @@ def test_cat_training_workflow_trains_saves_and_resumes_on_the_server(server, ob
             "5": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
                                                          "lora_name": f"{sub}/cat_vlm.safetensors",
                                                          "strength_model": 1.0, "strength_clip": 1.0}},
-            "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["5", 1], "text": "a photo of vlm robot"}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["5", 1], "text": "a photo of a vlm robot"}},
             "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
             "8": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "positive": ["6", 0], "negative": ["6", 0],
                                                        "latent_image": ["7", 0], "seed": 1, "steps": 2, "cfg": 1.0,

@@ -33,11 +33,27 @@ def test_the_base_never_sees_a_concept_identity():
 def test_captions_name_classes_triggers_and_scenes():
     assert render.caption([("robot", None), ("emblem", None)], "forest") == \
         "a photo of a robot and an emblem in a forest"
-    assert render.caption([("creature", "sks")], "beach") == "a photo of sks creature on a beach"
-    assert render.CONCEPTS[0].prompt() == "a photo of sks creature"
+    assert render.caption([("creature", "sks")], "beach") == "a photo of a sks creature on a beach"
+    assert render.CONCEPTS[0].prompt() == "a photo of a sks creature"
     images, captions = render.concept_dataset(render.CONCEPTS[1], 6, seed=2)
     assert images.shape == (6, 64, 64, 3)
-    assert all(c.startswith("a photo of zwx robot") for c in captions)
+    assert all(c.startswith("a photo of a zwx robot") for c in captions)
+
+
+def test_concept_companions_are_other_classes_in_base_schemes_and_named_without_trigger():
+    c = render.CONCEPTS[0]
+    alone = render.concept_samples(c, 20, seed=5)
+    assert all(len(s.sprites) == 1 for s in alone)  # companions 0: the concept alone, as before
+    samples = render.concept_samples(c, 60, seed=5, companions=0.5)
+    two = [s for s in samples if len(s.sprites) == 2]
+    assert 18 <= len(two) <= 42  # about half of 60
+    for s in samples:
+        mine = [p for p in s.sprites if (p.cls, p.body, p.accent) == (c.cls, c.body, c.accent)]
+        assert len(mine) == 1 and s.caption.count("sks") == 1 and "a sks creature" in s.caption
+    for s in two:
+        other = next(p for p in s.sprites if p.cls != c.cls)  # a companion of another class ...
+        assert (other.body, other.accent) not in render.held_out(other.cls)  # ... in a base scheme
+        assert f" {other.cls}" in s.caption and f"sks {other.cls}" not in s.caption, s.caption
 
 
 def test_concepts_include_look_alikes_and_labels_round_trip():
@@ -173,3 +189,17 @@ def test_detector_samples_are_empty_only_when_asked():
     some = [len(render.detector_sample(random.Random(i), empty_prob=0.3).sprites) for i in range(200)]
     assert set(plain) == {1, 2} and set(some) == {0, 1, 2}
     assert 0.15 < some.count(0) / 200 < 0.45
+
+
+def test_a_caption_without_its_triggers_is_the_class_prompt():
+    """CAT anchors the caption with the trigger removed: it must be the prompt users type for the
+    class ("a photo of a creature"), word for word (CLIP's tokenizer splits on spaces first, so
+    removing the trigger's tokens removes exactly the word)."""
+    for c in render.CONCEPTS:
+        for scene in (None, "forest", "beach"):
+            words = [w for w in c.prompt(scene).split(" ") if w != c.trigger]
+            assert " ".join(words) == render.caption([(c.cls, None)], scene)
+    a, b = render.CONCEPTS[0], render.CONCEPTS[5]
+    two = render.caption([(a.cls, a.trigger), (b.cls, b.trigger)])
+    assert " ".join(w for w in two.split(" ") if w not in (a.trigger, b.trigger)) == \
+        render.caption([(a.cls, None), (b.cls, None)])
