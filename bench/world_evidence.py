@@ -261,7 +261,8 @@ def tables(results) -> str:
     out = [f"Samples: {st['samples_per_seed']} per prompt and seed ({st.get('kp_samples_per_seed', 16)} per "
            f"class prompt and seed), seeds {st['seeds']}; ± is half the spread over seeds.", "",
            "| class prompt | base: class found |", "| --- | --- |"]
-    out += [f"| a photo of a {c} | {v:.2f} |" for c, v in results["base"]["class_found"].items()]
+    out += [f"| a photo of {'an' if c[0] in 'aeiou' else 'a'} {c} | {v:.2f} |"
+            for c, v in results["base"]["class_found"].items()]
     out += ["", "Class prompts without a trigger, against the base model: *leak* is the share of pictures of "
             "a concept's class that show a merged concept's identity (the base model's share in brackets); "
             "*changed* the share of pictures (same prompt, same seed) whose detected colour scheme differs "
@@ -343,8 +344,24 @@ def write_grid(judge, model, clip, available, ns, out):
         row += [judge.pictures.get((f"n{n}_{label}", c.prompt(), seed)) for label, _ in METHODS]
         rows.append([r if r is not None else torch.ones(64, 64, 3) for r in row])
     img = torch.cat([torch.cat(r, dim=1) for r in rows], dim=0)
-    Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).resize(
-        (img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(os.path.join(out, f"grid_n{n}.png"))
+    pic = Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).resize(
+        (img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST)
+    labelled(pic, ["alone (CAT)"] + [label for label, _ in METHODS],
+             [c.trigger for c in available[:n]]).save(os.path.join(out, f"grid_n{n}.png"))
+
+
+def labelled(pic, columns, rows, cell=128, top=22, left=40):
+    """The grid with its column labels above and its row labels on the left."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (pic.width + left, pic.height + top), "white")
+    canvas.paste(pic, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for k, text in enumerate(columns):
+        draw.text((left + k * cell + 4, 5), text.replace("loraclr_", "loraclr "), fill="black")
+    for k, text in enumerate(rows):
+        draw.text((4, top + k * cell + cell // 2 - 5), text, fill="black")
+    return canvas
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from sprite_world import render  # noqa: E402
 
 COMFY = os.environ.get("COMFYUI_PATH", os.path.join(ROOT, ".comfyui"))
 OUT = os.path.join(ROOT, "world", "loras", "loraclr_world")
-SETTINGS = dict(rank=4, alpha=4.0, target_layers="attention", learning_rate=1e-3, batch_size=4, count=64,
+SETTINGS = dict(rank=4, alpha=4.0, target_layers="attention", learning_rate=2e-3, batch_size=4, count=64,
                 companions=0.5)
 
 
@@ -62,11 +62,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--skip-existing", action="store_true")
     ap.add_argument("--out", default=OUT, help="where the LoRAs are written")
+    ap.add_argument("--lr", type=float, default=SETTINGS["learning_rate"])
     ap.add_argument("--count", type=int, default=SETTINGS["count"], help="training images per concept")
     ap.add_argument("--companions", type=float, default=SETTINGS["companions"],
                     help="share of training images with a second sprite of another class")
     args = ap.parse_args(argv)
-    SETTINGS.update(count=args.count, companions=args.companions)
+    SETTINGS.update(count=args.count, companions=args.companions, learning_rate=args.lr)
     concepts = list(render.CONCEPTS) if args.concepts == "all" else [
         render.concept_from_label(t) for t in args.concepts.split(",")]
     kinds = args.kinds.split(",")
