@@ -24,19 +24,21 @@ def test_kp_distance_by_hand():
     sks = render.CONCEPTS[0]  # creature teal/red
     pxo = next(c for c in render.CONCEPTS if c.trigger == "pxo")  # mushroom red/yellow
     base = {"creature": [("pink", "blue"), ("green", "green"), None, ("teal", "red")],
-            "mushroom": [("red", "red"), ("blue", "blue"), ("red", "yellow"), ("red", "yellow")]}
-    merged = {"creature": [("teal", "red"), ("green", "green"), ("teal", "red"), ("teal", "red")],
+            "mushroom": [("red", "red"), ("blue", "blue"), ("red", "yellow"), ("red", "yellow")],
+            "robot": [("red", "red"), ("blue", "teal"), None, ("pink", "pink")]}  # no concept of this class
+    merged = {"robot": list(base["robot"]),"creature": [("teal", "red"), ("green", "green"), ("teal", "red"), ("teal", "red")],
               "mushroom": [("red", "red"), ("blue", "blue"), ("red", "yellow"), ("orange", "red")]}
     k = we.kp_distance(merged, base, [sks, pxo])
     # creature: base {pb, gg, None, tr} vs merged {tr: 3, gg: 1}: |1/4-0|*2 (pb, None) + |1/4-3/4| + 0 = 1 → TV 1/2
     # mushroom: base {rr, bb, ry: 2} vs merged {rr, bb, ry, or}: |2/4-1/4| + |0-1/4| = 1/2 → TV 1/4
-    assert k["tv"] == pytest.approx((0.5 + 0.25) / 2)
+    # robot: unchanged (0 for every measure), so the three classes average
+    assert k["tv"] == pytest.approx((0.5 + 0.25 + 0) / 3)
     # bodies: creature base {pink, green, None, teal} vs {teal: 3, green}: 1/4+1/4+1/2 = 1 → 1/2;
     # mushroom base {red: 3, blue} vs {red: 2, blue, orange}: 1/4 + 1/4 = 1/2 → 1/4
-    assert k["body_tv"] == pytest.approx((0.5 + 0.25) / 2)
+    assert k["body_tv"] == pytest.approx((0.5 + 0.25 + 0) / 3)
     # changed, paired by picture: creature 2 of 4 (pictures 0 and 2), mushroom 1 of 4 (picture 3)
-    assert k["changed"] == pytest.approx((2 / 4 + 1 / 4) / 2)
-    # leak: creature pictures showing sks's teal/red 3/4, mushroom showing pxo's red/yellow 1/4; base 1/4, 2/4
+    assert k["changed"] == pytest.approx((2 / 4 + 1 / 4 + 0) / 3)
+    # leak, over the classes that have a concept only: creature pictures showing sks's teal/red 3/4, mushroom showing pxo's red/yellow 1/4; base 1/4, 2/4
     assert k["leak"] == pytest.approx((3 / 4 + 1 / 4) / 2)
     assert k["base_leak"] == pytest.approx((1 / 4 + 2 / 4) / 2)
     assert "leak" not in we.kp_distance(merged, base)  # no concepts: no leak to count
