@@ -261,8 +261,9 @@ def tables(results) -> str:
     out = [f"Samples: {st['samples_per_seed']} per prompt and seed ({st.get('kp_samples_per_seed', 16)} per "
            f"class prompt and seed), seeds {st['seeds']}; ± is half the spread over seeds.", "",
            "| class prompt | base: class found |", "| --- | --- |"]
-    out += [f"| a photo of {'an' if c[0] in 'aeiou' else 'a'} {c} | {v:.2f} |"
-            for c, v in results["base"]["class_found"].items()]
+    from sprite_world import render
+
+    out += [f"| {render.caption([(c, None)])} | {v:.2f} |" for c, v in results["base"]["class_found"].items()]
     out += ["", "Class prompts without a trigger, against the base model: *leak* is the share of pictures of "
             "a concept's class that show a merged concept's identity (the base model's share in brackets); "
             "*changed* the share of pictures (same prompt, same seed) whose detected colour scheme differs "
