@@ -211,7 +211,7 @@ def markdown(d: dict) -> str:
     fails = [(st["name"], f) for st in d["steps"] for f in (st.get("tests") or {}).get("failures", [])]
     if fails:
         lines += ["", "Failed tests:", ""] + [f"* {name}: `{f['test']}`: {f['message']}" for name, f in fails]
-    bad = [st for st in d["steps"] if st["status"] not in ("passed", "pending")]
+    bad = [st for st in d["steps"] if st["status"] not in ("passed", "pending", "not selected") and st.get("tail")]
     for st in bad:
         lines += ["", f"{st['name']} ({st['status']}), the end of its output:", "", "```",
                   *st.get("tail", "").splitlines()[-15:], "```"]
