@@ -18,6 +18,9 @@ the spatial statistics held.
 
     python bench/merge_scale.py                       # CPU: 256 px, 4 steps (minutes on 2 cores)
     python bench/merge_scale.py --device cuda --full  # 512 px, 20 steps
+    python bench/merge_scale.py --tiny --ns 2         # the code path in seconds (scripts/gpu_check.py
+                                                      # --dry-run): a 32-channel UNet of the same layout
+                                                      # at 64 px, 2 steps; its figures measure nothing
 Last line: merge_scale: n=12 peak_gib=<x> seconds=<y> device=<cpu|cuda> px=<size>
 """
 from __future__ import annotations
@@ -47,8 +50,9 @@ def setup_comfy(comfy_path, device):
     return import_pack(comfy_path, device)
 
 
-def full_sd15(device):
-    """ComfyUI's SD1.5 model at its real size with seeded random weights, as a ModelPatcher."""
+def full_sd15(device, channels=320):
+    """ComfyUI's SD1.5 model at its real size (``channels`` 320; fewer: the same layout, narrower)
+    with seeded random weights, as a ModelPatcher."""
     import torch
 
     import comfy.model_management as mm
@@ -56,7 +60,7 @@ def full_sd15(device):
     import comfy.supported_models
 
     dtype = torch.float16 if device == "cuda" else torch.float32
-    cfg = comfy.supported_models.SD15(dict(SD15_UNET, dtype=dtype))
+    cfg = comfy.supported_models.SD15(dict(SD15_UNET, dtype=dtype, model_channels=channels))
     cfg.set_inference_dtype(dtype, None)
     model = cfg.get_model({}, device="cpu")
     g = torch.Generator().manual_seed(SEED)
@@ -74,15 +78,16 @@ def full_sd15(device):
     return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
 
 
-def make_loras(pack, model, clip, n):
-    """``n`` kohya LoRAs on every transformer linear layer, written once (stamped)."""
+def make_loras(pack, model, clip, n, sub=SUB):
+    """``n`` kohya LoRAs on every transformer linear layer, written once (stamped with the layer
+    count and the model width, so LoRAs for another width are written again)."""
     import torch
 
     import folder_paths
     from comfyui_loraclr.nodes import _comfy
     from comfyui_loraclr.nodes.stages.settings import STAGE_PATTERNS
 
-    folder = os.path.join(folder_paths.get_folder_paths("loras")[0], SUB)
+    folder = os.path.join(folder_paths.get_folder_paths("loras")[0], sub)
     os.makedirs(folder, exist_ok=True)
     stems = _comfy.inverse_key_map(model, clip, "kohya")
     sd = model.model.state_dict()
@@ -91,9 +96,10 @@ def make_loras(pack, model, clip, n):
         or k.endswith("attn1.to_k.weight") or k.endswith("attn1.to_v.weight"))]
     names = []
     for c in range(n):
-        name = f"{SUB}/concept_{c:02d}.safetensors"
+        name = f"{sub}/concept_{c:02d}.safetensors"
         path = os.path.join(folder, os.path.basename(name))
-        stamp = json.dumps({"seed": SEED + c, "rank": RANK, "keys": len(keys), "version": 1})
+        width = int(model.model.diffusion_model.model_channels)
+        stamp = json.dumps({"seed": SEED + c, "rank": RANK, "keys": len(keys), "width": width, "version": 1})
         names.append(name)
         if os.path.isfile(path) and os.path.isfile(path + ".stamp") and open(path + ".stamp").read() == stamp:
             continue
@@ -119,9 +125,15 @@ def main(argv=None):
     ap.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH") or os.path.join(ROOT, ".comfyui"))
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--full", action="store_true", help="512 px and 20 steps (the CPU default: 256 px, 4 steps)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a 32-channel UNet of the SD1.5 layout at 64 px, 2 steps: runs the code path in seconds, "
+                         "measures nothing (scripts/gpu_check.py --dry-run)")
     ap.add_argument("--ns", default="2,5,12")
     args = ap.parse_args(argv)
-    px, steps = (512, 20) if args.full else (256, 4)
+    if args.full and args.tiny:
+        ap.error("--full and --tiny exclude each other")
+    px, steps = (512, 20) if args.full else (64, 2) if args.tiny else (256, 4)
+    channels, sub = (32, SUB + "_tiny") if args.tiny else (320, SUB)
     ns = [int(x) for x in args.ns.split(",")]
     pack = setup_comfy(args.comfy, args.device)
 
@@ -139,11 +151,12 @@ def main(argv=None):
     t0 = time.time()
     with torch.inference_mode():
         clip = nodes.CheckpointLoaderSimple().load_checkpoint(MICRO)[1]
-        model = full_sd15(args.device)
-        names, n_keys = make_loras(pack, model, clip, max(ns))
+        model = full_sd15(args.device, channels)
+        names, n_keys = make_loras(pack, model, clip, max(ns), sub)
         _comfy.load_patched(model)
     n_weights = sum(p.numel() for p in model.model.diffusion_model.parameters())
-    print(f"setup {time.time() - t0:.1f}s: SD1.5 UNet {n_weights / 1e6:.0f}M weights ({args.device}), "
+    print(f"setup {time.time() - t0:.1f}s: SD1.5 UNet {n_weights / 1e6:.0f}M weights ({args.device}"
+          + (", tiny" if args.tiny else "") + "), "
           f"{max(ns)} LoRAs on {n_keys} layers, {px} px, {steps} steps", flush=True)
     last = None
     for n in ns:

@@ -14,6 +14,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 COMFY = Path(os.environ.get("COMFYUI_PATH") or ROOT / ".comfyui").resolve()
+# Where the in-process ComfyUI runs: cpu (as --cpu, the default) or cuda (ComfyUI's defaults on
+# the GPU), for a CUDA run of the executor tests (scripts/gpu_check.py). Tests written for the CPU
+# may assume it; the GPU tests (test_gpu.py) choose their device per process and ignore this.
+DEVICE = os.environ.get("LORACLR_TEST_DEVICE", "cpu")
 
 if "comfyui_loraclr" not in sys.modules:
     _pkg = types.ModuleType("comfyui_loraclr")
@@ -34,14 +38,22 @@ def module_from_file(relative: str, name: str):
 
 
 def import_comfy():
-    """Import ComfyUI in-process on the CPU (``args.cpu`` must be set before model_management)."""
+    """Import ComfyUI in-process on the CPU, or on CUDA with ``LORACLR_TEST_DEVICE=cuda``
+    (``args.cpu`` must be set before model_management)."""
     if not (COMFY / "main.py").exists():
         pytest.exit(f"ComfyUI not found at {COMFY}: run scripts/setup.sh first", returncode=2)
+    if DEVICE not in ("cpu", "cuda"):
+        pytest.exit(f"LORACLR_TEST_DEVICE={DEVICE!r}: use cpu or cuda", returncode=2)
+    if DEVICE == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.exit("LORACLR_TEST_DEVICE=cuda but torch.cuda.is_available() is False", returncode=2)
     if str(COMFY) not in sys.path:
         sys.path.insert(0, str(COMFY))
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = DEVICE == "cpu"
     import comfy.model_management  # noqa: F401
     import folder_paths  # noqa: F401
     import nodes  # noqa: F401
