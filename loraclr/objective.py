@@ -156,6 +156,16 @@ class Problem:
             G = self.G0.to(torch.float64)
             return float(((D @ G) * D).sum().clamp_min(0) / self.base0) ** 0.5
 
+    def concept_error(self, dW: torch.Tensor, D2: torch.Tensor | None = None) -> float | None:
+        """sqrt(Σ_i d(i,i)² / Σ_i ||Y_i − X_iW0ᵀ||²) at ``dW`` (exact in every form), or None."""
+        with torch.no_grad():
+            if self.compact is not None:
+                own, base = float(self.compact.own_sum(dW.detach())), float(self.compact.rr.sum())
+            else:
+                D2 = self.squared_distances(dW.detach()) if D2 is None else D2
+                own, base = float(torch.diagonal(D2).sum()), float(torch.diagonal(self.tt).sum())
+        return (max(own, 0.0) / base) ** 0.5 if base > 0 else None
+
     def _preservation_term(self, dW, mu, lambda_con, lambda_mse, normalize):
         """(the weighted term added to L, the mean over preservation rows of ||x_0(ΔW − T)ᵀ||²)."""
         if not self.rows0:

@@ -63,6 +63,8 @@ class MergeResult:
     parts: dict = field(default_factory=dict)
     # ||X_0ΔWᵀ|| / ||X_0W0ᵀ|| on the preservation rows (None: none recorded)
     preservation: float | None = None
+    # sqrt(Σ_i ||X_i(W0+ΔW)ᵀ − Y_i||² / Σ_i ||Y_i − X_iW0ᵀ||²): the concepts' relative error together
+    concept_error: float | None = None
 
 
 def sum_merge(deltas) -> torch.Tensor:
@@ -328,7 +330,8 @@ class _Solve:
                            objective=final.value, start_objective=start.value, history=list(history),
                            converged=converged, iterations_run=iterations,
                            report=_report(self.scoring, final.D2, final.dW), parts=final.parts,
-                           preservation=self.scoring.preservation_error(final.dW))
+                           preservation=self.scoring.preservation_error(final.dW),
+                           concept_error=self.scoring.concept_error(final.dW, final.D2))
 
 
 def _of_concept_deltas(solve: _Solve, deltas, combine) -> MergeResult:

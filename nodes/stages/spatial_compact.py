@@ -8,7 +8,7 @@ import torch
 
 from ...cat_training.conditioning import cat as cat_conds
 from ...loraclr.bundle import LayerData
-from ...loraclr.stats import CompactAccumulator, pairwise_sq_distances
+from ...loraclr.stats import CompactAccumulator, PreservationAccumulator, pairwise_sq_distances
 from .. import _comfy
 from .common import NODE
 from .sampling import SpatialRun
@@ -45,12 +45,22 @@ def collect_compact(run: SpatialRun, keys, progress=None) -> list:
         ups = [d.up if d is not None else torch.zeros(w.shape[0], 0) for d in ds]  # no delta: rank 0
         accs[k] = CompactAccumulator(n, w[0].numel(), w.shape[0], device=run.device, ups=ups)
 
+    pres = {k: PreservationAccumulator(accs[k].d_in, device=run.device) for k in keys} if run.pres_conds is not None else {}
+
     def on_record(key, X, R, B, H):
         accs[key].add(X, R, B, H)
 
-    _run_batched(run, deltas, set(keys), on_record, progress)
-    return [LayerData(key=k, target="model", base=lambda k=k: _comfy.base_weight(run.model, k),
-                      deltas=deltas.get(k, [None] * n), stats=accs[k].finish()) for k in keys]
+    def on_preserve(key, X0):
+        pres[key].add(X0)
+
+    _run_batched(run, deltas, set(keys), on_record, progress, on_preserve if pres else None)
+    layers = []
+    for k in keys:
+        stats = accs[k].finish()
+        stats.preserve = pres[k].finish() if pres else None
+        layers.append(LayerData(key=k, target="model", base=lambda k=k: _comfy.base_weight(run.model, k),
+                                deltas=deltas.get(k, [None] * n), stats=stats))
+    return layers
 
 
 def measure_distances(run: SpatialRun, candidates: dict) -> dict:
@@ -92,11 +102,14 @@ def _concept_deltas(run: SpatialRun) -> dict:
     return deltas
 
 
-def _run_batched(run: SpatialRun, deltas, record_keys, on_record, progress):
+def _run_batched(run: SpatialRun, deltas, record_keys, on_record, progress, on_preserve=None):
     """Euler sampling of all concepts in one batch from the shared noise, each concept's LoRA
     applied to its slice by hooks; ``on_record(key, X, R, B, H)`` at the recorded steps. Each
     prompt is a pass of its own (a batch of N, one sample per concept): the statistics are sums
-    over rows, so this is exact, and the forward's memory is that of N samples, not N·P."""
+    over rows, so this is exact, and the forward's memory is that of N samples, not N·P.
+    ``on_preserve(key, X0)``: the preservation prompts ride along in the same passes (prompt j in
+    pass j mod P, after the concepts' samples, from their own fixed noise, no concept's LoRA),
+    recorded at the same steps."""
     from ..concept_batch import ConceptBatchHooks
 
     model, n = run.model, len(run.concepts)
@@ -105,10 +118,18 @@ def _run_batched(run: SpatialRun, deltas, record_keys, on_record, progress):
     steps = len(run.sigmas) - 1
     if progress:
         progress.set_total(steps * n_prompts)
-    with ConceptBatchHooks(run.modules, deltas, n, record_keys, on_record) as hooks:
+    with ConceptBatchHooks(run.modules, deltas, n, record_keys, on_record, on_preserve) as hooks:
         for p in range(n_prompts):
             cond = cat_conds([c[p:p + 1] for c in run.conds])  # (N, tokens, width), concept by concept
-            x = _comfy.initial_latent(model, run.noise[p:p + 1].repeat(n, 1, 1, 1), run.sigmas[0])
+            noise = run.noise[p:p + 1].repeat(n, 1, 1, 1)
+            hooks.extra = 0
+            if on_preserve is not None:
+                mine = list(range(p, run.pres_noise.shape[0], n_prompts))
+                hooks.extra = len(mine)
+                if mine:
+                    cond = cat_conds([cond] + [run.pres_conds[j:j + 1] for j in mine])
+                    noise = torch.cat([noise, run.pres_noise[mine]])
+            x = _comfy.initial_latent(model, noise, run.sigmas[0])
             for s in range(steps):
                 hooks.recording = s in run.record
                 x = _comfy.euler_step(model, x, run.sigmas, s, cond)
