@@ -77,6 +77,8 @@ class ConceptBatchHooks:
                     x0 = x[-self.extra:].detach()
                     x0 = x0.movedim(1, -1) if isinstance(module, torch.nn.Conv2d) else x0
                     self.on_extra(key, x0.reshape(-1, x0.shape[-1]).to(torch.float32))
+                if self.extra == x.shape[0]:
+                    return out  # a pass of preservation samples only
                 x, out_all, out = x[:-self.extra], out, out[:-self.extra]  # a view: writes reach out_all
             else:
                 out_all = out

@@ -107,28 +107,26 @@ def _run_batched(run: SpatialRun, deltas, record_keys, on_record, progress, on_p
     applied to its slice by hooks; ``on_record(key, X, R, B, H)`` at the recorded steps. Each
     prompt is a pass of its own (a batch of N, one sample per concept): the statistics are sums
     over rows, so this is exact, and the forward's memory is that of N samples, not N·P.
-    ``on_preserve(key, X0)``: the preservation prompts ride along in the same passes (prompt j in
-    pass j mod P, after the concepts' samples, from their own fixed noise, no concept's LoRA),
-    recorded at the same steps."""
+    ``on_preserve(key, X0)``: the preservation prompts are sampled in the same run, under the same
+    hooks and recorded at the same steps, from their own fixed noise and with no concept's LoRA,
+    in batched passes of their own (up to N prompts each) after the concepts' passes: the
+    concepts' batches are exactly those of a run without them, so their rows are too, bit for bit."""
     from ..concept_batch import ConceptBatchHooks
 
     model, n = run.model, len(run.concepts)
     _comfy.load_patched(model)  # the wired model's own weights; concepts come in through the hooks
     n_prompts = run.noise.shape[0]
     steps = len(run.sigmas) - 1
+    passes = [(cat_conds([c[p:p + 1] for c in run.conds]),  # (N, tokens, width), concept by concept
+               run.noise[p:p + 1].repeat(n, 1, 1, 1), 0) for p in range(n_prompts)]
+    if on_preserve is not None and run.pres_conds is not None:
+        m = run.pres_noise.shape[0]
+        passes += [(run.pres_conds[j:j + n], run.pres_noise[j:j + n], min(n, m - j)) for j in range(0, m, n)]
     if progress:
-        progress.set_total(steps * n_prompts)
+        progress.set_total(steps * len(passes))
     with ConceptBatchHooks(run.modules, deltas, n, record_keys, on_record, on_preserve) as hooks:
-        for p in range(n_prompts):
-            cond = cat_conds([c[p:p + 1] for c in run.conds])  # (N, tokens, width), concept by concept
-            noise = run.noise[p:p + 1].repeat(n, 1, 1, 1)
-            hooks.extra = 0
-            if on_preserve is not None:
-                mine = list(range(p, run.pres_noise.shape[0], n_prompts))
-                hooks.extra = len(mine)
-                if mine:
-                    cond = cat_conds([cond] + [run.pres_conds[j:j + 1] for j in mine])
-                    noise = torch.cat([noise, run.pres_noise[mine]])
+        for cond, noise, extra in passes:
+            hooks.extra = extra  # a preservation pass: every sample is one no concept's LoRA touches
             x = _comfy.initial_latent(model, noise, run.sigmas[0])
             for s in range(steps):
                 hooks.recording = s in run.record
