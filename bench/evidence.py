@@ -81,7 +81,7 @@ def _stamp(cfg, k, lam) -> str:
                       sort_keys=True)
 
 
-def train_concepts(model, clip, vae, cfg, log):
+def train_concepts(model, clip, vae, cfg, log, variants=(("plain", 0.0), ("cat", 1.0))):
     """Both LoRAs of every concept through Train CAT LoRA / Save CAT LoRA (cached by stamp)."""
     import folder_paths
     import torch
@@ -94,7 +94,7 @@ def train_concepts(model, clip, vae, cfg, log):
     out = {}
     for k in range(cfg["n_concepts"]):
         images, captions = sprites.concept_dataset(k, cfg["train_images"], cfg["size"], cfg["size"], seed=0)
-        for variant, lam in (("plain", 0.0), ("cat", 1.0)):
+        for variant, lam in variants:
             name = f"{cfg['sub']}/{sprites.TRIGGERS[k]}_{variant}.safetensors"
             path = os.path.join(folder, os.path.basename(name))
             stamp = _stamp(cfg, k, lam)
@@ -227,11 +227,76 @@ def quick_checks(model, clip, cfg, files, refs_cat, log):
         assert ref.loss_lora < ref.loss_base, (ref.label, ref.loss_lora, ref.loss_base)
 
 
+PRESERVE_WEIGHTS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+def preservation_front(model, clip, vae, cfg, args, log):
+    """The front of retention against KP over the merge's preserve_weight μ (log-spaced, and 0),
+    for each N, all stages, loraclr at otherwise default settings, CAT concepts only; with
+    ``--targets base,concepts`` also the alternative target (each concept's own LoRA output on the
+    preservation rows). Prints a table and writes front.json; last line:
+    front: n=<N> mu=<μ> retention=<r> kp=<k> kp_single_cat=<mean KP of the single CAT LoRAs>"""
+    import torch
+
+    from comfyui_loraclr.nodes import evaluation
+
+    files = train_concepts(model, clip, vae, cfg, log, variants=(("cat", 1.0),))
+    latents = heldout_latents(model, vae, cfg)
+    kp_latents = torch.cat([x[:cfg["kp_images"]] for x in latents])
+    with torch.inference_mode():
+        probes = evaluation.ProbeSettings(tuple(kp_prompts()), cfg["timesteps"], seed=0, kp_timesteps=cfg["kp_timesteps"])
+        refs = evaluation.references(model, clip, concept_objects(cfg, files, "cat"), latents, probes,
+                                     kp_latents=kp_latents)
+    concepts = concept_objects(cfg, files, "cat")
+    first = FirstStages(model, clip, cfg)
+    mus = [float(m) for m in args.mus.split(",")]
+    ns = [int(n) for n in args.ns.split(",")] if args.ns else list(cfg["ns"])
+    rows = []
+    for n in ns:
+        kp_single = sum(r.kp_lora for r in refs.concepts[:n]) / n
+        for target in args.targets.split(","):
+            for mu in mus:
+                if target != "base" and mu == 0:
+                    continue  # μ = 0 does not depend on the target
+                t0 = time.time()
+                s, _ = merge_and_score(model, clip, concepts[:n], subset(refs, n), "all",
+                                       dict(method="loraclr", preserve_weight=mu, preserve_target=target), cfg,
+                                       first=first)
+                row = {"n": n, "mu": mu, "target": target, "retention": s["retention"]["mean"],
+                       "retention_min": s["retention"]["min"], "kp": s["knowledge_preservation"],
+                       "kp_single_cat": kp_single, "seconds": time.time() - t0}
+                rows.append(row)
+                log(f"front n={n} target={target} μ={mu:g}: retention {fmt(row['retention'])} (min "
+                    f"{fmt(row['retention_min'])}), KP {row['kp']:.4g} (single CAT LoRAs {kp_single:.4g})")
+                with open(os.path.join(args.out, "front.json"), "w") as f:
+                    json.dump({"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+                               "rows": rows}, f, indent=1)
+    print("\nPreservation front (all stages, loraclr; retention mean / KP; single CAT LoRAs' mean KP per N)")
+    print("| N | target | " + " | ".join(f"μ={m:g}" for m in mus) + " | KP single CAT |")
+    print("| --- | --- | " + " | ".join("---" for _ in mus) + " | --- |")
+    for n in ns:
+        for target in args.targets.split(","):
+            cells = []
+            for m in mus:
+                r = next((r for r in rows if r["n"] == n and r["target"] == target and r["mu"] == m), None)
+                cells.append("-" if r is None else f"{fmt(r['retention'])} / {r['kp']:.3g}")
+            kp1 = next(r["kp_single_cat"] for r in rows if r["n"] == n)
+            print(f"| {n} | {target} | " + " | ".join(cells) + f" | {kp1:.3g} |")
+    for r in rows:
+        print(f"front: n={r['n']} target={r['target']} mu={r['mu']:g} retention={r['retention']:.4f} kp={r['kp']:.4f} "
+              f"kp_single_cat={r['kp_single_cat']:.4f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH") or os.path.join(ROOT, ".comfyui"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "output", "evidence"))
+    ap.add_argument("--front", action="store_true",
+                    help="only the preservation front: retention against KP over preserve_weight, per N")
+    ap.add_argument("--mus", default=",".join(f"{m:g}" for m in PRESERVE_WEIGHTS), help="--front: the μ values")
+    ap.add_argument("--ns", default="", help="--front: the numbers of concepts (default: the configuration's)")
+    ap.add_argument("--targets", default="base", help="--front: base and/or concepts, comma-separated")
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     os.makedirs(args.out, exist_ok=True)
@@ -246,6 +311,8 @@ def main(argv=None):
     _, _, model, clip, vae = setup_micro(args.comfy)
     from comfyui_loraclr.nodes import evaluation
 
+    if args.front:
+        return preservation_front(model, clip, vae, cfg, args, log)
     files = train_concepts(model, clip, vae, cfg, log)
     log("concept LoRAs ready")
     latents = heldout_latents(model, vae, cfg)

@@ -12,6 +12,19 @@ the terms are of the size of the LoRA deltas rather than of the full outputs, wh
 accurate (the official code computes them in float16, where they overflow). With ``normalize``
 the distances in the contrastive term are divided by the layer's output scale
 sqrt(mean_j ||Y_j||²), so one margin suits layers of any width or magnitude.
+
+Preservation: with rows X_0 recorded on trigger-free prompts (n_0 of them, the model the stage
+starts from) and a weight μ (``preserve_weight``), L gains
+
+      μ · c · mean over the n_0 preservation rows of ||x_0 (ΔW − T)ᵀ||²,
+      c = (λ_con / s² + λ_mse / (n · out)) · n
+
+(s the normalisation scale or 1, n the rows per concept, T = 0: the target is the base output;
+``preserve_target`` "concepts" sets T to the mean of the concepts' ΔW_i, i.e. each concept's own
+LoRA output on those rows). c is the weight the hinge-free part gives the N · n concept rows in
+total, divided by N: μ = 1 weighs the preservation rows together as much as all concept rows
+together, whatever N, n and n_0. The hinge-free minimiser becomes
+ΔW (Σ_i G_i + μ'G_0 + ρI) = Σ_i ΔW_iG_i + μ'TG_0 with μ' = μ · N · n / n_0.
 """
 from __future__ import annotations
 
@@ -59,6 +72,7 @@ class Problem:
             raise ValueError(f"W0 has shape {tuple(W0.shape)}, the activations need "
                              f"({stats.out_features}, {stats.in_features})")
         self.compact = None
+        self._build_preservation(stats, W0, acc)
         if stats.form == "compact":
             # N-independent statistics: the hinge-free terms are exact, the hinges only bounded
             self.G_sum, self.E_diag_sum = _fresh(stats.G_sum.to(acc)), _fresh(stats.E_sum.to(acc))
@@ -103,6 +117,65 @@ class Problem:
         self.tt = tt.clamp_min(0)  # ||Y_j − X_i W0ᵀ||², float64
         self.scale = float(torch.sqrt(self.yy.mean()).clamp_min(_TINY))
 
+    def _build_preservation(self, stats, W0, acc):
+        pres = getattr(stats, "preserve", None)
+        self.rows0 = 0 if pres is None else int(pres.rows)
+        self.X0 = self.G0 = self.T0 = None
+        self.base0 = 0.0  # ||X_0 W0ᵀ||², the preservation error's denominator
+        if not self.rows0:
+            return
+        if pres.X is not None:
+            self.X0 = _fresh(pres.X.to(acc))
+        self.G0 = _fresh(pres.gram.to(acc))
+        self.base0 = float(((W0.to(torch.float64) @ self.G0.to(torch.float64)) * W0.to(torch.float64)).sum())
+
+    def set_preservation_target(self, T: torch.Tensor | None):
+        """The preservation rows' target as a delta: None (or 0) keeps the base output there; the
+        mean of the concepts' ΔW_i asks for the concepts' own outputs (on average)."""
+        self.T0 = None if T is None else _fresh(as_matrix(T).to(self.dtype))
+
+    def preservation_mu(self, mu: float) -> float:
+        """μ' = μ · N · n / n_0, the weight of G_0 beside Σ_i G_i in the hinge-free minimiser."""
+        return 0.0 if not mu or not self.rows0 else float(mu) * self.N * self.rows / self.rows0
+
+    def preservation_sq(self, dW: torch.Tensor) -> torch.Tensor:
+        """||X_0 (ΔW − T)ᵀ||² (differentiable in ΔW; 0 without preservation rows)."""
+        if not self.rows0:
+            return torch.zeros((), dtype=self.dtype)
+        D = dW.to(self.dtype) if self.T0 is None else dW.to(self.dtype) - self.T0
+        if self.X0 is not None:
+            return (self.X0 @ D.T).pow(2).sum()
+        return ((D @ self.G0) * D).sum().clamp_min(0)
+
+    def preservation_error(self, dW: torch.Tensor) -> float | None:
+        """||X_0ΔWᵀ|| / ||X_0W0ᵀ|| (the change of the base output on the preservation rows), or None."""
+        if not self.rows0 or self.base0 <= 0:
+            return None
+        with torch.no_grad():
+            D = dW.detach().to(torch.float64)
+            G = self.G0.to(torch.float64)
+            return float(((D @ G) * D).sum().clamp_min(0) / self.base0) ** 0.5
+
+    def concept_error(self, dW: torch.Tensor, D2: torch.Tensor | None = None) -> float | None:
+        """sqrt(Σ_i d(i,i)² / Σ_i ||Y_i − X_iW0ᵀ||²) at ``dW`` (exact in every form), or None."""
+        with torch.no_grad():
+            if self.compact is not None:
+                own, base = float(self.compact.own_sum(dW.detach())), float(self.compact.rr.sum())
+            else:
+                D2 = self.squared_distances(dW.detach()) if D2 is None else D2
+                own, base = float(torch.diagonal(D2).sum()), float(torch.diagonal(self.tt).sum())
+        return (max(own, 0.0) / base) ** 0.5 if base > 0 else None
+
+    def _preservation_term(self, dW, mu, lambda_con, lambda_mse, normalize):
+        """(the weighted term added to L, the mean over preservation rows of ||x_0(ΔW − T)ᵀ||²)."""
+        if not self.rows0:
+            z = torch.zeros((), dtype=self.dtype)
+            return z, z
+        mean = self.preservation_sq(dW) / self.rows0
+        scale2 = self.scale ** 2 if normalize else 1.0
+        c = (lambda_con / scale2 + lambda_mse / (self.rows * self.out_features)) * self.rows
+        return float(mu) * c * mean, mean
+
     def squared_distances(self, dW: torch.Tensor) -> torch.Tensor:
         """D2[i, j] = d(i, j)² for W = W0 + ΔW (differentiable in ΔW)."""
         if self.compact is not None:
@@ -123,12 +196,15 @@ class Problem:
         # the sum in float64: each part is about as large as tt, the result can be much smaller
         return ((q[:, None] - 2 * lin).to(torch.float64) + self.tt).to(self.dtype)
 
-    def loss(self, dW, margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001, normalize=False, D2=None):
+    def loss(self, dW, margin=0.5, lambda_con=1.0, lambda_mse=0.1, lambda_reg=0.001, normalize=False, D2=None,
+             preserve_weight=0.0):
         """Objective and its parts; ``D2`` may pass squared distances already computed for ``dW``.
         With compact statistics and no ``D2`` the value is exact where the distance bounds show
-        that no hinge is active, and NeedsExactStatistics is raised otherwise."""
+        that no hinge is active, and NeedsExactStatistics is raised otherwise. ``preserve_weight``
+        (μ) adds the preservation term (module docstring); 0 leaves the objective as it was."""
         if self.compact is not None and D2 is None:
-            return self._compact_loss(dW, margin, lambda_con, lambda_mse, lambda_reg, normalize)
+            total, parts = self._compact_loss(dW, margin, lambda_con, lambda_mse, lambda_reg, normalize)
+            return self._with_preservation(total, parts, dW, preserve_weight, (lambda_con, lambda_mse, normalize))
         D2 = (self.squared_distances(dW) if D2 is None else D2).clamp_min(0)
         scale2 = self.scale ** 2 if normalize else 1.0
         pos = torch.diagonal(D2) / scale2
@@ -144,7 +220,14 @@ class Problem:
         reg = torch.sqrt(dW.to(self.dtype).pow(2).sum().clamp_min(_TINY))
         total = lambda_con * (positive + hinge_m) + lambda_mse * mse + lambda_reg * reg
         parts = {"positive": positive, "hinge": hinge_m, "mse": mse, "reg": reg, "total": total}
-        return total, parts
+        return self._with_preservation(total, parts, dW, preserve_weight, (lambda_con, lambda_mse, normalize))
+
+    def _with_preservation(self, total, parts, dW, mu, weights):
+        if not mu or not self.rows0:
+            return total, parts  # μ = 0: exactly the objective without preservation
+        term, mean = self._preservation_term(dW, mu, *weights)
+        total = total + term.to(total.dtype)
+        return total, dict(parts, preserve=mean, total=total)
 
     def negative_lower_bounds(self, dW, normalize=False) -> torch.Tensor:
         """Compact statistics: lower bounds on d(i, j), i ≠ j (divided by the scale with ``normalize``)."""

@@ -17,6 +17,9 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64
 # the least ridge of the hinge-free solve on float32 sums, relative to ΣG_i's largest eigenvalue:
 # the rounding level of those sums, below which the data does not determine ΔW
 FLOAT32_RIDGE_FLOOR = 1e-7
+# the preservation rows' targets: the base output (T = 0), or each concept's own LoRA output (T = mean ΔW_i)
+PRESERVE_TARGETS = ("base", "concepts")
+DEFAULT_PRESERVE_WEIGHT = 0.0
 
 
 @dataclass
@@ -34,6 +37,9 @@ class MergeConfig:
     normalize: bool = False
     compute_dtype: str = "float32"
     tolerance: float = 0.0  # stop early once the best loss improved less than this (relative) in 10 iterations
+    # μ: weight of the preservation rows' change (objective.py); 0 is the merge without them, bit for bit
+    preserve_weight: float = DEFAULT_PRESERVE_WEIGHT
+    preserve_target: str = "base"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +61,10 @@ class MergeResult:
     iterations_run: int = 0
     report: list = field(default_factory=list)
     parts: dict = field(default_factory=dict)
+    # ||X_0ΔWᵀ|| / ||X_0W0ᵀ|| on the preservation rows (None: none recorded)
+    preservation: float | None = None
+    # sqrt(Σ_i ||X_i(W0+ΔW)ᵀ − Y_i||² / Σ_i ||Y_i − X_iW0ᵀ||²): the concepts' relative error together
+    concept_error: float | None = None
 
 
 def sum_merge(deltas) -> torch.Tensor:
@@ -71,11 +81,23 @@ def average_merge(deltas) -> torch.Tensor:
     return torch.stack([d.to(torch.float32) for d in deltas]).mean(0)
 
 
-def _least_squares(problem: Problem, ridge: float) -> torch.Tensor:
+def _with_preservation_gram(problem: Problem, mu: float, G: torch.Tensor, E: torch.Tensor):
+    """ΣG + μ'G_0 and ΣE + μ'G_0Tᵀ (float64), the normal equations with the preservation rows."""
+    mu_p = problem.preservation_mu(mu)
+    if not mu_p:
+        return G, E
+    G0 = problem.G0.to(torch.float64)
+    G = G + mu_p * G0
+    if problem.T0 is not None:
+        E = E + mu_p * (G0 @ problem.T0.to(torch.float64).T)
+    return G, E
+
+
+def _least_squares(problem: Problem, ridge: float, mu: float = 0.0) -> torch.Tensor:
     G = problem.G_sum.to(torch.float64)
     eps = ridge * float(torch.diagonal(G).mean().clamp_min(1e-30))
+    G, rhs = _with_preservation_gram(problem, mu, G, problem.E_diag_sum.to(torch.float64))  # rhs (in, out)
     A = G + eps * torch.eye(G.shape[0], dtype=torch.float64)
-    rhs = problem.E_diag_sum.to(torch.float64)  # (in, out)
     L, info = torch.linalg.cholesky_ex(A)
     Z = torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution
     return Z.T  # (out, in)
@@ -98,7 +120,10 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
     gradient of the hinge-free objective at the result is at the level of float32 rounding of ΔW
     (tested at the default settings: below 1e-6 of its size at ΔW = 0); with float32 sums it is at
     most FLOAT32_RIDGE_FLOOR · λ_max · ||ΔW|| larger.
-    With λ_reg = 0 the result is the minimum-norm least-squares fit.
+    With λ_reg = 0 the result is the minimum-norm least-squares fit. With preservation rows and
+    ``cfg.preserve_weight`` μ > 0, ΣG_i becomes ΣG_i + μ'G_0 (and Σ_i E_ii gains μ'G_0Tᵀ), μ' =
+    μ·N·n/n_0: in the row-space solve the preservation rows join the concept rows, scaled by √μ',
+    with target (x_0 T ᵀ)·√μ'.
     When no hinge is active at this point, it is the global minimum of the full objective (the
     hinge terms are non-negative and vanish there)."""
     s2 = problem.scale ** 2 if cfg.normalize else 1.0
@@ -106,13 +131,19 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
     b = cfg.lambda_reg
     if a <= 0:
         return torch.zeros(problem.out_features, problem.in_features, dtype=torch.float64)
-    rows_total = problem.N * problem.rows
-    if problem.form == "rows" and rows_total <= problem.in_features:
+    mu_p = problem.preservation_mu(cfg.preserve_weight)
+    rows_total = problem.N * problem.rows + (problem.rows0 if mu_p else 0)
+    if problem.form == "rows" and rows_total <= problem.in_features and (not mu_p or problem.X0 is not None):
         # in the row space: with X (all rows, float64) and K = XXᵀ = UΛUᵀ, ΣG_i = XᵀX has the same
         # non-zero eigenvalues and ΔW(μ) = Rᵀ U (Λ + μ)⁻¹ Uᵀ X lies in the span of the rows, so the
         # null space of ΣG_i (most of it when rows < inputs) cannot pick up rounding
         X = problem.X_exact.to(torch.float64).reshape(-1, problem.in_features)
         R = problem.R.to(torch.float64).reshape(-1, problem.out_features)
+        if mu_p:  # the preservation rows, weighted √μ', with target X_0Tᵀ (0: the base output)
+            X0 = problem.X0.to(torch.float64) * mu_p ** 0.5
+            R0 = (torch.zeros(X0.shape[0], problem.out_features, dtype=torch.float64) if problem.T0 is None
+                  else X0 @ problem.T0.to(torch.float64).T)
+            X, R = torch.cat([X, X0]), torch.cat([R, R0])
         lam, U = torch.linalg.eigh(X @ X.T)
         RU = R.T @ U  # (out, rows)
         cn = lam.clamp_min(0) * RU.pow(2).sum(0)  # squared norm of each eigen-component of Σ_i E_iiᵀ
@@ -124,8 +155,8 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
         # more rows than inputs (rows form) or Gram statistics: ΣG_i and Σ E_ii as summed in the
         # problem. Sums in float32 carry rounding of about 1e-7 of their largest eigenvalue, so
         # below that level the data does not determine ΔW: there the ridge is held at that level
-        G = problem.G_sum.to(torch.float64)
-        E = problem.E_diag_sum.to(torch.float64)  # (in, out)
+        G, E = _with_preservation_gram(problem, cfg.preserve_weight, problem.G_sum.to(torch.float64),
+                                       problem.E_diag_sum.to(torch.float64))  # E: (in, out)
         floor = 0.0 if problem.G_sum.dtype == torch.float64 else FLOAT32_RIDGE_FLOOR
         rcond = 1e-12
         lam, V = torch.linalg.eigh(G)
@@ -202,7 +233,7 @@ def _hinges_inactive(problem: Problem, D2: torch.Tensor, cfg: MergeConfig) -> bo
 
 def _optimise(problem: Problem, start: torch.Tensor, cfg: MergeConfig):
     kw = dict(margin=cfg.margin, lambda_con=cfg.lambda_con, lambda_mse=cfg.lambda_mse, lambda_reg=cfg.lambda_reg,
-              normalize=cfg.normalize)
+              normalize=cfg.normalize, preserve_weight=cfg.preserve_weight)
     dW = torch.nn.Parameter(start.to(torch.float32).clone())
     opt = torch.optim.AdamW([dW], lr=cfg.lr, weight_decay=cfg.weight_decay)
     best, best_dW, history = float("inf"), start.to(torch.float32).clone(), []
@@ -245,7 +276,17 @@ def _merge_layer(W0, stats, cfg, deltas, distances=None):
         raise ValueError(f"unknown merge method {cfg.method!r}; choose one of {METHODS}")
     if cfg.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {list(COMPUTE_DTYPES)}")
+    if cfg.preserve_target not in PRESERVE_TARGETS:
+        raise ValueError(f"preserve_target must be one of {list(PRESERVE_TARGETS)}, got {cfg.preserve_target!r}")
+    if not cfg.preserve_weight >= 0:
+        raise ValueError(f"preserve_weight must be 0 or more, got {cfg.preserve_weight}")
     solve = _Solve(W0, stats, cfg)
+    if cfg.preserve_target == "concepts" and cfg.preserve_weight and solve.problem.rows0:
+        if deltas is None:
+            raise ValueError("preserve_target 'concepts' needs the concepts' deltas")
+        mean = torch.stack([as_matrix(d).to(torch.float64) for d in deltas]).mean(0)
+        for p in {id(solve.problem): solve.problem, id(solve.scoring): solve.scoring}.values():
+            p.set_preservation_target(mean)
     return _BY_METHOD[cfg.method](solve, deltas, distances)
 
 
@@ -270,7 +311,7 @@ class _Solve:
                                if stats.dtype != torch.float64 else torch.float64)
         self.scoring = self.problem if self.problem.matmul_dtype != torch.bfloat16 else Problem(stats, W0)
         self.weights = dict(margin=cfg.margin, lambda_con=cfg.lambda_con, lambda_mse=cfg.lambda_mse,
-                            lambda_reg=cfg.lambda_reg, normalize=cfg.normalize)
+                            lambda_reg=cfg.lambda_reg, normalize=cfg.normalize, preserve_weight=cfg.preserve_weight)
         self.compact = self.problem.compact is not None
 
     def point(self, dW) -> _Point:
@@ -288,7 +329,9 @@ class _Solve:
         return MergeResult(delta=final.dW.to(torch.float32).reshape(self.shape).contiguous(), method=self.cfg.method,
                            objective=final.value, start_objective=start.value, history=list(history),
                            converged=converged, iterations_run=iterations,
-                           report=_report(self.scoring, final.D2, final.dW), parts=final.parts)
+                           report=_report(self.scoring, final.D2, final.dW), parts=final.parts,
+                           preservation=self.scoring.preservation_error(final.dW),
+                           concept_error=self.scoring.concept_error(final.dW, final.D2))
 
 
 def _of_concept_deltas(solve: _Solve, deltas, combine) -> MergeResult:
@@ -314,7 +357,7 @@ def _average(solve: _Solve, deltas, distances=None) -> MergeResult:
 
 
 def _least_squares_fit(solve: _Solve, deltas=None, distances=None) -> MergeResult:
-    dW = _least_squares(solve.problem, solve.cfg.ridge).to(torch.float32)
+    dW = _least_squares(solve.problem, solve.cfg.ridge, solve.cfg.preserve_weight).to(torch.float32)
     try:
         start = solve.point(dW)
     except NeedsExactStatistics:
@@ -347,7 +390,7 @@ def _warm_start(solve: _Solve) -> tuple[_Point, bool]:
     start = solve.point(smooth_minimiser(solve.problem, solve.cfg).to(torch.float32))
     if _hinges_inactive(solve.scoring, start.D2, solve.cfg):
         return start, True
-    ls = solve.point(_least_squares(solve.problem, solve.cfg.ridge).to(torch.float32))
+    ls = solve.point(_least_squares(solve.problem, solve.cfg.ridge, solve.cfg.preserve_weight).to(torch.float32))
     return (ls if ls.value < start.value else start), False
 
 

@@ -57,6 +57,7 @@ class LayerStats:
     tt: torch.Tensor | None = None
     yy: torch.Tensor | None = None
     base: torch.Tensor | None = None
+    preserve: "PreservationStats | None" = None  # the preservation rows' statistics (None: none recorded)
 
     @property
     def n_concepts(self) -> int:
@@ -68,7 +69,7 @@ class LayerStats:
 
     def nbytes(self) -> int:
         ts = (self.X, self.Y) if self.form == "rows" else (self.G, self.E, self.tt, self.yy)
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.numel() * t.element_size() for t in ts) + (0 if self.preserve is None else self.preserve.nbytes())
 
     @staticmethod
     def _check(X, Y):
@@ -220,6 +221,57 @@ class StatsAccumulator:
         return LayerStats("gram", self.rows, d, self.d_out, G=G, E=E, tt=tt, yy=yy, base=self.base)
 
 
+@dataclass(eq=False, repr=False)
+class PreservationStats:
+    """One layer's inputs X_0 on the preservation prompts (trigger-free prompts run through the
+    model the stage starts from, no concept LoRA): their number of rows n_0 and either the rows
+    themselves (``X``, n_0 × in, kept while they are fewer than the input width) or their Gram
+    matrix G_0 = X_0ᵀX_0 (in × in). The merge objective's preservation term is a function of G_0
+    alone: ||X_0ΔWᵀ||² = tr(ΔW G_0 ΔWᵀ); the rows let the hinge-free solve stay in their span."""
+
+    rows: int
+    X: torch.Tensor | None = None
+    G: torch.Tensor | None = None
+
+    @classmethod
+    def from_rows(cls, X: torch.Tensor, force: str = "auto") -> "PreservationStats":
+        X = X.reshape(-1, X.shape[-1])
+        if force == "gram" or (force == "auto" and X.shape[0] > X.shape[1]):
+            Xf = X.to(_dtype(X))
+            return cls(X.shape[0], G=Xf.T @ Xf)
+        return cls(X.shape[0], X=X.to(_dtype(X)))
+
+    @property
+    def gram(self) -> torch.Tensor:
+        return self.G if self.G is not None else self.X.T @ self.X
+
+    def nbytes(self) -> int:
+        t = self.X if self.X is not None else self.G
+        return t.numel() * t.element_size()
+
+
+class PreservationAccumulator:
+    """G_0 = Σ X_0ᵀX_0 over chunks of preservation rows (memory in² whatever the number of rows)."""
+
+    def __init__(self, in_features: int, dtype=torch.float32, device=None):
+        self.G = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.rows = 0
+
+    def add(self, X: torch.Tensor):
+        X = X.reshape(-1, self.G.shape[0]).to(self.G.device, self.G.dtype)
+        self.G.addmm_(X.T, X)
+        self.rows += X.shape[0]
+
+    def finish(self) -> PreservationStats | None:
+        if self.rows == 0:
+            return None
+        return PreservationStats(self.rows, G=self.G.to("cpu"))
+
+    @staticmethod
+    def nbytes_for(in_features: int, itemsize: int = 4) -> int:
+        return itemsize * in_features * in_features
+
+
 class NeedsExactStatistics(Exception):
     """A merge of compact statistics could not certify that no hinge is active, so the exact
     pairwise statistics of this layer are needed (see :class:`CompactStats`)."""
@@ -262,6 +314,7 @@ class CompactStats:
     tt: torch.Tensor
     oo: torch.Tensor
     E_parts: list = field(default_factory=list)
+    preserve: "PreservationStats | None" = None  # the preservation rows' statistics (None: none recorded)
 
     def __post_init__(self):
         self.E_parts = list(self.E_parts)
@@ -290,7 +343,7 @@ class CompactStats:
     def nbytes(self) -> int:
         ts = [self.G_sum, self.rr, self.yy, self.tt, self.oo] + ([] if self.E_full is None else [self.E_full])
         ts += [P for P, _ in self.E_parts]  # the U_i are the concepts' own factors, held once elsewhere
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.numel() * t.element_size() for t in ts) + (0 if self.preserve is None else self.preserve.nbytes())
 
     def own_sum(self, dW: torch.Tensor) -> torch.Tensor:
         """Σ_i d(i,i)² = tr(ΔW ΣG ΔWᵀ) − 2 tr(ΔW ΣE) + Σ_i rr_i, exact (differentiable in ΔW)."""

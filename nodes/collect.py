@@ -9,11 +9,20 @@ from . import _comfy
 from .display import safe_text
 from .patterns import queue_time_problem
 from .collection import collect_stage, describe, parse_prompts
-from .stages.settings import (DEFAULT_MEMORY_BUDGET_GIB, INPUTS_FROM, SPATIAL_STATISTICS, STAGE_PATTERNS, TOKEN_ROWS,
-                              CollectSettings)
+from .stages.settings import (CONCEPT_PROMPTS_LINE, DEFAULT_MEMORY_BUDGET_GIB, DEFAULT_PRESERVATION_PROMPTS,
+                              INPUTS_FROM, SPATIAL_STATISTICS, STAGE_PATTERNS, TOKEN_ROWS, CollectSettings)
 
 CONCEPTS = io.Custom("LORACLR_CONCEPTS")
 ACTIVATIONS = io.Custom("LORACLR_ACTIVATIONS")
+
+
+def preservation_prompts_input():
+    return io.String.Input(
+        "preservation_prompts", default=DEFAULT_PRESERVATION_PROMPTS, multiline=True, optional=True,
+        tooltip="Prompts without any trigger, one per line, whose layer inputs are recorded on the model/CLIP this "
+                f"stage starts from (no concept LoRA); the merge keeps the base output on them (Merge's "
+                f"preserve_weight). The line '{CONCEPT_PROMPTS_LINE}' stands for every concept's own prompts with its "
+                "trigger removed on token ids. Empty: no preservation rows.")
 
 
 class LoRACLRConcept(io.ComfyNode):
@@ -120,6 +129,7 @@ class LoRACLRCollect(io.ComfyNode):
                                optional=True,
                                tooltip="spatial stage: when a merge needs exact statistics for some layers, they are "
                                        "collected again (same noise) in groups of layers that fit this many GiB."),
+                preservation_prompts_input(),
             ],
             outputs=[ACTIVATIONS.Output(display_name="activations"), io.String.Output(display_name="summary")],
         )

@@ -57,6 +57,10 @@ def describe(acts: ActivationSet) -> str:
              f"layers: {len(acts.layers)}; rows per concept: {acts.layers[0].stats.rows} (first layer); "
              f"storage: {', '.join(forms)}", f"memory held: {mib:.1f} MiB",
              f"concepts whose LoRA touches a layer: min {min(touched)}, max {max(touched)} of {len(acts.concepts)}"]
+    pres = next((la.stats.preserve for la in acts.layers if getattr(la.stats, "preserve", None) is not None), None)
+    lines.append("preservation rows: none (preservation_prompts is empty)" if pres is None else
+                 f"preservation rows: {pres.rows} (first layer), from trigger-free prompts on the model/CLIP this "
+                 "stage starts from")
     mem = acts.info.get("memory")
     if mem:
         peak = "unknown" if mem.get("peak_bytes") is None else f"{mem['peak_bytes'] / 2**20:.1f} MiB"

@@ -41,10 +41,13 @@ class ConceptBatchHooks:
 
     SLICE_NUMBERS = 1 << 22
 
-    def __init__(self, modules: dict, deltas: dict, n_concepts: int, record: set, on_record):
+    def __init__(self, modules: dict, deltas: dict, n_concepts: int, record: set, on_record, on_extra=None):
         self.modules, self.deltas, self.n = modules, deltas, n_concepts
         self.record, self.on_record = record, on_record
         self.recording = False
+        # trailing samples of the batch that no concept's LoRA touches (the preservation prompts,
+        # run on the model as wired); their recorded layers' input rows go to ``on_extra(key, X0)``
+        self.extra, self.on_extra = 0, on_extra
         self._handles = []
 
     def __enter__(self):
@@ -69,17 +72,27 @@ class ConceptBatchHooks:
 
         def hook(module, args, out):
             x = args[0]
+            if self.extra:
+                if recorded and self.recording and self.on_extra is not None:
+                    x0 = x[-self.extra:].detach()
+                    x0 = x0.movedim(1, -1) if isinstance(module, torch.nn.Conv2d) else x0
+                    self.on_extra(key, x0.reshape(-1, x0.shape[-1]).to(torch.float32))
+                if self.extra == x.shape[0]:
+                    return out  # a pass of preservation samples only
+                x, out_all, out = x[:-self.extra], out, out[:-self.extra]  # a view: writes reach out_all
+            else:
+                out_all = out
             if x.shape[0] % self.n:
                 raise RuntimeError(f"batch of {x.shape[0]} does not split into {self.n} concepts at {key}")
             if recorded and self.recording:
                 self._record(key, module, deltas, x, out)
-                return out
+                return out_all
             per = x.shape[0] // self.n
             for i, d in enumerate(deltas):
                 if d is not None:
                     sl = slice(i * per, (i + 1) * per)
                     out[sl] += d.apply(module, x[sl]).to(out.dtype)
-            return out
+            return out_all
 
         return hook
 

@@ -8,7 +8,7 @@ from ..loraclr import METHODS, MergeConfig
 from . import _comfy
 from .display import safe_text
 from .patterns import queue_time_problem
-from .collect import ACTIVATIONS, CONCEPTS
+from .collect import ACTIVATIONS, CONCEPTS, preservation_prompts_input
 from .merging import PRESETS, AllStagesSettings, format_report, merge_activations, merge_all_stages
 from .stages.settings import DEFAULT_MEMORY_BUDGET_GIB
 
@@ -53,6 +53,11 @@ class LoRACLRMerge(io.ComfyNode):
                                  tooltip="Divide distances by the layer's output scale so one margin fits every layer."),
                 io.Combo.Input("compute_dtype", options=["float32", "bfloat16"], default="float32",
                                tooltip="Precision of the large matrix products; distances and sums stay float32."),
+                io.Float.Input("preserve_weight", default=d.preserve_weight, min=0.0, max=1e6, step=0.001, optional=True,
+                               tooltip="μ: how strongly the merged delta must leave the base model's output unchanged "
+                                       "on the preservation prompts' rows (Collect's preservation_prompts). 1 weighs "
+                                       "those rows together as much as all concepts' rows together; 0 is the merge "
+                                       "without them, bit for bit. Applies to loraclr and least_squares."),
             ],
             outputs=[MERGED.Output(display_name="merged"), io.String.Output(display_name="report")],
             hidden=[io.Hidden.unique_id],
@@ -66,8 +71,9 @@ class LoRACLRMerge(io.ComfyNode):
         def chart(report):
             _comfy.send_message("loraclr.merge", {
                 "node": node, "stage": activations.stage, "method": config.method, "total": total,
-                "layers": [{"layer": r["layer"], "objective": r["objective"], "start_objective": r["start_objective"]}
-                           for r in report]})
+                "layers": [{"layer": r["layer"], "objective": r["objective"], "start_objective": r["start_objective"],
+                            "preservation_error": r.get("preservation_error"),
+                            "concept_error": r.get("concept_error")} for r in report]})
 
         merged = merge_activations(activations, config, _comfy.Progress(total), on_layer=chart)
         text = format_report(merged)
@@ -77,7 +83,9 @@ class LoRACLRMerge(io.ComfyNode):
 class LoRACLRMergeAllStages(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        merge_inputs = [i for i in LoRACLRMerge.define_schema().inputs if i.id != "activations"]
+        merge_inputs = [i for i in LoRACLRMerge.define_schema().inputs if i.id not in ("activations", "preserve_weight")]
+        # new inputs go last, so the widget values of workflows saved before them keep their places
+        preserve = next(i for i in LoRACLRMerge.define_schema().inputs if i.id == "preserve_weight")
         return io.Schema(
             node_id="LoRACLRMergeAllStages",
             display_name="LoRACLR Merge (all stages)",
@@ -105,6 +113,8 @@ class LoRACLRMergeAllStages(io.ComfyNode):
                 io.Float.Input("memory_budget_gib", default=DEFAULT_MEMORY_BUDGET_GIB, min=0.05, max=1024.0, step=0.25, optional=True,
                                tooltip="spatial stage: layers whose merge needs exact statistics (a contrastive hinge "
                                        "may act) are collected again in groups that fit this many GiB."),
+                preserve,
+                preservation_prompts_input(),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), MERGED.Output(display_name="merged"),
                      io.String.Output(display_name="report")],

@@ -17,7 +17,7 @@ from .stages.settings import DEFAULT_MEMORY_BUDGET_GIB, CollectSettings
 from .stages.spatial_exact import exact_layer_bytes
 
 MERGE_INPUTS = ("method", "margin", "lambda_con", "lambda_mse", "lambda_reg", "learning_rate", "iterations",
-                "warm_start", "normalize", "compute_dtype")  # the Merge node's settings, by input name
+                "warm_start", "normalize", "compute_dtype", "preserve_weight")  # the Merge node's settings, by input name
 
 
 def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, on_layer=None,
@@ -32,7 +32,7 @@ def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, o
     the merged deltas replace the statistics in memory instead of adding to them."""
     merger = _Merger(acts, config, on_layer)
     pending = _merge_each_layer(merger, release, progress)
-    notes = list(acts.info.get("notes", []))
+    notes = list(acts.info.get("notes", [])) + _preservation_notes(acts, config)
     notes += _certify_with_distances(merger, pending, release)
     notes += _merge_from_exact_statistics(merger, pending)
     return merger.merged(notes)
@@ -50,7 +50,9 @@ class _Merger:
         self.shapes = {layer.key: (layer.stats.in_features, layer.stats.out_features) for layer in acts.layers}
 
     def merge(self, layer, distances=None):
-        deltas = layer.delta_list() if self.config.method in ("sum", "average") else None
+        cfg = self.config
+        wants = cfg.method in ("sum", "average") or (cfg.preserve_target == "concepts" and cfg.preserve_weight > 0)
+        deltas = layer.delta_list() if wants else None
         res = merge_layer(layer.weight(), layer.stats, self.config, deltas=deltas, distances=distances)
         self.results[layer.key] = res
         self.entries[layer.key] = _report_entry(self.acts, layer, res)
@@ -132,10 +134,25 @@ def _merge_from_exact_statistics(merger: _Merger, pending: dict) -> list[str]:
     return [note]
 
 
+def _preservation_notes(acts: ActivationSet, config: MergeConfig) -> list[str]:
+    if not config.preserve_weight >= 0:
+        raise _comfy.NodeError("LoRACLR Merge", f"field 'preserve_weight' must be 0 or more, got {config.preserve_weight}")
+    rows = [la.stats.preserve.rows for la in acts.layers if la.stats is not None and la.stats.preserve is not None]
+    if not acts.layers:
+        return []
+    if not rows:
+        return ([f"preserve_weight {config.preserve_weight:g} has no effect: no preservation rows were recorded "
+                 "(Collect's preservation_prompts is empty)"] if config.preserve_weight > 0 else [])
+    return [f"preservation: {rows[0]} rows (first layer) from trigger-free prompts, preserve_weight "
+            f"{config.preserve_weight:g}" + (", target: the concepts' own outputs" if config.preserve_target == "concepts"
+                                            else "")]
+
+
 def _report_entry(acts, layer, res) -> dict:
     return {"layer": layer.key, "target": layer.target, "objective": res.objective,
             "start_objective": res.start_objective, "iterations": res.iterations_run,
-            "converged": res.converged, "statistics": layer.stats.form,
+            "converged": res.converged, "statistics": layer.stats.form, "concept_error": res.concept_error,
+            "preservation_error": res.preservation,
             "concepts": [dict(r, concept=acts.concepts[r["concept"]].label) for r in res.report]}
 
 
@@ -169,8 +186,10 @@ def format_report(merged: MergedDelta) -> str:
     lines += merged.info.get("notes", [])
     for r in merged.report:
         short = r["layer"].replace("diffusion_model.", "").replace(".weight", "")
+        pres = r.get("preservation_error")
         lines.append(f"{short}: objective {f(r['objective'])} (start {f(r['start_objective'])}, "
-                     f"{r['iterations']} it{', converged' if r['converged'] else ''})")
+                     f"{r['iterations']} it{', converged' if r['converged'] else ''})"
+                     + ("" if pres is None else f"  concept err {f(r.get('concept_error'))}  preservation err {f(pres)}"))
         for c in r["concepts"]:
             lines.append(f"  {shown(c['concept'])}: pos {f(c['positive'])}  nearest neg {f(c['nearest_negative'])}  "
                          f"rel err {f(c['relative_error'])}")

@@ -27,6 +27,22 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(ROOT, "example_workflows")
 WORLD = "loraclr_sprite_world.safetensors"  # the pack's own trained sprite world
+
+
+def _settings_module():
+    """nodes/stages/settings.py alone (plain Python), for the preservation prompts' default."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_loraclr_settings", os.path.join(ROOT, "nodes", "stages", "settings.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look the module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+DEFAULT_PRESERVATION_PROMPTS = _settings_module().DEFAULT_PRESERVATION_PROMPTS
+DEFAULT_PRESERVE_WEIGHT = 0.0  # LoRACLR Merge's default preserve_weight (loraclr/solvers.py)
+PRESERVE_SWEEP = "0, 0.1, 1, 10"
 WORLD_LORAS = "loraclr_world"  # its concept LoRAs (the LoRA list gains this folder)
 
 # Inputs after which the editor stores a control value ("fixed", "randomize", ...).
@@ -35,8 +51,8 @@ CONTROL = {"seed", "noise_seed", "sample_seed"}
 # LGraphNode.computeSize() reports them with this pack's text/chart widgets (frontend 1.32.9; the
 # browser test checks every node of every template against the frontend actually served).
 MIN_HEIGHT = {
-    "CheckpointLoaderSimple": 98, "LoRACLRConcept": 204, "LoRACLRCollectActivations": 484, "LoRACLRMerge": 612,
-    "LoRACLRApplyDelta": 122, "LoRACLRSaveLoRA": 288, "LoRACLRMergeAllStages": 646, "LoRACLRSweepValues": 58,
+    "CheckpointLoaderSimple": 98, "LoRACLRConcept": 204, "LoRACLRCollectActivations": 604, "LoRACLRMerge": 636,
+    "LoRACLRApplyDelta": 122, "LoRACLRSaveLoRA": 288, "LoRACLRMergeAllStages": 790, "LoRACLRSweepValues": 58,
     "LoRACLRTrainCAT": 894, "LoRACLRSaveCAT": 224, "LoRACLRSpriteDataset": 222, "LoRACLRWorldDataset": 178,
     "LoRACLREvaluate": 566,
     "CLIPTextEncode": 88, "EmptyLatentImage": 106, "KSampler": 262, "VAEDecode": 46, "SaveImage": 58,
@@ -130,7 +146,8 @@ def concept(g, lora, trigger, prompts, prev=None, col=0, lora_file=None):
 def collect_widgets(stage="cross_attention", inputs_from="concept_lora", steps=20, record_steps=4, size=64):
     return {"stage": stage, "inputs_from": inputs_from, "layer_filter": "", "only_lora_layers": True, "steps": steps,
             "record_steps": record_steps, "width": size, "height": size, "seed": 0, "token_rows": "all",
-            "spatial_statistics": "compact", "memory_budget_gib": 4.0}
+            "spatial_statistics": "compact", "memory_budget_gib": 4.0,
+            "preservation_prompts": DEFAULT_PRESERVATION_PROMPTS}
 
 
 def collect(g, model_src, clip_src, concepts_src, col, title=None, **kw):
@@ -146,11 +163,13 @@ def merge_widgets(margin=0.5, iterations=50):
             "compute_dtype": "float32"}
 
 
-def merge(g, coll, col, title=None, margin_src=None):
+def merge(g, coll, col, title=None, margin_src=None, preserve_src=None):
     inputs = [("activations", "LORACLR_ACTIVATIONS", (coll, 0))]
-    widgets = merge_widgets()
+    widgets = {**merge_widgets(), "preserve_weight": DEFAULT_PRESERVE_WEIGHT}  # the last widget, after compute_dtype
     if margin_src is not None:
         inputs.append(("margin", "FLOAT", margin_src))
+    if preserve_src is not None:
+        inputs.append(("preserve_weight", "FLOAT", preserve_src))
     return g.add("LoRACLRMerge", widgets, inputs, [("merged", "LORACLR_DELTA"), ("report", "STRING")], col=col,
                  size=(420, 0), title=title)
 
@@ -386,7 +405,8 @@ def whole_story() -> Graph:
     b = train_two_fresh_concepts(g, ckpt)
     refs = reference_images(g, [VLM[2], PXO[2]], col=3)
     widgets = {"preset": "all", "layer_filter": "", **merge_widgets(), "steps": 20, "record_steps": 4, "width": 64,
-               "height": 64, "sample_seed": 0, "memory_budget_gib": 4.0}
+               "height": 64, "sample_seed": 0, "memory_budget_gib": 4.0, "preserve_weight": DEFAULT_PRESERVE_WEIGHT,
+               "preservation_prompts": DEFAULT_PRESERVATION_PROMPTS}
     allm = g.add("LoRACLRMergeAllStages", widgets,
                  [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
                  [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("merged", "LORACLR_DELTA"), ("report", "STRING")], col=4,
@@ -395,12 +415,28 @@ def whole_story() -> Graph:
     evaluate(g, ckpt, (allm, 0), (allm, 1), b, refs, col=5, json_preview=False)
     return g
 
+def preserve_sweep() -> Graph:
+    g = Graph("How much of the base model a merge keeps: Sweep Values feeds several preserve_weight values (μ) "
+              "into Merge, one merge and one saved LoRA per value from activations collected once. Collect records "
+              "the preservation prompts (each concept's prompts without its trigger, and a few generic ones) on the "
+              "base model; the Merge report gives, per layer, the concepts' error beside the change of the base "
+              "output on those prompts. 0 is the merge without them.")
+    ckpt = checkpoint(g)
+    a = world_concept(g, SKS)
+    b = world_concept(g, ZWX, prev=a)
+    coll = collect(g, (ckpt, 0), (ckpt, 1), b, col=1)
+    sweep = g.add("LoRACLRSweepValues", {"values": PRESERVE_SWEEP}, [], [("value", "FLOAT")], col=1, size=(380, 0))
+    m = merge(g, coll, col=2, preserve_src=(sweep, 0))
+    save_merged(g, [m], "loraclr/sweep_preserve_{preserve_weight}", col=3)
+    return g
+
 
 # key -> (file name: the title the editor shows, builder)
 WORKFLOWS = {
     "merge_two": ("LoRACLR - merge two concept LoRAs.json", merge_two_concepts),
     "three_stages": ("LoRACLR - merge three concepts, all stages.json", merge_three_concepts_all_stages),
     "margin_sweep": ("LoRACLR - sweep the margin in one queued prompt.json", margin_sweep),
+    "preserve_sweep": ("LoRACLR - sweep preserve_weight in one queued prompt.json", preserve_sweep),
     "train_sprite": ("CAT - train a concept LoRA.json", cat_train_sprite),
     "train_two_merge": ("CAT - train two concepts, then merge them.json", cat_train_two_then_merge),
     "merge_evaluate": ("LoRACLR - merge, then evaluate.json", merge_then_evaluate),

@@ -25,6 +25,7 @@ const MAX_POINTS = 2000; // training steps kept per line (older points are thinn
 
 const COLORS = {
   "diffusion loss": "#42a5f5", "CAT loss": "#ff7043", "start objective": "#bdbdbd", "merged objective": "#66bb6a",
+  "concept error": "#ab47bc", "preservation error": "#ffa726",
 };
 
 function nodeById(id) {
@@ -65,6 +66,19 @@ function onMergeMessage(d) {
   const node = nodeById(d.node);
   if (!node) return;
   const layers = d.layers ?? [];
+  if (layers.some((l) => l.preservation_error != null)) {
+    // with preservation rows: each layer's relative error on the concepts' rows beside its change of
+    // the base output on the preservation rows (both relative, one axis)
+    setChart(node, {
+      kind: "merge", title: `${d.stage ?? ""} merge (${d.method ?? ""}), ${layers.length}${d.total ? "/" + d.total : ""} layers`,
+      xLabel: "layer", yLabel: "relative error", x: layers.map((_, i) => i + 1), names: layers.map((l) => shortLayer(l.layer)),
+      lines: [
+        { name: "concept error", values: layers.map((l) => l.concept_error) },
+        { name: "preservation error", values: layers.map((l) => l.preservation_error) },
+      ],
+    });
+    return;
+  }
   setChart(node, {
     kind: "merge", title: `${d.stage ?? ""} merge (${d.method ?? ""}), ${layers.length}${d.total ? "/" + d.total : ""} layers`,
     xLabel: "layer", yLabel: "objective", x: layers.map((_, i) => i + 1), names: layers.map((l) => shortLayer(l.layer)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import _comfy
 from ..patterns import compile_pattern
-from .settings import STAGE_PATTERNS
+from .settings import CONCEPT_PROMPTS_LINE, STAGE_PATTERNS
 
 NODE = "Collect LoRA Activations"
 
@@ -100,3 +100,49 @@ def encode(clip, prompt, concept, notes, pooled=False):
         if note not in notes:
             notes.append(note)
     return (cond, pool) if pooled else cond
+
+
+def preservation_prompts(clip, concepts, text: str, n_prompts: int, notes) -> list:
+    """The preservation prompts as tokens (first 77-token chunk each, duplicates once): every line
+    of ``text``; the line '{concept prompts}' stands for each concept's first ``n_prompts`` prompts
+    with its trigger removed on token ids (the rest of the prompt tokenized exactly as with it).
+    A concept without a trigger, or a prompt without it, gives none there, with a note."""
+    from ..training import make_removers
+    from ...cat_training.triggers import TriggerNotFound
+
+    out, seen = [], set()
+
+    def add(tokens):
+        first = {k: chunks[:1] for k, chunks in tokens.items()}
+        key = tuple((k, tuple(t[0] for t in chunks[0])) for k, chunks in sorted(first.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(first)
+
+    for line in (ln.strip() for ln in (text or "").splitlines()):
+        if not line:
+            continue
+        if line != CONCEPT_PROMPTS_LINE:
+            tokens = clip.tokenize(line)
+            if any(len(chunks) > 1 for chunks in tokens.values()):
+                notes.append(f"preservation prompt '{line[:60]}…' is longer than 77 tokens; only its first 77 are used")
+            add(tokens)
+            continue
+        for c in concepts:
+            if not c.trigger.strip():
+                notes.append(f"{c.label}: no trigger, so its prompts give no preservation prompt")
+                continue
+            removers = make_removers(clip, [c.trigger.strip()])
+            for p in c.prompts[:n_prompts]:
+                try:
+                    add(_comfy.neutral_tokens(clip, p, removers))
+                except TriggerNotFound:
+                    notes.append(f"{c.label}: prompt '{p[:60]}' does not contain the trigger; it gives no "
+                                 "preservation prompt")
+    return out
+
+
+def preservation_conditioning(clip, tokens_list, pooled=False):
+    """Each preservation prompt's conditioning through ``clip`` (the CLIP the stage starts from):
+    a list of (1, 77, width) tensors, or with ``pooled`` (cond, pooled) pairs."""
+    return [_comfy.encode_tokens(clip, t, pooled=pooled) for t in tokens_list]

@@ -6,9 +6,10 @@ import torch
 
 from ...loraclr import LayerStats
 from ...loraclr.bundle import ActivationSet, LayerData
+from ...loraclr.stats import PreservationStats
 from .. import _comfy
 from .common import (NODE, Loaded, align_prompt_counts, check_concepts, concept_clip, encode, layer_deltas, outputs,
-                     select_keys, stage_info)
+                     preservation_conditioning, preservation_prompts, select_keys, stage_info)
 from .settings import CollectSettings
 
 
@@ -36,11 +37,15 @@ def collect_cross_attention(model, clip, concepts, settings: CollectSettings = C
             progress.step()
     if settings.token_rows == "trigger":
         xs = _trigger_rows(clip, concepts, n_prompts, xs, notes)
+    # the preservation prompts' context rows through the wired CLIP (the one this stage starts from)
+    tokens = preservation_prompts(clip, concepts, settings.preservation_prompts, n_prompts, notes)
+    pres = PreservationStats.from_rows(torch.cat([c[0] for c in preservation_conditioning(clip, tokens)])) if tokens else None
     layers = []
     for key in keys:
         w0, deltas = layer_deltas(model, key, loaded.unet, [c.strength_model for c in concepts], loaded.names)
-        layers.append(LayerData(key=key, target="model", base=w0, deltas=deltas,
-                                stats=LayerStats.from_rows(xs, [outputs(x, w0, d) for x, d in zip(xs, deltas)], base=w0)))
+        stats = LayerStats.from_rows(xs, [outputs(x, w0, d) for x, d in zip(xs, deltas)], base=w0)
+        stats.preserve = pres  # the same rows feed every to_k/to_v
+        layers.append(LayerData(key=key, target="model", base=w0, deltas=deltas, stats=stats))
         if progress:
             progress.step()
     return ActivationSet("cross_attention", list(concepts), layers,

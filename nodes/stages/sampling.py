@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from .. import _comfy
-from .common import NODE, Loaded, align_prompt_counts, check_concepts, concept_clip, encode, select_keys
+from .common import (NODE, Loaded, align_prompt_counts, check_concepts, concept_clip, encode, preservation_conditioning,
+                     preservation_prompts, select_keys)
 from .settings import CollectSettings, SpatialSampling
 
 
@@ -29,15 +30,18 @@ class SpatialRun:
         self.loaded = Loaded(model, clip, concepts)
         self.stage_keys = select_keys("spatial", _comfy.state_keys(model), self.loaded.unet, settings, self.notes)
         self.model, self.clip, self.concepts, self.inputs_from = model, clip, concepts, settings.inputs_from
+        self.preservation_text = settings.preservation_prompts
         self.modules = self.conds = self.sigmas = self.record = self.noise = None
+        self.pres_conds = self.pres_noise = None  # the preservation prompts (None: none sampled)
 
     @property
     def device(self):
         return getattr(self.model, "load_device", torch.device("cpu"))
 
-    def start_sampling(self, sampling: SpatialSampling):
+    def start_sampling(self, sampling: SpatialSampling, preserve: bool = True):
         """Per concept its prompts' conditioning (with SDXL's y for a ``width`` × ``height``
-        image), the sigmas, the recorded steps and the shared noise."""
+        image), the sigmas, the recorded steps and the shared noise; with ``preserve``, the
+        preservation prompts' conditioning and noise too."""
         model, n_prompts = self.model, self.n_prompts
         self.modules = _comfy.unet_modules(model)
         conds = []
@@ -51,6 +55,19 @@ class SpatialRun:
         self.record = set(record_schedule(sampling.steps, sampling.record_steps))
         g = torch.Generator().manual_seed(sampling.seed)
         scale = _comfy.latent_scale(model)
-        self.noise = torch.randn((n_prompts, _comfy.latent_channels(model), sampling.height // scale,
-                                  sampling.width // scale), generator=g)
+        shape = (_comfy.latent_channels(model), sampling.height // scale, sampling.width // scale)
+        self.noise = torch.randn((n_prompts, *shape), generator=g)
+        if preserve:
+            self._start_preservation(sampling, g, shape)
         return self
+
+    def _start_preservation(self, sampling, g, shape):
+        """The preservation prompts through the wired CLIP (no concept LoRA), and their noise,
+        drawn from the same generator after the concepts' noise (fixed by the seed)."""
+        tokens = preservation_prompts(self.clip, self.concepts, self.preservation_text, self.n_prompts, self.notes)
+        if not tokens:
+            return
+        pairs = preservation_conditioning(self.clip, tokens, pooled=True)
+        self.pres_conds = _comfy.with_y(NODE, self.model, torch.cat([c for c, _ in pairs]), [p for _, p in pairs],
+                                        sampling.width, sampling.height)
+        self.pres_noise = torch.randn((len(tokens), *shape), generator=g)

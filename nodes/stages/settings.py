@@ -15,6 +15,12 @@ INPUTS_FROM = ("concept_lora", "wired")
 TOKEN_ROWS = ("all", "trigger")
 SPATIAL_STATISTICS = ("compact", "exact")
 DEFAULT_MEMORY_BUDGET_GIB = 4.0
+# a line of the preservation prompts that stands for every concept's own prompts with its
+# trigger removed on token ids
+CONCEPT_PROMPTS_LINE = "{concept prompts}"
+GENERIC_PRESERVATION_PROMPTS = ("a photo", "a painting of a landscape", "a close-up photo of an object on a table",
+                                "a street in a city at night", "a portrait of a person")
+DEFAULT_PRESERVATION_PROMPTS = "\n".join((CONCEPT_PROMPTS_LINE,) + GENERIC_PRESERVATION_PROMPTS)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class CollectSettings:
     spatial_statistics: str = "compact"
     memory_budget_gib: float = DEFAULT_MEMORY_BUDGET_GIB
     sampling: SpatialSampling = field(default_factory=SpatialSampling)
+    # trigger-free prompts whose layer inputs X_0 the merge keeps at the base output ('' : none)
+    preservation_prompts: str = DEFAULT_PRESERVATION_PROMPTS
 
     @classmethod
     def from_inputs(cls, steps=20, record_steps=20, width=512, height=512, seed=0, layer_filter="",

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ...loraclr.bundle import ActivationSet
-from ...loraclr.stats import CompactAccumulator
+from ...loraclr.stats import CompactAccumulator, PreservationAccumulator
 from .. import _comfy
 from ..memory import PeakMemory
 from .common import NODE, stage_info
@@ -82,7 +82,7 @@ def spatial_distances(model, clip, concepts, candidates: dict, settings: Collect
     d(i, j)² = ||X_i(W0 + ΔW)ᵀ − Y_j||² (N × N, float64) over the same rows a collection with
     these settings records (:func:`.spatial_compact.measure_distances`)."""
     run = SpatialRun(model, clip, concepts, settings)
-    return measure_distances(run.start_sampling(settings.sampling), candidates)
+    return measure_distances(run.start_sampling(settings.sampling, preserve=False), candidates)
 
 
 def planned_bytes(layers, n, statistics) -> int:
@@ -96,4 +96,6 @@ def planned_bytes(layers, n, statistics) -> int:
             total += CompactAccumulator.nbytes_for(n, d_in, d_out, ranks=ranks)
         else:
             total += exact_layer_bytes(n, d_in, d_out)
+        if layer.stats.preserve is not None:  # G_0 of the preservation rows, in × in
+            total += PreservationAccumulator.nbytes_for(d_in)
     return total

@@ -8,7 +8,7 @@ import torch
 
 from ...cat_training.conditioning import cat as cat_conds
 from ...loraclr.bundle import LayerData
-from ...loraclr.stats import CompactAccumulator, pairwise_sq_distances
+from ...loraclr.stats import CompactAccumulator, PreservationAccumulator, pairwise_sq_distances
 from .. import _comfy
 from .common import NODE
 from .sampling import SpatialRun
@@ -45,12 +45,22 @@ def collect_compact(run: SpatialRun, keys, progress=None) -> list:
         ups = [d.up if d is not None else torch.zeros(w.shape[0], 0) for d in ds]  # no delta: rank 0
         accs[k] = CompactAccumulator(n, w[0].numel(), w.shape[0], device=run.device, ups=ups)
 
+    pres = {k: PreservationAccumulator(accs[k].d_in, device=run.device) for k in keys} if run.pres_conds is not None else {}
+
     def on_record(key, X, R, B, H):
         accs[key].add(X, R, B, H)
 
-    _run_batched(run, deltas, set(keys), on_record, progress)
-    return [LayerData(key=k, target="model", base=lambda k=k: _comfy.base_weight(run.model, k),
-                      deltas=deltas.get(k, [None] * n), stats=accs[k].finish()) for k in keys]
+    def on_preserve(key, X0):
+        pres[key].add(X0)
+
+    _run_batched(run, deltas, set(keys), on_record, progress, on_preserve if pres else None)
+    layers = []
+    for k in keys:
+        stats = accs[k].finish()
+        stats.preserve = pres[k].finish() if pres else None
+        layers.append(LayerData(key=k, target="model", base=lambda k=k: _comfy.base_weight(run.model, k),
+                                deltas=deltas.get(k, [None] * n), stats=stats))
+    return layers
 
 
 def measure_distances(run: SpatialRun, candidates: dict) -> dict:
@@ -92,23 +102,32 @@ def _concept_deltas(run: SpatialRun) -> dict:
     return deltas
 
 
-def _run_batched(run: SpatialRun, deltas, record_keys, on_record, progress):
+def _run_batched(run: SpatialRun, deltas, record_keys, on_record, progress, on_preserve=None):
     """Euler sampling of all concepts in one batch from the shared noise, each concept's LoRA
     applied to its slice by hooks; ``on_record(key, X, R, B, H)`` at the recorded steps. Each
     prompt is a pass of its own (a batch of N, one sample per concept): the statistics are sums
-    over rows, so this is exact, and the forward's memory is that of N samples, not N·P."""
+    over rows, so this is exact, and the forward's memory is that of N samples, not N·P.
+    ``on_preserve(key, X0)``: the preservation prompts are sampled in the same run, under the same
+    hooks and recorded at the same steps, from their own fixed noise and with no concept's LoRA,
+    in batched passes of their own (up to N prompts each) after the concepts' passes: the
+    concepts' batches are exactly those of a run without them, so their rows are too, bit for bit."""
     from ..concept_batch import ConceptBatchHooks
 
     model, n = run.model, len(run.concepts)
     _comfy.load_patched(model)  # the wired model's own weights; concepts come in through the hooks
     n_prompts = run.noise.shape[0]
     steps = len(run.sigmas) - 1
+    passes = [(cat_conds([c[p:p + 1] for c in run.conds]),  # (N, tokens, width), concept by concept
+               run.noise[p:p + 1].repeat(n, 1, 1, 1), 0) for p in range(n_prompts)]
+    if on_preserve is not None and run.pres_conds is not None:
+        m = run.pres_noise.shape[0]
+        passes += [(run.pres_conds[j:j + n], run.pres_noise[j:j + n], min(n, m - j)) for j in range(0, m, n)]
     if progress:
-        progress.set_total(steps * n_prompts)
-    with ConceptBatchHooks(run.modules, deltas, n, record_keys, on_record) as hooks:
-        for p in range(n_prompts):
-            cond = cat_conds([c[p:p + 1] for c in run.conds])  # (N, tokens, width), concept by concept
-            x = _comfy.initial_latent(model, run.noise[p:p + 1].repeat(n, 1, 1, 1), run.sigmas[0])
+        progress.set_total(steps * len(passes))
+    with ConceptBatchHooks(run.modules, deltas, n, record_keys, on_record, on_preserve) as hooks:
+        for cond, noise, extra in passes:
+            hooks.extra = extra  # a preservation pass: every sample is one no concept's LoRA touches
+            x = _comfy.initial_latent(model, noise, run.sigmas[0])
             for s in range(steps):
                 hooks.recording = s in run.record
                 x = _comfy.euler_step(model, x, run.sigmas, s, cond)

@@ -4,6 +4,7 @@ collects again for the layers whose compact statistics cannot certify it)."""
 from __future__ import annotations
 
 from ...loraclr.bundle import LayerData
+from ...loraclr.stats import PreservationAccumulator
 from ...loraclr.streaming import AdaptiveLayerStats, folded_nbytes
 from .. import _comfy
 from .common import layer_deltas
@@ -33,6 +34,9 @@ def collect_exact(run: SpatialRun, keys, progress=None) -> list:
     sigmas, record = run.sigmas, run.record
     steps = len(sigmas) - 1
     xs = [_comfy.initial_latent(model, run.noise, sigmas[0]) for _ in concepts]
+    # the preservation prompts on the wired model (no concept's LoRA), from their own fixed noise
+    pres = {k: PreservationAccumulator(acc[k].in_features) for k in keys} if run.pres_conds is not None else {}
+    x0 = _comfy.initial_latent(model, run.pres_noise, sigmas[0]) if pres else None
     for s in range(steps):
         step_rows = []
         for i in range(len(concepts)):
@@ -41,14 +45,26 @@ def collect_exact(run: SpatialRun, keys, progress=None) -> list:
                 rec.active = s in record
                 xs[i] = _comfy.euler_step(clones[i], xs[i], sigmas, s, run.conds[i])
                 step_rows.append(rec.take() if s in record else None)
+        if pres:
+            _comfy.load_patched(model)
+            with _comfy.InputRecorder(modules) as rec:
+                rec.active = s in record
+                x0 = _comfy.euler_step(model, x0, sigmas, s, run.pres_conds)
+                rows0 = rec.take() if s in record else None
         if s in record:
             for key in keys:
                 acc[key].add([r[key] for r in step_rows])
+                if pres:
+                    pres[key].add(rows0[key])
         if progress:
             progress.step()
     _comfy.load_patched(model)  # leave the shared module with the wired model's own weights
-    return [LayerData(key=k, target="model", base=weights[k][0], deltas=weights[k][1], stats=acc[k].finish())
-            for k in keys]
+    layers = []
+    for k in keys:
+        stats = acc[k].finish()
+        stats.preserve = pres[k].finish() if pres else None
+        layers.append(LayerData(key=k, target="model", base=weights[k][0], deltas=weights[k][1], stats=stats))
+    return layers
 
 
 def _concept_models(run: SpatialRun) -> list:

@@ -197,6 +197,38 @@ def test_three_stage_example_runs_every_stage_on_the_server(server, object_info)
         shutil.rmtree(COMFY / "models" / "loras" / sub, ignore_errors=True)
 
 
+def test_preserve_sweep_template_saves_one_merge_per_weight_with_its_preservation_error(server, object_info):
+    """The preserve_weight sweep template on the real server: one saved LoRA per μ, whose stored
+    report holds each layer's preservation error, falling as μ grows; μ = 0 keeps the base least."""
+    import shutil
+
+    sub = "loraclr_pytest_preserve"
+    lora_dir = COMFY / "models" / "loras" / sub
+    shutil.rmtree(lora_dir, ignore_errors=True)
+
+    def edit(node):
+        if node["class_type"] == "LoRACLRSaveLoRA":
+            node["inputs"]["filename"] = f"{sub}/mu_{{preserve_weight}}"
+        if node["class_type"] == "LoRACLRSweepValues":
+            node["inputs"]["values"] = "0, 1"
+
+    try:
+        _run_example(server, object_info, "preserve_sweep", edit)
+        files = sorted(os.listdir(lora_dir))
+        assert files == ["mu_0.safetensors", "mu_1.safetensors"]
+        errs = {}
+        for f in files:
+            with safe_open(str(lora_dir / f), "pt") as fh:
+                meta = fh.metadata()
+            mu = json.loads(meta["loraclr_settings"])["preserve_weight"]
+            report = json.loads(meta["loraclr_report"])
+            errs[mu] = [r["preservation_error"] for r in report]
+        assert set(errs) == {0.0, 1.0} and all(e is not None for e in errs[0.0])
+        assert sum(errs[1.0]) < sum(errs[0.0])
+    finally:
+        shutil.rmtree(lora_dir, ignore_errors=True)
+
+
 def test_margin_sweep_saves_one_file_per_value(server, object_info):
     import shutil
 
