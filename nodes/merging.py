@@ -30,9 +30,10 @@ def merge_activations(acts: ActivationSet, config: MergeConfig, progress=None, o
     called after every merged layer (the editor's live chart). ``release``: drop each layer's
     statistics once its merge no longer needs them (for activations nothing else will use), so
     the merged deltas replace the statistics in memory instead of adding to them."""
+    # read (and the weight checked) before any layer's statistics are released
+    notes = list(acts.info.get("notes", [])) + _preservation_notes(acts, config)
     merger = _Merger(acts, config, on_layer)
     pending = _merge_each_layer(merger, release, progress)
-    notes = list(acts.info.get("notes", [])) + _preservation_notes(acts, config)
     notes += _certify_with_distances(merger, pending, release)
     notes += _merge_from_exact_statistics(merger, pending)
     return merger.merged(notes)
@@ -233,6 +234,8 @@ def merge_all_stages(model, clip, concepts, settings: AllStagesSettings, first_s
             acts = first_stage
         else:
             collect = replace(settings.collect, inputs_from="concept_lora" if n == 0 else "wired")
+            if settings.merge.preserve_weight == 0:
+                collect = replace(collect, preservation_prompts="")  # rows nobody reads: not recorded
             acts = collect_stage(model, clip, concepts, stage, collect)
         # these activations serve this merge alone (unless the caller shares the first stage's)
         merged = merge_activations(acts, settings.merge, _comfy.Progress(len(acts.layers)),
