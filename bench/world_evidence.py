@@ -12,6 +12,9 @@ at 64 px with 20 euler steps and guidance 4 (what the templates use):
 * confusion: the share in which it finds another of the N concepts and not this one;
 * two concepts: "a photo of {trigger_a} {class_a} and {trigger_b} {class_b}" for neighbouring
   pairs; the share in which both are found;
+* side by side: the same two concepts on one 128 × 64 canvas composed of two areas (the stock
+  ConditioningSetArea, each half prompted "a photo of {trigger} {class}" alone); the share in which
+  the left half shows the first concept and the right half the second;
 * knowledge preservation in pictures: "a photo of a {class}" for every class; the detected colour
   schemes of that class against the base model's (total-variation distance, 0 = unchanged, 1 =
   disjoint), averaged over the classes.
@@ -35,14 +38,20 @@ sys.path.append(ROOT)  # after ComfyUI: the pack's nodes package must not shadow
 
 import world_eval  # noqa: E402
 
+# every method without the preservation term (μ = 0), as first measured; the preservation front
+# below is loraclr at its default settings with μ > 0 (the Merge default is loraclr_mu0.1)
 METHODS = (
     ("sum", dict(method="sum")),
     ("average", dict(method="average")),
-    ("least_squares", dict(method="least_squares")),
-    ("loraclr", dict(method="loraclr")),
-    ("loraclr_official", dict(method="loraclr", warm_start=False, iterations=50)),
-    ("loraclr_normalized", dict(method="loraclr", normalize=True, margin=0.5)),
+    ("least_squares", dict(method="least_squares", preserve_weight=0.0)),
+    ("loraclr", dict(method="loraclr", preserve_weight=0.0)),
+    ("loraclr_official", dict(method="loraclr", warm_start=False, iterations=50, preserve_weight=0.0)),
+    ("loraclr_normalized", dict(method="loraclr", normalize=True, margin=0.5, preserve_weight=0.0)),
 )
+# the preservation front (issue 19): loraclr at default settings with preserve_weight μ; not in the
+# default --methods, named on the command line (--methods loraclr_mu1,...)
+PRESERVE_WEIGHTS = (0.01, 0.1, 1.0, 10.0, 100.0)
+PRESERVE = tuple((f"loraclr_mu{mu:g}", dict(method="loraclr", preserve_weight=mu)) for mu in PRESERVE_WEIGHTS)
 LORA_DIR = os.path.join(ROOT, "world", "loras", "loraclr_world")
 
 
@@ -102,6 +111,13 @@ class Judge:
         found = {s: self.draw(model, clip, prompt, s, tag) for s in self.seeds}
         return self.per_seed(lambda s: sum(f.has_concept(a) and f.has_concept(b) for f in found[s]) / self.samples)
 
+    def side_by_side(self, model, clip, a, b):
+        def share(seed):
+            images = world_eval.sample_side_by_side(model, clip, self.vae, a.prompt(), b.prompt(), self.samples, seed)
+            return both_sides(self.verdicts(images[:, :, :64]), self.verdicts(images[:, :, 64:]), a, b)
+
+        return self.per_seed(share)
+
     def schemes(self, model, clip):
         """{class: [detected scheme of each picture, in seed and batch order]} (None: class not
         found) for the trigger-free class prompts; the same seeds for every model, so pictures pair."""
@@ -112,6 +128,12 @@ class Judge:
             out[cls] = [f.scheme_of(cls) for s in self.seeds
                         for f in self.draw(model, clip, render.caption([(cls, None)]), 1000 + s, n=self.kp_samples)]
         return out
+
+
+def both_sides(left, right, a, b) -> float:
+    """The share of side-by-side pictures whose left half shows ``a`` and right half ``b``
+    (detector findings of the halves, in batch order)."""
+    return sum(fl.has_concept(a) and fr.has_concept(b) for fl, fr in zip(left, right)) / len(left)
 
 
 def tv(p: Counter, q: Counter) -> float:
@@ -221,26 +243,36 @@ def main(argv=None):
         for n in ns:
             concepts = available[:n]
             pcs = [pack_concept(c) for c in concepts]
-            for label, overrides in METHODS:
-                if label not in args.methods.split(",") or f"{n}/{label}" in results["merges"]:
+            for label, overrides in METHODS + PRESERVE:
+                key = f"{n}/{label}"
+                if label not in args.methods.split(",") or "side_by_side" in results["merges"].get(key, {}):
                     continue
                 t1 = time.time()
                 settings = AllStagesSettings("all", MergeConfig(**overrides), world_collect())
                 m, cl, _, _ = merge_all_stages(model, clip, pcs, settings)
                 t_merge = time.time() - t1
+                side = [judge.side_by_side(m, cl, concepts[a], concepts[b]) for a, b in pairs(n)]
+                if key in results["merges"]:  # measured by an earlier run before side by side existed
+                    r = results["merges"][key]
+                    r["side_by_side"], r["side_by_side_mean"] = side, sum(x["mean"] for x in side) / len(side)
+                    log(f"N={n} {label}: side by side {r['side_by_side_mean']:.3f}")
+                    save()
+                    continue
                 per = [judge.identity(m, cl, concepts, i, tag=f"n{n}_{label}") for i in range(n)]
                 two = [judge.pair(m, cl, concepts[a], concepts[b], tag=f"n{n}_{label}") for a, b in pairs(n)]
                 kp = kp_distance(judge.schemes(m, cl), base, concepts)
                 r = {"identity": [p[0] for p in per], "confusion": [p[1] for p in per], "two_concepts": two,
+                     "side_by_side": side,
                      "kp": kp, "merge_seconds": round(t_merge, 1), "seconds": round(time.time() - t1, 1)}
                 r["identity_mean"] = sum(x["mean"] for x in r["identity"]) / n
                 r["identity_by_seed"] = [sum(x["by_seed"][k] for x in r["identity"]) / n
                                          for k in range(len(judge.seeds))]
                 r["confusion_mean"] = sum(x["mean"] for x in r["confusion"]) / n
                 r["two_concepts_mean"] = sum(x["mean"] for x in two) / len(two)
+                r["side_by_side_mean"] = sum(x["mean"] for x in side) / len(side)
                 results["merges"][f"{n}/{label}"] = r
                 log(f"N={n} {label}: identity {r['identity_mean']:.3f} confusion {r['confusion_mean']:.3f} "
-                    f"two {r['two_concepts_mean']:.3f} kp {json.dumps(kp)} ({r['seconds']} s)")
+                    f"two {r['two_concepts_mean']:.3f} side by side {r['side_by_side_mean']:.3f} kp {json.dumps(kp)} ({r['seconds']} s)")
                 save()
     results["seconds"] = round(time.time() - t0) + done.get("seconds", 0)
     save()
@@ -279,22 +311,37 @@ def tables(results) -> str:
             k = r["kp"]
             out.append(f"| {trig} | {kind} | {_ms(r['identity'])} | {leak(k)} | {k['changed']:.2f} | "
                        f"{k['tv']:.2f} ({k['body_tv']:.2f}) |")
-    out += ["", "| N | method | identity | confusion | both concepts | leak (base) | changed | TV (body) | seconds |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for key, r in results["merges"].items():
+    out += ["", "| N | method | identity | confusion | both concepts | side by side | leak (base) | changed | TV (body) | seconds |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    main = [(key, r) for key, r in results["merges"].items() if "_mu" not in key]  # μ > 0: the front below
+    for key, r in sorted(main, key=lambda kr: int(kr[0].split("/")[0])):
         n, method = key.split("/")
         k = r["kp"]
         by_seed = r.get("identity_by_seed") or [r["identity_mean"]]
         spread = (max(by_seed) - min(by_seed)) / 2
+        side = f"{r['side_by_side_mean']:.2f}" if "side_by_side_mean" in r else "–"
         out.append(f"| {n} | {method} | {r['identity_mean']:.2f} ± {spread:.2f} | {r['confusion_mean']:.2f} | "
-                   f"{r['two_concepts_mean']:.2f} | {leak(k)} | {k['changed']:.2f} | "
+                   f"{r['two_concepts_mean']:.2f} | {side} | {leak(k)} | {k['changed']:.2f} | "
                    f"{k['tv']:.2f} ({k['body_tv']:.2f}) | {r['seconds']:.0f} |")
+    front = [(key.split("/")[0], 0.0 if key.endswith("/loraclr") else float(key.split("_mu")[1]), r)
+             for key, r in results["merges"].items() if key.endswith("/loraclr") or "/loraclr_mu" in key]
+    if any(mu > 0 for _, mu, _ in front):
+        out += ["", "The preservation front: loraclr at default settings with preserve_weight μ (μ = 0: no "
+                "preservation term, the loraclr rows above).", "",
+                "| N | μ | identity | leak (base) | changed | TV (body) | side by side |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for n, mu, r in sorted(front, key=lambda x: (int(x[0]), x[1])):
+            k = r["kp"]
+            side = f"{r['side_by_side_mean']:.2f}" if "side_by_side_mean" in r else "–"
+            out.append(f"| {n} | {mu:g} | {r['identity_mean']:.2f} | {leak(k)} | {k['changed']:.2f} | "
+                       f"{k['tv']:.2f} ({k['body_tv']:.2f}) | {side} |")
     return "\n".join(out) + "\n"
 
 
-def hero(out_path: str, seed: int = 42, n: int = 4):
-    """The README's first picture: sks creature and zwx robot merged by LoRACLR (all stages) and by
-    sum, one prompt and one seed; prints the detector's verdict on each picture."""
+def hero(out_path: str, seed: int = 42, n: int = 16):
+    """The README's first picture: sks creature and zwx robot merged at every stage by LoRACLR and
+    by sum, drawn side by side (each half of the canvas prompted with one trigger), one seed: the
+    first four pictures of each in a row, loraclr's above sum's, labelled; prints the detector's
+    verdict on all n and on each picture shown."""
     import torch
     from PIL import Image
 
@@ -305,23 +352,23 @@ def hero(out_path: str, seed: int = 42, n: int = 4):
 
     verdicts = world_eval.detector()
     a, b = render.CONCEPTS[0], render.CONCEPTS[1]
-    prompt = render.caption([(a.cls, a.trigger), (b.cls, b.trigger)])
     panels, lines = [], []
     with torch.inference_mode():
         for label, overrides in (("loraclr", dict(method="loraclr")), ("sum", dict(method="sum"))):
             m, c, _, _ = merge_all_stages(model, clip, [pack_concept(a), pack_concept(b)],
                                           AllStagesSettings("all", MergeConfig(**overrides), world_collect()))
-            images = world_eval.sample(m, c, vae, prompt, n, seed)
-            found = verdicts(images)
-            both = sum(f.has_concept(a) and f.has_concept(b) for f in found)
-            lines.append(f"{label}: both found in {both} of {n} (seed {seed}); first picture: "
-                         f"{sorted(found[0].identities)}")
-            panels.append(images[0])
-    img = torch.cat(panels, dim=1)
+            images = world_eval.sample_side_by_side(m, c, vae, a.prompt(), b.prompt(), n, seed)
+            left, right = verdicts(images[:, :, :64]), verdicts(images[:, :, 64:])
+            shown = ["both" if left[k].has_concept(a) and right[k].has_concept(b) else "not both" for k in range(4)]
+            lines.append(f"{label}: both found in {both_sides(left, right, a, b) * n:.0f} of {n} (seed {seed}); "
+                         f"the four shown: {', '.join(shown)}")
+            panels.append(torch.cat(list(images[:4]), dim=1))
+    img = torch.cat(panels, dim=0)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).resize((img.shape[1] * 4, img.shape[0] * 4),
-                                                                    Image.NEAREST).save(out_path)
-    print(f"prompt: {prompt!r}")
+    pic = Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).resize((img.shape[1] * 2, img.shape[0] * 2),
+                                                                         Image.NEAREST)
+    labelled(pic, [f"each picture: left half {a.prompt()!r}, right half {b.prompt()!r}; seed {seed}"],
+             ["loraclr", "sum"], cell=128, left=64).save(out_path)
     print("\n".join(lines))
 
 

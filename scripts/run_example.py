@@ -4,7 +4,8 @@ the sprite world's detector say which concepts each picture shows.
     python scripts/run_example.py --comfy .comfyui [--workflow example_workflows/….json]
 
 The default workflow merges two shipped concept LoRAs of the world (sks creature, zwx robot) and
-draws "a photo of a sks creature and a zwx robot": the detector's verdict is printed per picture.
+draws them side by side, the left half prompted "a photo of a sks creature" and the right half "a
+photo of a zwx robot": the detector's verdict is printed per picture.
 The server runs on a fresh base directory with only this pack installed, as a new user has it.
 """
 from __future__ import annotations
@@ -23,19 +24,28 @@ sys.path.insert(0, ROOT)
 
 
 def verdict(image_path: str, prompt: str) -> str:
-    """The detector's reading of one saved picture against the world concepts the prompt names."""
+    """The detector's reading of one saved picture against the world concepts the prompt names. A
+    picture wider than high (subjects composed side by side) is read one square tile at a time,
+    left to right, and each concept found is said with its tile."""
     import numpy as np
     import torch
     from PIL import Image
 
     from sprite_world import detector, render
 
-    found = detector.load(os.path.join(ROOT, "world", "detector.safetensors"))(
-        torch.from_numpy(np.asarray(Image.open(image_path).convert("RGB"))).float()[None] / 255.0)[0]
+    image = torch.from_numpy(np.asarray(Image.open(image_path).convert("RGB"))).float() / 255.0
+    h, w = image.shape[:2]
+    tiles = [image[:, k * h:(k + 1) * h] for k in range(max(1, w // h))] if w > h else [image]
+    found = detector.load(os.path.join(ROOT, "world", "detector.safetensors"))(torch.stack(tiles))
+    where = ["left", "right"] if len(tiles) == 2 else [f"tile {k + 1}" for k in range(len(tiles))]
     named = [c for c in render.CONCEPTS if re.search(rf"\b{c.trigger}\b", prompt)]
-    parts = [f"{render.concept_label(c)} {'FOUND' if found.has_concept(c) else 'not found'}" for c in named]
-    seen = ", ".join(f"{cls} {body}/{accent}" for cls, body, accent in sorted(found.identities)) or "nothing"
-    return "; ".join(parts) + f" (detector sees: {seen})"
+    parts = []
+    for c in named:
+        at = [where[k] for k, f in enumerate(found) if f.has_concept(c)] if len(tiles) > 1 else []
+        hit = any(f.has_concept(c) for f in found)
+        parts.append(f"{render.concept_label(c)} {'FOUND' if hit else 'not found'}" + (f" ({', '.join(at)})" if at else ""))
+    seen = ", ".join(f"{cls} {body}/{accent}" for cls, body, accent in sorted(set().union(*(f.identities for f in found))))
+    return "; ".join(parts) + f" (detector sees: {seen or 'nothing'})"
 
 
 def _prompt_text(prompt: dict) -> str:

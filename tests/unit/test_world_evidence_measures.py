@@ -48,3 +48,19 @@ def test_pairs_cover_each_concept():
     assert we.pairs(2) == [(0, 1)]
     assert we.pairs(5) == [(0, 1), (2, 3), (4, 0)]
     assert sorted({i for p in we.pairs(12) for i in p}) == list(range(12))
+
+
+def test_both_sides_by_hand():
+    from sprite_world.detector import Detection
+
+    sks, zwx = render.CONCEPTS[0], render.CONCEPTS[1]  # creature teal/red, robot blue/orange
+
+    def det(*concepts):
+        return Detection(frozenset(c.cls for c in concepts), frozenset((c.cls, c.body, c.accent) for c in concepts))
+
+    left = [det(sks), det(sks), det(), det(zwx), det(sks)]
+    right = [det(zwx), det(), det(zwx), det(sks), det(zwx)]
+    # pictures 0 and 4: sks left, zwx right; 1: no zwx; 2: no sks; 3: swapped sides, which does not count
+    assert we.both_sides(left, right, sks, zwx) == pytest.approx(2 / 5)
+    assert we.both_sides(left, right, zwx, sks) == pytest.approx(1 / 5)  # picture 3 only
+    assert we.both_sides([det(sks, zwx)], [det(zwx)], sks, zwx) == 1.0
