@@ -19,7 +19,7 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64
 FLOAT32_RIDGE_FLOOR = 1e-7
 # the preservation rows' targets: the base output (T = 0), or each concept's own LoRA output (T = mean ΔW_i)
 PRESERVE_TARGETS = ("base", "concepts")
-DEFAULT_PRESERVE_WEIGHT = 0.0
+DEFAULT_PRESERVE_WEIGHT = 0.01  # chosen by the fronts in docs/method.md (Preservation)
 
 
 @dataclass

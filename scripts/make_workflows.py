@@ -41,7 +41,7 @@ def _settings_module():
 
 
 DEFAULT_PRESERVATION_PROMPTS = _settings_module().DEFAULT_PRESERVATION_PROMPTS
-DEFAULT_PRESERVE_WEIGHT = 0.0  # LoRACLR Merge's default preserve_weight (loraclr/solvers.py)
+DEFAULT_PRESERVE_WEIGHT = 0.01  # LoRACLR Merge's default preserve_weight (loraclr/solvers.py)
 PRESERVE_SWEEP = "0, 0.1, 1, 10"
 WORLD_LORAS = "loraclr_world"  # its concept LoRAs (the LoRA list gains this folder)
 
@@ -57,6 +57,7 @@ MIN_HEIGHT = {
     "LoRACLREvaluate": 566,
     "CLIPTextEncode": 88, "EmptyLatentImage": 106, "KSampler": 262, "VAEDecode": 46, "SaveImage": 58,
     "PreviewImage": 26, "PreviewAny": 88, "ImageBatch": 46, "Note": 88,
+    "ConditioningSetArea": 154, "ConditioningCombine": 46,
 }
 TITLE_H = 30  # the title bar above a node's position
 GAP = 40
@@ -207,6 +208,38 @@ def sample_and_save(g, model_src, clip_src, vae_src, text, prefix, col, seed=42)
     g.add("SaveImage", {"filename_prefix": prefix}, [("images", "IMAGE", (dec, 0))], [], col=col + 1, size=(340, 320))
 
 
+def sample_side_by_side(g, model_src, clip_src, vae_src, texts, prefix, col, seed=42, size=64):
+    """Two subjects on one canvas, as ComfyUI composes them: each half of a (2·size) × size picture
+    has its own prompt (Conditioning (Set Area)), and the negative prompt covers each half the same
+    way, so each half is sampled like a picture of its own prompt."""
+    def halves(title, left, right):
+        parts = []
+        for k, text in enumerate((left, right)):
+            enc = g.add("CLIPTextEncode", {"text": text}, [("clip", "CLIP", clip_src)],
+                        [("CONDITIONING", "CONDITIONING")], col=col, size=(340, 100),
+                        title=f"{title}: {'left' if k == 0 else 'right'} half")
+            parts.append(g.add("ConditioningSetArea", {"width": size, "height": size, "x": k * size, "y": 0,
+                                                        "strength": 1.0},
+                               [("conditioning", "CONDITIONING", (enc, 0))], [("CONDITIONING", "CONDITIONING")],
+                               col=col + 1, title=f"{title} area: {'left' if k == 0 else 'right'}"))
+        return g.add("ConditioningCombine", {}, [("conditioning_1", "CONDITIONING", (parts[0], 0)),
+                                                 ("conditioning_2", "CONDITIONING", (parts[1], 0))],
+                     [("CONDITIONING", "CONDITIONING")], col=col + 1, title=f"{title}: both halves")
+
+    pos = halves("Prompt", *texts)
+    neg = halves("Negative", "", "")
+    latent = g.add("EmptyLatentImage", {"width": 2 * size, "height": size, "batch_size": 4}, [],
+                   [("LATENT", "LATENT")], col=col + 2)
+    ks = g.add("KSampler", {"seed": seed, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
+                            "denoise": 1.0},
+               [("model", "MODEL", model_src), ("positive", "CONDITIONING", (pos, 0)),
+                ("negative", "CONDITIONING", (neg, 0)), ("latent_image", "LATENT", (latent, 0))],
+               [("LATENT", "LATENT")], col=col + 2)
+    dec = g.add("VAEDecode", {}, [("samples", "LATENT", (ks, 0)), ("vae", "VAE", vae_src)], [("IMAGE", "IMAGE")],
+                col=col + 3)
+    g.add("SaveImage", {"filename_prefix": prefix}, [("images", "IMAGE", (dec, 0))], [], col=col + 3, size=(340, 320))
+
+
 TRAIN_STEPS, TRAIN_LR = 100, 1e-3  # the training templates: a short run that still shows the concept
 
 # The world's shipped concepts the templates use: (trigger, class, LoRA file). sks and qrt are
@@ -229,21 +262,31 @@ def world_concept(g, spec, prev=None, col=0):
     return concept(g, lora, trigger, world_prompts(cls), prev=prev, col=col)
 
 
+def merge_all_stages_node(g, ckpt, concepts_src, col, record_steps=4):
+    widgets = {"preset": "all", "layer_filter": "", **merge_widgets(), "steps": 20, "record_steps": record_steps,
+               "width": 64, "height": 64, "sample_seed": 0, "memory_budget_gib": 4.0,
+               "preserve_weight": DEFAULT_PRESERVE_WEIGHT, "preservation_prompts": DEFAULT_PRESERVATION_PROMPTS}
+    return g.add("LoRACLRMergeAllStages", widgets,
+                 [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", concepts_src)],
+                 [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("merged", "LORACLR_DELTA"), ("report", "STRING")], col=col,
+                 size=(420, 0))
+
+
 def merge_two_concepts() -> Graph:
     g = Graph("Two concept LoRAs of the pack's sprite world (sks: a teal creature with a red cap; zwx: a blue "
-              "robot with an orange head) merged into one model with LoRACLR at the cross-attention k/v layers: "
-              "Collect records each concept's activations, Merge fits one ΔW per layer (its chart and report show "
-              "the objective per layer), Apply patches the model, Save writes the merged LoRA that the stock Load "
-              "LoRA reads, and the model draws both concepts in one picture. For your own model: pick your "
-              "checkpoint and LoRAs, and write prompts with your triggers.")
+              "robot with an orange head) merged into one model by LoRACLR at every stage (text encoder, "
+              "cross-attention, spatial) in one node; Save writes the merged LoRA that the stock Load LoRA reads. "
+              "The merged model draws both concepts side by side in one picture, each half of the canvas prompted "
+              "with one trigger (Conditioning (Set Area)): this small world rarely draws two named objects from one "
+              "prompt, with or without a merge. For your own model: pick your checkpoint and LoRAs, write prompts "
+              "with your triggers, and set the size to your model's.")
     ckpt = checkpoint(g)
     a = world_concept(g, SKS)
     b = world_concept(g, ZWX, prev=a)
-    coll = collect(g, (ckpt, 0), (ckpt, 1), b, col=1)
-    m = merge(g, coll, col=2)
-    ap = apply(g, (ckpt, 0), (ckpt, 1), m, col=3)
-    save_merged(g, [m], "loraclr/example_merge", col=3)
-    sample_and_save(g, (ap, 0), (ap, 1), (ckpt, 2), "a photo of a sks creature and a zwx robot", "loraclr/merge", col=4)
+    allm = merge_all_stages_node(g, ckpt, (b, 0), col=1, record_steps=5)
+    save_merged(g, [(allm, 2)], "loraclr/example_merge", col=1, rank=0)  # output 2: the merged ΔW
+    sample_side_by_side(g, (allm, 0), (allm, 1), (ckpt, 2), ("a photo of a sks creature", "a photo of a zwx robot"),
+                        "loraclr/merge", col=2)
     return g
 
 
@@ -404,13 +447,7 @@ def whole_story() -> Graph:
     ckpt = checkpoint(g)
     b = train_two_fresh_concepts(g, ckpt)
     refs = reference_images(g, [VLM[2], PXO[2]], col=3)
-    widgets = {"preset": "all", "layer_filter": "", **merge_widgets(), "steps": 20, "record_steps": 4, "width": 64,
-               "height": 64, "sample_seed": 0, "memory_budget_gib": 4.0, "preserve_weight": DEFAULT_PRESERVE_WEIGHT,
-               "preservation_prompts": DEFAULT_PRESERVATION_PROMPTS}
-    allm = g.add("LoRACLRMergeAllStages", widgets,
-                 [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1)), ("concepts", "LORACLR_CONCEPTS", (b, 0))],
-                 [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("merged", "LORACLR_DELTA"), ("report", "STRING")], col=4,
-                 size=(420, 0))
+    allm = merge_all_stages_node(g, ckpt, (b, 0), col=4)
     save_merged(g, [(allm, 2)], "loraclr/story_{method}", col=4, rank=0)  # output 2: the merged ΔW
     evaluate(g, ckpt, (allm, 0), (allm, 1), b, refs, col=5, json_preview=False)
     return g
