@@ -55,7 +55,7 @@ def test_example_workflows_are_generated_from_code():
 
 
 def test_ui_to_api_maps_widgets_in_schema_order(object_info):
-    wf = comfy_client.load_workflow(make_workflows.path("merge_two"))
+    wf = comfy_client.load_workflow(make_workflows.path("three_stages"))
     api = comfy_client.ui_to_api(wf, object_info)
     by_type = {v["class_type"]: v["inputs"] for v in api.values()}
     ks = by_type["KSampler"]
@@ -126,8 +126,13 @@ def test_example_merge_workflow_runs_and_stock_loader_samples_the_saved_lora(ser
         lora_path = lora_dir / "merged.safetensors"
         with safe_open(str(lora_path), "pt") as f:
             meta, keys = f.metadata(), list(f.keys())
-        assert meta["loraclr_method"] == "loraclr" and meta["loraclr_stage"] == "cross_attention"
-        assert len(keys) == 8 * 3 and all(k.startswith("lora_unet_") for k in keys)
+        # every stage merged (the world's LoRAs change no text encoder layer): the 8 cross-attention
+        # k/v layers and the spatial ones the LoRAs change, each as up, down and alpha
+        assert meta["loraclr_method"] == "loraclr"
+        assert meta["loraclr_stage"] == "text_encoder+cross_attention+spatial"
+        assert all(k.startswith("lora_unet_") for k in keys) and len(keys) % 3 == 0
+        assert len([k for k in keys if "attn2_to_k" in k or "attn2_to_v" in k]) == 8 * 3
+        assert any("attn1" in k for k in keys)  # a spatial layer
         assert "sks_creature_cat" in meta["loraclr_concepts"] and "zwx_robot_cat" in meta["loraclr_concepts"]
         assert not [p for p in os.listdir(lora_dir) if p.endswith(".tmp")]
 
