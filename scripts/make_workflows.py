@@ -191,6 +191,18 @@ def save_merged(g, merges, filename, col, rank=32):
                  inputs, [("lora_name", "STRING"), ("report", "STRING")], col=col, size=(420, 0))
 
 
+def _ksample_decode_save(g, model_src, vae_src, pos, neg, latent, prefix, seed, ks_col, save_col):
+    """KSampler (euler, 20 steps, cfg 4) → VAE Decode → Save Image, the end of every sampling chain."""
+    ks = g.add("KSampler", {"seed": seed, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
+                            "denoise": 1.0},
+               [("model", "MODEL", model_src), ("positive", "CONDITIONING", (pos, 0)),
+                ("negative", "CONDITIONING", (neg, 0)), ("latent_image", "LATENT", (latent, 0))],
+               [("LATENT", "LATENT")], col=ks_col)
+    dec = g.add("VAEDecode", {}, [("samples", "LATENT", (ks, 0)), ("vae", "VAE", vae_src)], [("IMAGE", "IMAGE")],
+                col=save_col)
+    g.add("SaveImage", {"filename_prefix": prefix}, [("images", "IMAGE", (dec, 0))], [], col=save_col, size=(340, 320))
+
+
 def sample_and_save(g, model_src, clip_src, vae_src, text, prefix, col, seed=42):
     pos = g.add("CLIPTextEncode", {"text": text}, [("clip", "CLIP", clip_src)], [("CONDITIONING", "CONDITIONING")],
                 col=col, size=(340, 100), title="Prompt")
@@ -198,14 +210,7 @@ def sample_and_save(g, model_src, clip_src, vae_src, text, prefix, col, seed=42)
                 [("CONDITIONING", "CONDITIONING")], col=col, size=(340, 100), title="Negative prompt")
     latent = g.add("EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 4}, [], [("LATENT", "LATENT")],
                    col=col)
-    ks = g.add("KSampler", {"seed": seed, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
-                            "denoise": 1.0},
-               [("model", "MODEL", model_src), ("positive", "CONDITIONING", (pos, 0)),
-                ("negative", "CONDITIONING", (neg, 0)), ("latent_image", "LATENT", (latent, 0))],
-               [("LATENT", "LATENT")], col=col + 1)
-    dec = g.add("VAEDecode", {}, [("samples", "LATENT", (ks, 0)), ("vae", "VAE", vae_src)], [("IMAGE", "IMAGE")],
-                col=col + 1)
-    g.add("SaveImage", {"filename_prefix": prefix}, [("images", "IMAGE", (dec, 0))], [], col=col + 1, size=(340, 320))
+    _ksample_decode_save(g, model_src, vae_src, pos, neg, latent, prefix, seed, col + 1, col + 1)
 
 
 def sample_side_by_side(g, model_src, clip_src, vae_src, texts, prefix, col, seed=42, size=64):
@@ -230,14 +235,7 @@ def sample_side_by_side(g, model_src, clip_src, vae_src, texts, prefix, col, see
     neg = halves("Negative", "", "")
     latent = g.add("EmptyLatentImage", {"width": 2 * size, "height": size, "batch_size": 4}, [],
                    [("LATENT", "LATENT")], col=col + 2)
-    ks = g.add("KSampler", {"seed": seed, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
-                            "denoise": 1.0},
-               [("model", "MODEL", model_src), ("positive", "CONDITIONING", (pos, 0)),
-                ("negative", "CONDITIONING", (neg, 0)), ("latent_image", "LATENT", (latent, 0))],
-               [("LATENT", "LATENT")], col=col + 2)
-    dec = g.add("VAEDecode", {}, [("samples", "LATENT", (ks, 0)), ("vae", "VAE", vae_src)], [("IMAGE", "IMAGE")],
-                col=col + 3)
-    g.add("SaveImage", {"filename_prefix": prefix}, [("images", "IMAGE", (dec, 0))], [], col=col + 3, size=(340, 320))
+    _ksample_decode_save(g, model_src, vae_src, pos, neg, latent, prefix, seed, col + 2, col + 3)
 
 
 TRAIN_STEPS, TRAIN_LR = 100, 1e-3  # the training templates: a short run that still shows the concept
