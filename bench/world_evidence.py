@@ -39,7 +39,7 @@ sys.path.append(ROOT)  # after ComfyUI: the pack's nodes package must not shadow
 import world_eval  # noqa: E402
 
 # every method without the preservation term (μ = 0), as first measured; the preservation front
-# below is loraclr at its default settings with μ > 0 (the Merge default is loraclr_mu0.1)
+# below is loraclr at its default settings with μ > 0 (the Merge default is loraclr_mu0.01)
 METHODS = (
     ("sum", dict(method="sum")),
     ("average", dict(method="average")),

@@ -1,7 +1,7 @@
-"""Prepare the folder that travels to a CUDA machine for scripts/gpu_check.py (default .gpu_carry/,
-git-ignored; the device tool's ``carry`` names it).
+"""Prepare what travels to a CUDA machine for scripts/gpu_check.py (default .gpu_carry/, git-ignored).
 
-What the CUDA machine lacks is taken from this checkout's environment, nothing else:
+What the CUDA machine lacks is taken from this checkout's environment, nothing else, and built in
+``.gpu_carry/build/`` (which does not travel):
 
 * ``comfyui.tar.gz``: ComfyUI's source from .comfyui (or ``--comfy``), without models, tests,
   custom nodes or caches (the micro model and test LoRAs are generated there, not carried);
@@ -12,11 +12,15 @@ What the CUDA machine lacks is taken from this checkout's environment, nothing e
   at start, the pack never decodes video) as a manylinux wheel;
 * ``manifest.json``: ComfyUI's version, the archive's SHA-256, each wheel's name, size and SHA-256.
 
-The machine installs the wheels with ``pip install --no-index --no-deps --target`` into a folder
-of its own, so its torch, numpy and the rest stay as they are. Idempotent: a wheel already here
-at its version is not downloaded again; the archive is rewritten only when the source changed.
-Prints the folder's size and what travels in all, and fails above the limit (64 MiB together with
-the working tree).
+The device tool sends the working tree and the carried paths together, at most 64 MiB a call; the
+working tree holds the sprite world (about 36 MiB), so these 41 MiB are cut into pieces, one folder
+per call: ``.gpu_carry/call1/``, ``call2/``, ... (scripts/carry_parts.py). Call k carries
+``.gpu_carry/call<k>``; the calls before the last run ``gpu_check.py --stage``, the last one the
+check, all on the same warm machine. The machine installs the wheels with ``pip install
+--no-index --no-deps --target`` into a folder of its own, so its torch, numpy and the rest stay as
+they are. Idempotent: a wheel already here at its version is not downloaded again, the archive and
+the pieces are rewritten only when they changed. Prints the calls, each one's size with the working
+tree, and the device tool commands to make.
 
     .venv/bin/python scripts/prepare_gpu_carry.py [--comfy .comfyui] [--dest .gpu_carry]
 """
@@ -24,18 +28,22 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 from importlib import metadata
 from pathlib import Path
 
+from carry_parts import MIB, sha256_file, write_calls
+
 ROOT = Path(__file__).resolve().parent.parent
-LIMIT_MIB = 64  # the device tool's limit for the working tree and the carried paths together
+LIMIT_MIB = 64  # the device tool's limit for the working tree and the carried paths together, per call
+# left free in every call: the manifest, and files that appear in the tree between now and the call
+MARGIN_MIB = 1.0
 PYTHON_THERE = "3.12"
 # Imported by ComfyUI 0.3.75 in-process (comfy.k_diffusion: torchsde; comfy_api.latest: av) or by
 # the pack's tests, and not on the CUDA machine's Python (the device tool's KINDS.md lists what is).
@@ -46,14 +54,6 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 # checkout among them), run-time folders and caches.
 SKIP_TOP = {"models", "tests", "tests-unit", "custom_nodes", "user", "output", "input", "temp", ".git", ".github",
             ".ci"}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def comfy_files(comfy: Path) -> list[Path]:
@@ -85,8 +85,8 @@ def write_archive(comfy: Path, dest: Path) -> str:
     tmp = dest.with_suffix(".tmp")
     with open(tmp, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=9, mtime=0) as gz:
         gz.write(raw)
-    new = _sha256(tmp)
-    if dest.exists() and _sha256(dest) == new:
+    new = sha256_file(tmp)
+    if dest.exists() and sha256_file(dest) == new:
         tmp.unlink()
     else:
         os.replace(tmp, dest)
@@ -135,7 +135,7 @@ def download_wheels(folder: Path, python: str) -> list[dict]:
         if dist not in wanted:
             sys.exit(f"unexpected wheel {whl.name} in {folder}")
         out.append({"file": whl.name, "package": wanted[dist][0], "version": wanted[dist][1],
-                    "pure": whl.name.endswith("-none-any.whl"), "bytes": whl.stat().st_size, "sha256": _sha256(whl)})
+                    "pure": whl.name.endswith("-none-any.whl"), "bytes": whl.stat().st_size, "sha256": sha256_file(whl)})
     missing = set(wanted) - {_norm(w["file"].split("-")[0]) for w in out}
     if missing:
         sys.exit(f"no wheel for {sorted(missing)} in {folder}")
@@ -166,32 +166,54 @@ def main(argv=None):
     ap.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH") or str(ROOT / ".comfyui"))
     ap.add_argument("--dest", default=str(ROOT / ".gpu_carry"))
     ap.add_argument("--python", default=sys.executable, help="the Python whose pip downloads the wheels")
+    ap.add_argument("--limit-mib", type=float, default=LIMIT_MIB,
+                    help=f"what one call may send, working tree included (default {LIMIT_MIB})")
     args = ap.parse_args(argv)
     comfy, dest = Path(args.comfy).resolve(), Path(args.dest).resolve()
     if not (comfy / "main.py").is_file():
         sys.exit(f"no ComfyUI at {comfy}: run scripts/setup.sh first")
-    dest.mkdir(parents=True, exist_ok=True)
-    sha = write_archive(comfy, dest / "comfyui.tar.gz")
-    wheels = download_wheels(dest / "wheels", args.python)
+    build = dest / "build"
+    build.mkdir(parents=True, exist_ok=True)
+    for old in ("comfyui.tar.gz", "manifest.json"):  # the one-folder layout of earlier versions
+        (dest / old).unlink(missing_ok=True)
+    if (dest / "wheels").is_dir():
+        shutil.rmtree(dest / "wheels")
+    sha = write_archive(comfy, build / "comfyui.tar.gz")
+    wheels = download_wheels(build / "wheels", args.python)
     manifest = {"comfyui_version": comfy_version(comfy), "comfyui_archive": "comfyui.tar.gz",
-                "comfyui_sha256": sha, "comfyui_bytes": (dest / "comfyui.tar.gz").stat().st_size,
-                "python_there": PYTHON_THERE, "wheels": wheels}
+                "comfyui_sha256": sha, "comfyui_bytes": (build / "comfyui.tar.gz").stat().st_size,
+                "python_there": PYTHON_THERE, "wheels": wheels,
+                "files": [{"name": "comfyui.tar.gz", "bytes": (build / "comfyui.tar.gz").stat().st_size,
+                           "sha256": sha}] + [{"name": f"wheels/{w['file']}", "bytes": w["bytes"],
+                                               "sha256": w["sha256"]} for w in wheels]}
     text = json.dumps(manifest, indent=1) + "\n"
-    if not (dest / "manifest.json").exists() or (dest / "manifest.json").read_text() != text:
-        (dest / "manifest.json").write_text(text)
-    carry = folder_bytes(dest)
+    if not (build / "manifest.json").exists() or (build / "manifest.json").read_text() != text:
+        (build / "manifest.json").write_text(text)
+    content = sum(f["bytes"] for f in manifest["files"])
     tree = working_tree_bytes()
-    mib = 2 ** 20
-    print(f"[carry] {dest}: {carry / mib:.1f} MiB (ComfyUI {manifest['comfyui_version']} source "
-          f"{manifest['comfyui_bytes'] / mib:.1f} MiB, {len(wheels)} wheels "
-          f"{sum(w['bytes'] for w in wheels) / mib:.1f} MiB)", file=sys.stderr)
-    if tree is not None:
-        total = tree + carry
-        print(f"[carry] with the working tree ({tree / mib:.1f} MiB): {total / mib:.1f} MiB of {LIMIT_MIB} MiB",
-              file=sys.stderr)
-        if total > LIMIT_MIB * mib:
-            sys.exit(f"what travels ({total / mib:.1f} MiB) is over the {LIMIT_MIB} MiB limit")
-    print(f"carry_size: mib={carry / mib:.1f} total_mib={(carry + (tree or 0)) / mib:.1f}")
+    print(f"[carry] {build}: {content / MIB:.1f} MiB (ComfyUI {manifest['comfyui_version']} source "
+          f"{manifest['comfyui_bytes'] / MIB:.1f} MiB, {len(wheels)} wheels "
+          f"{sum(w['bytes'] for w in wheels) / MIB:.1f} MiB)", file=sys.stderr)
+    if tree is None:
+        sys.exit("cannot list the working tree (git ls-files failed): the size of each call is unknown")
+    room = int((args.limit_mib - MARGIN_MIB) * MIB) - tree
+    if room < 4 * MIB:
+        sys.exit(f"the working tree ({tree / MIB:.1f} MiB) leaves {room / MIB:.1f} MiB of the {args.limit_mib:g} MiB "
+                 f"a call may send: too little to carry anything")
+    calls = -(-content // room)
+    full = write_calls(build, dest, manifest, -(-content // calls))  # the same share in every call
+    n = full["calls"]
+    print(f"[carry] the working tree ({tree / MIB:.1f} MiB) leaves {room / MIB:.1f} MiB a call: {n} call(s)",
+          file=sys.stderr)
+    for k in range(1, n + 1):
+        size = folder_bytes(dest / f"call{k}")
+        total = tree + size
+        command = "python3 scripts/gpu_check.py --out $OUT" if k == n else "python3 scripts/gpu_check.py --stage"
+        print(f"[carry] call {k}: carry=[\".gpu_carry/call{k}\"] ({size / MIB:.1f} MiB, with the tree "
+              f"{total / MIB:.1f} of {args.limit_mib:g} MiB), command \"{command}\"", file=sys.stderr)
+        if total > args.limit_mib * MIB:
+            sys.exit(f"call {k} ({total / MIB:.1f} MiB) is over the {args.limit_mib:g} MiB limit")
+    print(f"carry_size: mib={content / MIB:.1f} calls={n} tree_mib={tree / MIB:.1f}")
 
 
 if __name__ == "__main__":

@@ -84,15 +84,18 @@ def test_compact_merge_matches_the_exact_merge(both, pack):
 def test_compact_statistics_do_not_grow_with_the_number_of_concepts(micro, pack):
     """Held per layer: ΣG, one in × out sum for the concepts given as full deltas (LoHa here) and
     an in × r part per low-rank concept. Two more low-rank concepts add only their parts and the
-    per-pair and per-concept float64 scalars; the exact statistics grow with N."""
+    per-pair and per-concept float64 scalars; the exact statistics grow with N. The preservation
+    statistics are counted apart: one set per layer, whatever N."""
     model, clip, _ = micro
-    sizes, parts = {}, {}
+    sizes, parts, pres = {}, {}, {}
     order = [TEST_LORAS[3], TEST_LORAS[0], TEST_LORAS[1], TEST_LORAS[2]]  # LoHa, kohya, peft, comfy
     for n in (2, 4):
         concepts = _concepts(pack, order[:n])
         for form in ("exact", "compact"):
             acts = _collect(pack, model, clip, concepts, form, steps=8, record_steps=8)
-            sizes[form, n] = sum(la.stats.nbytes() for la in acts.layers)
+            kept = [la.stats.preserve for la in acts.layers]
+            pres[form, n] = sum(0 if p is None else p.nbytes() for p in kept)
+            sizes[form, n] = sum(la.stats.nbytes() for la in acts.layers) - pres[form, n]
         # the two added LoRAs' ranks, read from the files' factors as ComfyUI loaded them
         parts[n] = sum(4 * la.stats.in_features * d.factors[1].shape[0]
                        for la in acts.layers for d in la.deltas[2:] if d is not None)
@@ -103,6 +106,10 @@ def test_compact_statistics_do_not_grow_with_the_number_of_concepts(micro, pack)
     assert grown == layers * 8 * (2 * 12 + 2 * 2) + parts[4]
     assert grown < sum(4 * la.stats.in_features * la.stats.out_features for la in acts.layers)  # < one in × out sum
     assert sizes["exact", 4] >= 2 * sizes["exact", 2]  # raw rows at this size: N of them (Gram form: N²)
+    # the base model's preservation rows (trigger-free prompts) are held once, whatever N: in × in
+    # (or the rows) per layer, the same in both forms
+    assert pres["compact", 2] > 0
+    assert pres["compact", 4] == pres["compact", 2] == pres["exact", 4] == pres["exact", 2]
 
 
 def test_active_hinge_collects_exact_statistics_in_groups_within_the_budget(both, micro, pack):
