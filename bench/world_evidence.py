@@ -373,8 +373,9 @@ def hero(out_path: str, seed: int = 42, n: int = 16):
 
 
 def write_grid(judge, model, clip, available, ns, out):
-    """Concepts (rows) × methods (columns) for the largest N, first sample of the first seed; a
-    picture this run did not draw (measured by an earlier run, --resume) is drawn here."""
+    """Concepts (rows) × methods (columns) for the largest N, first sample of the first seed. The
+    CAT LoRAs alone are drawn here when this run did not; a method this run did not merge at that
+    N (measured by an earlier run, --resume) has no pictures and no column."""
     import torch
     from PIL import Image
 
@@ -386,15 +387,17 @@ def write_grid(judge, model, clip, available, ns, out):
         for c in available[:n]:
             m, cl = world_eval.with_lora(model, clip, concept_lora(c))
             judge.draw(m, cl, c.prompt(), seed, tag="alone_cat", n=1)
+    drawn = [label for label, _ in METHODS + PRESERVE
+             if any(judge.pictures.get((f"n{n}_{label}", c.prompt(), seed)) is not None for c in available[:n])]
     rows = []
     for c in available[:n]:
         row = [judge.pictures.get(("alone_cat", c.prompt(), seed))]
-        row += [judge.pictures.get((f"n{n}_{label}", c.prompt(), seed)) for label, _ in METHODS]
+        row += [judge.pictures.get((f"n{n}_{label}", c.prompt(), seed)) for label in drawn]
         rows.append([r if r is not None else torch.ones(64, 64, 3) for r in row])
     img = torch.cat([torch.cat(r, dim=1) for r in rows], dim=0)
     pic = Image.fromarray((img.clamp(0, 1) * 255).byte().numpy()).resize(
         (img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST)
-    labelled(pic, ["alone (CAT)"] + [label for label, _ in METHODS],
+    labelled(pic, ["alone (CAT)"] + drawn,
              [c.trigger for c in available[:n]]).save(os.path.join(out, f"grid_n{n}.png"))
 
 

@@ -221,6 +221,74 @@ class StatsAccumulator:
         return LayerStats("gram", self.rows, d, self.d_out, G=G, E=E, tt=tt, yy=yy, base=self.base)
 
 
+class PairedGram:
+    """Two symmetric in × in Gram matrices in one in × in buffer: ΣG = Σ_i X_iᵀX_i (the concepts'
+    rows) in the upper triangle with its diagonal, G_0 = X_0ᵀX_0 (the preservation rows) in the
+    strict lower triangle, and G_0's diagonal in a vector of its own. A layer whose merge may
+    preserve the base then holds in² + in numbers instead of 2·in².
+
+    Both are accumulated a block of ``BLOCK`` input columns at a time, each block's product formed
+    only for the triangle it fills (b × in at most beside the buffer): half the multiply-adds of a
+    whole XᵀX. :meth:`upper` and :meth:`lower` form the full matrices (new tensors) when a merge
+    needs them, one layer at a time."""
+
+    BLOCK = 512
+
+    def __init__(self, d_in: int, dtype=torch.float32, device=None):
+        self.buf = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+        self.diag0 = torch.zeros(d_in, dtype=dtype, device=device)
+        self.rows_upper = self.rows_lower = 0
+
+    @property
+    def d_in(self) -> int:
+        return self.buf.shape[0]
+
+    def _rows(self, X: torch.Tensor) -> torch.Tensor:
+        return X.reshape(-1, self.d_in).to(self.buf.device, self.buf.dtype)
+
+    def add_upper(self, X: torch.Tensor):
+        """ΣG += XᵀX (X: rows × in)."""
+        X = self._rows(X)
+        for a in range(0, self.d_in, self.BLOCK):
+            b = min(a + self.BLOCK, self.d_in)
+            P = X[:, a:b].T @ X[:, a:]  # rows a:b of XᵀX, from column a on
+            P[:, :b - a].triu_()  # the diagonal block's lower part belongs to G_0
+            self.buf[a:b, a:] += P
+        self.rows_upper += X.shape[0]
+
+    def add_lower(self, X0: torch.Tensor):
+        """G_0 += X_0ᵀX_0 (X_0: rows × in)."""
+        X0 = self._rows(X0)
+        for a in range(0, self.d_in, self.BLOCK):
+            b = min(a + self.BLOCK, self.d_in)
+            P = X0[:, a:b].T @ X0[:, :b]  # rows a:b of X_0ᵀX_0, up to column b
+            self.diag0[a:b] += P[:, a:b].diagonal()
+            P[:, a:b].tril_(-1)
+            self.buf[a:b, :b] += P
+        self.rows_lower += X0.shape[0]
+
+    def upper(self) -> torch.Tensor:
+        """ΣG, full (a new in × in tensor)."""
+        S = self.buf.triu()
+        return S.add_(self.buf.triu(1).T)
+
+    def lower(self) -> torch.Tensor:
+        """G_0, full (a new in × in tensor)."""
+        L = self.buf.tril(-1)
+        S = L + L.T
+        S.diagonal().copy_(self.diag0)
+        return S
+
+    def to(self, device) -> "PairedGram":
+        out = PairedGram.__new__(PairedGram)
+        out.buf, out.diag0 = self.buf.to(device), self.diag0.to(device)
+        out.rows_upper, out.rows_lower = self.rows_upper, self.rows_lower
+        return out
+
+    def nbytes(self) -> int:
+        return (self.buf.numel() + self.diag0.numel()) * self.buf.element_size()
+
+
 @dataclass(eq=False, repr=False)
 class PreservationStats:
     """One layer's inputs X_0 on the preservation prompts (trigger-free prompts run through the
@@ -232,6 +300,7 @@ class PreservationStats:
     rows: int
     X: torch.Tensor | None = None
     G: torch.Tensor | None = None
+    paired: PairedGram | None = None  # G_0 held in the lower triangle of the concepts' ΣG buffer
 
     @classmethod
     def from_rows(cls, X: torch.Tensor, force: str = "auto") -> "PreservationStats":
@@ -243,9 +312,15 @@ class PreservationStats:
 
     @property
     def gram(self) -> torch.Tensor:
-        return self.G if self.G is not None else self.X.T @ self.X
+        if self.G is not None:
+            return self.G
+        return self.paired.lower() if self.paired is not None else self.X.T @ self.X
 
     def nbytes(self) -> int:
+        """What these statistics add: nothing with ``paired`` (the shared buffer, G_0's diagonal
+        included, is counted with the concepts' ΣG)."""
+        if self.paired is not None:
+            return 0
         t = self.X if self.X is not None else self.G
         return t.numel() * t.element_size()
 
@@ -307,7 +382,7 @@ class CompactStats:
     rows: int
     in_features: int
     out_features: int
-    G_sum: torch.Tensor
+    G_store: "torch.Tensor | PairedGram"  # ΣG, or the buffer it shares with the preservation rows' G_0
     E_full: torch.Tensor | None  # ΣE of the concepts given as full deltas (None: none)
     rr: torch.Tensor
     yy: torch.Tensor
@@ -320,13 +395,18 @@ class CompactStats:
         self.E_parts = list(self.E_parts)
 
     @property
+    def G_sum(self) -> torch.Tensor:
+        """ΣG = Σ_i X_iᵀX_i (in × in); formed anew from a shared buffer on every access."""
+        return self.G_store.upper() if isinstance(self.G_store, PairedGram) else self.G_store
+
+    @property
     def E_sum(self) -> torch.Tensor:
         """ΣE = Σ_i X_iᵀR_i (in × out), formed from its parts (a new tensor when there are parts)."""
         if not self.E_parts:
             if self.E_full is None:
-                return torch.zeros(self.in_features, self.out_features, dtype=self.G_sum.dtype)
+                return torch.zeros(self.in_features, self.out_features, dtype=self.dtype)
             return self.E_full
-        E = (torch.zeros(self.in_features, self.out_features, dtype=self.G_sum.dtype) if self.E_full is None
+        E = (torch.zeros(self.in_features, self.out_features, dtype=self.dtype) if self.E_full is None
              else self.E_full.clone())
         for P, U in self.E_parts:
             E.addmm_(P, U.to(P).T)
@@ -338,16 +418,18 @@ class CompactStats:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.G_sum.dtype
+        return self.G_store.buf.dtype if isinstance(self.G_store, PairedGram) else self.G_store.dtype
 
     def nbytes(self) -> int:
-        ts = [self.G_sum, self.rr, self.yy, self.tt, self.oo] + ([] if self.E_full is None else [self.E_full])
+        G = self.G_store
+        ts = [self.rr, self.yy, self.tt, self.oo] + ([] if self.E_full is None else [self.E_full])
         ts += [P for P, _ in self.E_parts]  # the U_i are the concepts' own factors, held once elsewhere
-        return sum(t.numel() * t.element_size() for t in ts) + (0 if self.preserve is None else self.preserve.nbytes())
+        return (sum(t.numel() * t.element_size() for t in ts) + (0 if self.preserve is None else self.preserve.nbytes())
+                + (G.nbytes() if isinstance(G, PairedGram) else G.numel() * G.element_size()))
 
     def own_sum(self, dW: torch.Tensor) -> torch.Tensor:
         """Σ_i d(i,i)² = tr(ΔW ΣG ΔWᵀ) − 2 tr(ΔW ΣE) + Σ_i rr_i, exact (differentiable in ΔW)."""
-        dt = self.G_sum.dtype if dW.dtype != torch.float64 else torch.float64
+        dt = self.dtype if dW.dtype != torch.float64 else torch.float64
         dW = dW.to(dt)
         quad = ((dW @ self.G_sum.to(dt)) * dW).sum()
         lin = (dW * self.E_sum.to(dt).T).sum()
@@ -391,7 +473,7 @@ class CompactAccumulator:
         self.ups = ups
         self.rows = 0
         kw = dict(dtype=dtype, device=self.device)
-        self.G = torch.zeros(self.d_in, self.d_in, **kw)
+        self.G = PairedGram(self.d_in, dtype=dtype, device=self.device)  # ΣG, and G_0 if preservation rows come
         # the in × out sum only when some concept's delta is not low-rank
         self.E = (torch.zeros(self.d_in, self.d_out, **kw)
                   if any(u is None for u in ups) else None)
@@ -404,11 +486,12 @@ class CompactAccumulator:
 
     @staticmethod
     def nbytes_for(n_concepts: int, in_features: int, out_features: int, itemsize: int = 4, ranks=None) -> int:
-        """Bytes held for one layer; ``ranks``: per concept the rank of a low-rank ΔW_i, or None
-        (None as a whole: no concept is low-rank)."""
+        """Bytes held for one layer, the preservation rows' G_0 included (it shares ΣG's buffer);
+        ``ranks``: per concept the rank of a low-rank ΔW_i, or None (None as a whole: no concept
+        is low-rank)."""
         ranks = [None] * n_concepts if ranks is None else list(ranks)
         full = any(r is None for r in ranks)
-        return (itemsize * (in_features * in_features + (in_features * out_features if full else 0)
+        return (itemsize * (in_features * in_features + in_features + (in_features * out_features if full else 0)
                             + in_features * sum(r for r in ranks if r is not None))
                 + 8 * (2 * n_concepts ** 2 + 2 * n_concepts))
 
@@ -423,8 +506,7 @@ class CompactAccumulator:
         if B is None and self.base is None:
             raise ValueError("give the base outputs B, or construct the accumulator with base")
         B = X @ self.base.T if B is None else B.to(self.device, self.dtype)
-        Xf = X.reshape(-1, self.d_in)
-        self.G.addmm_(Xf.T, Xf)
+        self.G.add_upper(X)
         for i, P in enumerate(self.P):
             if P is None:
                 self.E.addmm_(X[i].T, R[i])
@@ -454,11 +536,20 @@ class CompactAccumulator:
             self.oo += oo
         self.rows += X.shape[1]
 
+    def add_preservation(self, X0: torch.Tensor):
+        """The preservation rows X_0 (rows × in, inputs of the model the stage starts from on the
+        trigger-free prompts): G_0 += X_0ᵀX_0, kept in ΣG's buffer (:class:`PairedGram`)."""
+        self.G.add_lower(X0)
+
     def finish(self) -> CompactStats:
         if self.rows == 0:
             raise ValueError("no rows were added")
         cpu = torch.device("cpu")  # merges run on the CPU; the big sums move once, at the end
         parts = [(P.to(cpu), U.to(cpu, self.dtype)) for P, U in zip(self.P, self.ups) if P is not None and P.shape[1]]
-        return CompactStats(self.rows, self.d_in, self.d_out, self.G.to(cpu),
-                            None if self.E is None else self.E.to(cpu), self.rr.to(cpu), self.yy.to(cpu),
-                            self.tt.clamp_min(0).to(cpu), self.oo.clamp_min(0).to(cpu), E_parts=parts)
+        G = self.G.to(cpu)
+        stats = CompactStats(self.rows, self.d_in, self.d_out, G,
+                             None if self.E is None else self.E.to(cpu), self.rr.to(cpu), self.yy.to(cpu),
+                             self.tt.clamp_min(0).to(cpu), self.oo.clamp_min(0).to(cpu), E_parts=parts)
+        if G.rows_lower:
+            stats.preserve = PreservationStats(G.rows_lower, paired=G)
+        return stats

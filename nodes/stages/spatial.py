@@ -96,6 +96,6 @@ def planned_bytes(layers, n, statistics) -> int:
             total += CompactAccumulator.nbytes_for(n, d_in, d_out, ranks=ranks)
         else:
             total += exact_layer_bytes(n, d_in, d_out)
-        if layer.stats.preserve is not None:  # G_0 of the preservation rows, in × in
+        if layer.stats.preserve is not None and statistics != "compact":  # G_0, in × in (compact: in ΣG's buffer)
             total += PreservationAccumulator.nbytes_for(d_in)
     return total

@@ -8,7 +8,7 @@ import torch
 
 from ...cat_training.conditioning import cat as cat_conds
 from ...loraclr.bundle import LayerData
-from ...loraclr.stats import CompactAccumulator, PreservationAccumulator, pairwise_sq_distances
+from ...loraclr.stats import CompactAccumulator, pairwise_sq_distances
 from .. import _comfy
 from .common import NODE
 from .sampling import SpatialRun
@@ -45,19 +45,16 @@ def collect_compact(run: SpatialRun, keys, progress=None) -> list:
         ups = [d.up if d is not None else torch.zeros(w.shape[0], 0) for d in ds]  # no delta: rank 0
         accs[k] = CompactAccumulator(n, w[0].numel(), w.shape[0], device=run.device, ups=ups)
 
-    pres = {k: PreservationAccumulator(accs[k].d_in, device=run.device) for k in keys} if run.pres_conds is not None else {}
-
     def on_record(key, X, R, B, H):
         accs[key].add(X, R, B, H)
 
-    def on_preserve(key, X0):
-        pres[key].add(X0)
+    def on_preserve(key, X0):  # G_0 goes into the lower half of ΣG's buffer
+        accs[key].add_preservation(X0)
 
-    _run_batched(run, deltas, set(keys), on_record, progress, on_preserve if pres else None)
+    _run_batched(run, deltas, set(keys), on_record, progress, on_preserve if run.pres_conds is not None else None)
     layers = []
     for k in keys:
-        stats = accs[k].finish()
-        stats.preserve = pres[k].finish() if pres else None
+        stats = accs[k].finish()  # .preserve set when preservation rows came
         layers.append(LayerData(key=k, target="model", base=lambda k=k: _comfy.base_weight(run.model, k),
                                 deltas=deltas.get(k, [None] * n), stats=stats))
     return layers

@@ -127,3 +127,47 @@ def test_low_rank_concepts_keep_an_in_by_rank_part_whose_sum_is_exact():
     assert st2.nbytes() < CompactAccumulator.nbytes_for(2, d_in, d_out, itemsize=8)
     with pytest.raises(ValueError, match="low-rank"):
         lean.add(Xc, torch.zeros(2, n, d_out, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("block", [3, 512])
+def test_paired_gram_holds_both_grams_in_one_buffer(monkeypatch, block):
+    """ΣG (upper triangle and diagonal) and G_0 (strict lower triangle, its diagonal apart) in one
+    7 × 7 buffer, added in chunks, with blocks of 3 columns (three blocks, the last short) and of
+    512 (one): each comes back equal to its own XᵀX in float64, and neither leaks into the other."""
+    from comfyui_loraclr.loraclr.stats import PairedGram, PreservationStats
+
+    monkeypatch.setattr(PairedGram, "BLOCK", block)
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(11, 7, generator=g, dtype=torch.float64)
+    X0 = torch.randn(9, 7, generator=g, dtype=torch.float64) * 3
+    pg = PairedGram(7, dtype=torch.float64)
+    for part in (X[:4], X[4:]):
+        pg.add_upper(part)
+    pg.add_lower(X0[:5])
+    pg.add_lower(X0[5:])
+    assert torch.allclose(pg.upper(), X.T @ X, rtol=0, atol=1e-12)
+    assert torch.allclose(pg.lower(), X0.T @ X0, rtol=0, atol=1e-12)
+    assert (pg.rows_upper, pg.rows_lower) == (11, 9)
+    assert pg.nbytes() == 8 * (49 + 7)
+    # the preservation statistics read G_0 from the buffer
+    assert torch.equal(PreservationStats(9, paired=pg).gram, pg.lower())
+
+
+def test_compact_accumulator_keeps_preservation_rows_in_the_same_buffer():
+    """With preservation rows the compact statistics hold ΣG and G_0 in one buffer: G_sum and
+    preserve.gram match their brute-force sums, nbytes_for counts the shared buffer once, and a
+    run without preservation rows has ΣG bit for bit the same."""
+    W0, deltas, X, _ = make_problem(N=3, n=24, d_in=6, d_out=5)
+    X0 = torch.randn(40, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    acc = CompactAccumulator(3, 6, 5, base=W0, dtype=torch.float64)
+    plain = CompactAccumulator(3, 6, 5, base=W0, dtype=torch.float64)
+    for a in (acc, plain):
+        a.add(torch.stack(X), torch.stack([x @ d.T for x, d in zip(X, deltas)]))
+    acc.add_preservation(X0[:25])
+    acc.add_preservation(X0[25:])
+    st, st_plain = acc.finish(), plain.finish()
+    assert st.preserve.rows == 40 and st_plain.preserve is None
+    assert torch.allclose(st.G_sum, sum(x.T @ x for x in X), rtol=0, atol=1e-12)
+    assert torch.allclose(st.preserve.gram, X0.T @ X0, rtol=0, atol=1e-12)
+    assert torch.equal(st.G_sum, st_plain.G_sum)
+    assert st.nbytes() == st_plain.nbytes() == CompactAccumulator.nbytes_for(3, 6, 5, itemsize=8)
