@@ -81,23 +81,30 @@ def average_merge(deltas) -> torch.Tensor:
     return torch.stack([d.to(torch.float32) for d in deltas]).mean(0)
 
 
+def _gram64(problem: Problem) -> torch.Tensor:
+    """ΣG in float64, always a copy of its own (the solves below change it in place)."""
+    return problem.G_sum.to(torch.float64, copy=True)
+
+
 def _with_preservation_gram(problem: Problem, mu: float, G: torch.Tensor, E: torch.Tensor):
-    """ΣG + μ'G_0 and ΣE + μ'G_0Tᵀ (float64), the normal equations with the preservation rows."""
+    """ΣG + μ'G_0 and ΣE + μ'G_0Tᵀ (float64), the normal equations with the preservation rows.
+    ``G`` (a float64 copy, :func:`_gram64`) is added to in place: on SD1.5's widest layers each
+    in × in float64 matrix is 200 MB, and the merge's peak memory is set there."""
     mu_p = problem.preservation_mu(mu)
     if not mu_p:
         return G, E
-    G0 = problem.G0.to(torch.float64)
-    G = G + mu_p * G0
+    G.add_(problem.G0, alpha=mu_p)
     if problem.T0 is not None:
-        E = E + mu_p * (G0 @ problem.T0.to(torch.float64).T)
+        E = E + mu_p * (problem.G0.to(torch.float64) @ problem.T0.to(torch.float64).T)
     return G, E
 
 
 def _least_squares(problem: Problem, ridge: float, mu: float = 0.0) -> torch.Tensor:
-    G = problem.G_sum.to(torch.float64)
+    G = _gram64(problem)
     eps = ridge * float(torch.diagonal(G).mean().clamp_min(1e-30))
-    G, rhs = _with_preservation_gram(problem, mu, G, problem.E_diag_sum.to(torch.float64))  # rhs (in, out)
-    A = G + eps * torch.eye(G.shape[0], dtype=torch.float64)
+    A, rhs = _with_preservation_gram(problem, mu, G, problem.E_diag_sum.to(torch.float64))  # rhs (in, out)
+    del G
+    A.diagonal().add_(eps)
     L, info = torch.linalg.cholesky_ex(A)
     Z = torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution
     return Z.T  # (out, in)
@@ -155,11 +162,12 @@ def smooth_minimiser(problem: Problem, cfg: "MergeConfig") -> torch.Tensor:
         # more rows than inputs (rows form) or Gram statistics: ΣG_i and Σ E_ii as summed in the
         # problem. Sums in float32 carry rounding of about 1e-7 of their largest eigenvalue, so
         # below that level the data does not determine ΔW: there the ridge is held at that level
-        G, E = _with_preservation_gram(problem, cfg.preserve_weight, problem.G_sum.to(torch.float64),
+        G, E = _with_preservation_gram(problem, cfg.preserve_weight, _gram64(problem),
                                        problem.E_diag_sum.to(torch.float64))  # E: (in, out)
         floor = 0.0 if problem.G_sum.dtype == torch.float64 else FLOAT32_RIDGE_FLOOR
         rcond = 1e-12
         lam, V = torch.linalg.eigh(G)
+        del G  # in × in float64: freed before the eigenbasis products
         M = E.T @ V  # (out, in) in the eigenbasis
         cn = M.pow(2).sum(0)
 

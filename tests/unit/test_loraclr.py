@@ -119,6 +119,21 @@ def test_least_squares_underdetermined_is_the_minimum_norm_change():
     torch.testing.assert_close(dW, sol, rtol=1e-4, atol=1e-6)
 
 
+def test_least_squares_ridge_is_its_share_of_the_mean_diagonal():
+    """ΔW = (Σ_i X_iᵀ(Y_i − X_iW0ᵀ))ᵀ (ΣG + εI)⁻¹ with ε = ridge · mean diag ΣG, written out in
+    float64 with an explicit inverse; a ridge of 0.1 moves the answer far from the plain fit."""
+    W0, deltas, X, Y = make_problem(N=2, n=6, d_in=9, d_out=4)
+    stats = LayerStats.from_rows(X, Y)
+    G = sum(x.T @ x for x in X)
+    C = sum(x.T @ (y - x @ W0.T) for x, y in zip(X, Y))
+    eps = 0.1 * float(torch.diagonal(G).mean())
+    expected = (torch.linalg.inv(G + eps * torch.eye(9, dtype=torch.float64)) @ C).T
+    dW = least_squares_merge(W0, stats, ridge=0.1).double()
+    torch.testing.assert_close(dW, expected, rtol=1e-5, atol=1e-7)
+    plain = least_squares_merge(W0, stats, ridge=1e-9).double()
+    assert float((plain - expected).norm()) > 0.05 * float(expected.norm())
+
+
 @pytest.mark.parametrize("warm_start", [True, False])
 def test_loraclr_beats_its_start_and_is_deterministic(warm_start):
     # concepts whose outputs are close together: the hinge is active at the start
