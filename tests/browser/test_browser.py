@@ -34,9 +34,10 @@ import comfy_client  # noqa: E402
 import make_workflows  # noqa: E402
 
 KEYS = list(make_workflows.WORKFLOWS)
-# pressed Run by default: the cheap templates and the whole story (all seven take several minutes
-# more on a 2-core machine; LORACLR_BROWSER_RUN=all runs every one)
-RUN = os.environ.get("LORACLR_BROWSER_RUN", "merge_two,train_sprite,whole_story")
+# pressed Run by default: the two cheap templates, which keep the test command under 30 minutes on a
+# 2-core machine; CI's second browser run (.ci/run, newest frontend) adds the whole story, and
+# LORACLR_BROWSER_RUN=all runs all seven (several minutes more)
+RUN = os.environ.get("LORACLR_BROWSER_RUN", "merge_two,train_sprite")
 RUN_KEYS = KEYS if RUN == "all" else [] if RUN == "none" else RUN.split(",")
 BROWSER_VENV = os.environ.get("LORACLR_BROWSER_VENV", str(ROOT / ".venv-browser"))
 CHROMIUM = os.environ.get("LORACLR_CHROMIUM", "/usr/bin/chromium")
