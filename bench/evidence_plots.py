@@ -3,7 +3,8 @@
 
     python bench/evidence_plots.py output/evidence/results.json [--out docs/evidence]
 
-Redraws cat_vs_plain.png and retention_vs_n_<preset>.png without re-running the benchmark:
+Redraws cat_vs_plain.png and retention_vs_n_<preset>.png without re-running the benchmark (from
+front.json, written by ``bench/evidence.py --front``: front.png, the preservation front):
 * retention against the number of merged concepts N, one line per method, the mean over the
   concepts with error bars of ± one standard deviation over the concepts;
 * each concept's LoRA trained plain and with CAT: knowledge preservation (log scale) against
@@ -139,10 +140,58 @@ def cat_vs_plain_figure(results: dict):
     return fig
 
 
+def front_figure(front: dict, target: str = "base"):
+    """The preservation front (bench/evidence.py --front, front.json): mean retention against the
+    merged model's KP over the preserve_weight μ, one line per N, each point labelled with its μ;
+    bars down to the worst concept's retention; the single CAT LoRAs' mean KP marked per N."""
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    rows = [r for r in front["rows"] if r["target"] == target and _finite(r["kp"]) and _finite(r["retention"])]
+    fig, ax = plt.subplots(figsize=(9.6, 5.4), layout="constrained")
+    for k, n in enumerate(sorted({r["n"] for r in rows})):
+        line = sorted((r for r in rows if r["n"] == n), key=lambda r: r["mu"])
+        xs, ys = [r["kp"] for r in line], [r["retention"] for r in line]
+        low = [max(0.0, r["retention"] - r["retention_min"]) if _finite(r.get("retention_min")) else 0.0
+               for r in line]
+        bars = ax.errorbar(xs, ys, yerr=[low, [0.0] * len(low)], marker=MARKERS[k % len(MARKERS)], markersize=6,
+                           linewidth=1.5, capsize=3, elinewidth=1, label=f"N = {n}")
+        color = bars[0].get_color()
+        for r in line:
+            ax.annotate(f"μ={r['mu']:g}", (r["kp"], r["retention"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color=color)
+        ax.axvline(line[0]["kp_single_cat"], color=color, linewidth=0.8, linestyle=":")
+    ax.plot([], [], color="0.4", linewidth=0.8, linestyle=":", label="each N's single CAT LoRAs, mean KP")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("knowledge preservation of the merged model on prompts without a trigger\n"
+                  "E‖ε̂_merged − ε̂_base‖² / E‖ε‖² (log scale; lower keeps the base better)")
+    ax.set_ylabel("retention, mean over the N concepts\n(bars down to the worst concept)")
+    ax.set_title("The preservation front: all stages, loraclr, preserve_weight μ from 0 (right) upward (left)",
+                 fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", alpha=0.1)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: not labels[i].startswith("N = "))  # the Ns first
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], title="concepts merged", loc="lower right",
+              fontsize=8, title_fontsize=9)
+    return fig
+
+
+def plot_front(front: dict, path: str):
+    _save(front_figure(front), path)
+
+
 def plot_all(results: dict, out: str) -> list[str]:
     """Every evidence plot of ``results`` into the folder ``out``; returns the files written."""
     os.makedirs(out, exist_ok=True)
     paths = []
+    if "rows" in results:  # front.json of bench/evidence.py --front
+        paths.append(os.path.join(out, "front.png"))
+        plot_front(results, paths[-1])
+        return paths
     if results.get("cat_vs_plain"):
         paths.append(os.path.join(out, "cat_vs_plain.png"))
         plot_cat_vs_plain(results, paths[-1])
@@ -154,7 +203,7 @@ def plot_all(results: dict, out: str) -> list[str]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results", help="results.json written by bench/evidence.py")
+    ap.add_argument("results", help="results.json written by bench/evidence.py, or the front.json of its --front")
     ap.add_argument("--out", default=None, help="folder for the plots (default: the folder of results.json)")
     args = ap.parse_args(argv)
     with open(args.results) as f:

@@ -177,5 +177,6 @@ class LoRACLRSave(io.ComfyNode):
         _comfy.atomic_save_safetensors(tensors, path, build_metadata(combined, rank, key_style, energy), node)
         worst = min(energy.values())
         text = (f"saved {name} ({len(energy)} layers, rank {'full' if rank <= 0 else rank}, {key_style} keys)\n"
-                f"retained energy: min {worst:.4f}, mean {sum(energy.values()) / len(energy):.4f}\nfile: {path}")
+                f"retained energy: min {worst:.4f}, mean {sum(energy.values()) / len(energy):.4f}\n"
+                f"file: {_comfy.shown_path(path)}")
         return io.NodeOutput(name, text, ui=ui.PreviewText(safe_text(text)))

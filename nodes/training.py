@@ -424,6 +424,6 @@ def save_cat_lora(lora, filename, dtype, if_exists, save_state) -> tuple[str, st
         raise
     if not save_state and os.path.exists(side):
         os.remove(side)  # an overwritten LoRA's old sidecar belongs to another run
-    return rel, f"saved {rel} ({len(lora.factors)} layers, step {lora.steps})\nfile: {path}"
+    return rel, f"saved {rel} ({len(lora.factors)} layers, step {lora.steps})\nfile: {_comfy.shown_path(path)}"
 
 

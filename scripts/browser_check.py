@@ -222,6 +222,9 @@ def main(argv=None):
         page.on("pageerror", lambda e: report["page_errors"].append({"message": str(e)[:2000], "stack": (e.stack or "")[:4000]}))
         page.on("response", lambda r: r.status >= 400 and report["failed_requests"].append({"url": r.url, "status": r.status}))
         page.on("requestfailed", lambda r: report["failed_requests"].append({"url": r.url, "status": r.failure}))
+        # a user who has closed the frontend's "Nodes 2.0" promotion once: the frontend keeps that
+        # in localStorage, so the screenshots show the editor without the banner over it
+        page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
         page.goto(args.url)
         page.wait_for_function("() => window.app && window.app.graph && window.app.graphToPrompt && app.extensionManager?.command",
                                timeout=180000)

@@ -97,8 +97,8 @@ def _report(prompt, hist, args, log):
             print("  detector: " + verdict(path, prompt_text))
         for text in out.get("text", []):
             for line in str(text).splitlines():
-                if line.startswith("file: "):
-                    print("merged LoRA: " + line[len("file: "):])
+                if line.startswith("file: "):  # relative to the server's base directory when inside it
+                    print("merged LoRA: " + os.path.join(base, line[len("file: "):]))
     return 0
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from .errors import NodeError, reporting_as  # noqa: F401
 from .files import (lora_names, lora_path, check_lora_choice, read_lora, safetensors_metadata,  # noqa: F401
-                    file_fingerprint, file_sha256, loras_output_dir, resolve_output_file, atomic_write_bytes,
-                    atomic_save_safetensors)
+                    file_fingerprint, file_sha256, loras_output_dir, resolve_output_file, shown_path,
+                    atomic_write_bytes, atomic_save_safetensors)
 from .patches import (lora_key_map, captured_log, check_finite_tensors, patch_shape_problem,  # noqa: F401
                       load_lora_patches, base_weight, patch_delta, lora_factors, state_keys, patch_model, patch_clip,
                       clip_with_patches, inverse_key_map)

@@ -83,6 +83,17 @@ def loras_output_dir() -> str:
     return folder_paths.get_folder_paths("loras")[0]
 
 
+def shown_path(path: str) -> str:
+    """A saved file's path as the nodes show it: relative to ComfyUI's base directory when it lies
+    inside it (``models/loras/...``: the same on every machine, and no home or temp folder shown
+    in a shared screenshot), absolute when the loras folder is configured elsewhere."""
+    base = os.path.realpath(folder_paths.base_path)
+    real = os.path.realpath(path)
+    if os.path.commonpath([base, real]) == base:
+        return os.path.relpath(real, base).replace(os.sep, "/")
+    return real
+
+
 def resolve_output_file(node: str, filename: str, if_exists: str) -> tuple[str, str]:
     """Turn a user file name (may contain sub-folders) into an absolute path inside the first
     loras folder. Refuses names that escape the folder. ``if_exists``: error | increment |

@@ -117,6 +117,8 @@ def test_saved_lora_reloads_through_stock_loader_at_full_rank(micro, pack, merge
     import folder_paths
     import nodes
 
+    from comfyui_loraclr.nodes import _comfy
+
     model, clip, _ = micro
     _, _, merged = merged_two
     sub, path = loras_tmp
@@ -124,6 +126,13 @@ def test_saved_lora_reloads_through_stock_loader_at_full_rank(micro, pack, merge
     assert name == f"{sub}/full.safetensors"
     assert name in folder_paths.get_filename_list("loras")  # the stock loader lists it at once
     assert "retained energy: min 1.0000" in text
+    # the file as the node shows it: relative to ComfyUI's base directory (no machine path in a
+    # shared screenshot), absolute only for a loras folder outside it
+    shown = text.split("file: ")[1].strip()
+    assert not os.path.isabs(shown) and shown.startswith("models/"), shown
+    assert os.path.samefile(os.path.join(folder_paths.base_path, shown), os.path.join(path, "full.safetensors"))
+    outside = os.path.realpath(os.path.join(os.path.dirname(folder_paths.base_path), "elsewhere", "x.safetensors"))
+    assert _comfy.shown_path(outside) == outside
     with safe_open(os.path.join(path, "full.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["loraclr_method"] == "loraclr" and meta["ss_network_module"] == "networks.lora"

@@ -2,6 +2,7 @@
 only the pack installed, the default template merges two shipped concept LoRAs of the sprite world,
 writes a merged LoRA and pictures of the two side by side, and prints the detector's verdict on each
 picture for both concepts; in at least one picture it finds both, each in its own half."""
+import os
 import re
 import subprocess
 import sys
@@ -28,6 +29,9 @@ def _verdicts(stdout):
 
 def test_main_command_writes_the_merge_and_a_verdict_per_picture(main_command):
     assert "merged LoRA:" in main_command and "image:" in main_command, main_command
+    for line in main_command.splitlines():  # the paths it prints are the files it wrote
+        if line.startswith(("merged LoRA: ", "image: ")):
+            assert os.path.isfile(line.split(": ", 1)[1]), line
     verdicts = _verdicts(main_command)
     assert len(verdicts) == 4, main_command
     for v in verdicts:  # each concept judged, and what the detector saw, on every picture

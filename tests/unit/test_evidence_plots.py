@@ -50,3 +50,26 @@ def test_cat_plot_and_files(tmp_path):
     for name in ("cat_vs_plain.png", "retention_vs_n_cross_attention.png", "retention_vs_n_all.png"):
         size = (tmp_path / name).stat().st_size
         assert 5_000 < size < 60_000, (name, size)
+
+
+def test_front_plot_lines_per_n_points_labelled_with_mu(tmp_path):
+    plots = _plots()
+    rows = [{"n": n, "target": "base", "mu": mu, "retention": 0.97 - 0.02 * k, "retention_min": 0.9 - 0.02 * k,
+             "kp": 0.5 / (1 + 10 * mu), "kp_single_cat": 0.06}
+            for n in (2, 12) for k, mu in enumerate((0.0, 0.01, 1.0))]
+    rows.append({**rows[0], "target": "concepts", "mu": 0.1})  # another target: not on the base plot
+    fig = plots.front_figure({"rows": rows})
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "knowledge preservation" in ax.get_xlabel()
+    assert "retention" in ax.get_ylabel()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:2] == ["N = 2", "N = 12"] and "single CAT" in labels[2]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(["μ=0", "μ=0.01", "μ=1"] * 2)
+    # N = 2's points in order of μ: (KP, retention); the bars reach down to the worst concept
+    line = ax.containers[0]
+    assert [tuple(round(v, 6) for v in p) for p in line[0].get_xydata()] == [(0.5, 0.97), (0.454545, 0.95),
+                                                                              (0.045455, 0.93)]
+    assert [round(s[0][1], 6) for s in line[2][0].get_segments()] == [0.9, 0.88, 0.86]
+    (tmp_path / "front.json").write_text(json.dumps({"rows": rows}))
+    plots.main([str(tmp_path / "front.json")])
+    assert 5_000 < (tmp_path / "front.png").stat().st_size < 80_000
