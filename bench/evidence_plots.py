@@ -60,6 +60,17 @@ def _save(fig, path):
     Image.open(buf).convert("RGB").quantize(colors=128, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
+def _log_kp_axis(ax):
+    """A log-scale KP axis numbered at 1, 2 and 5 × 10^k, written as decimals (0.05, 0.1), not
+    powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
 def plot_retention_vs_n(results: dict, preset: str, path: str):
     _save(retention_figure(results, preset), path)
 
@@ -103,8 +114,6 @@ def plot_cat_vs_plain(results: dict, path: str):
 def cat_vs_plain_figure(results: dict):
     """Each concept's two LoRAs, plain and CAT: knowledge preservation against held-out loss."""
     plt = _pyplot()
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
     rows = [r for r in results["cat_vs_plain"]
             if all(_finite(r[k]) for k in ("kp_plain", "kp_cat", "loss_plain", "loss_cat"))]
     fig, ax = plt.subplots(figsize=(7.6, 5.0), layout="constrained")
@@ -123,11 +132,7 @@ def cat_vs_plain_figure(results: dict):
                         markersize=10, markeredgecolor="black", capsize=4, linewidth=1.5, zorder=3,
                         label=f"{name}: mean ± 1 std over {len(xs)} concepts")
     ax.plot([], [], color="0.8", linewidth=0.8, label="one concept's two LoRAs")
-    ax.set_xscale("log")
-    # numbered at 1, 2 and 5 × 10^k, written as decimals (0.05, 0.1), not powers of ten
-    ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    _log_kp_axis(ax)
     ax.set_xlabel("knowledge preservation on prompts without the trigger\n"
                   "E‖ε̂_LoRA − ε̂_base‖² / E‖ε‖² (log scale; lower keeps the base better)")
     ax.set_ylabel("held-out denoising loss (MSE of the predicted noise)")
@@ -145,8 +150,6 @@ def front_figure(front: dict, target: str = "base"):
     merged model's KP over the preserve_weight μ, one line per N, each point labelled with its μ;
     bars down to the worst concept's retention; the single CAT LoRAs' mean KP marked per N."""
     plt = _pyplot()
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
     rows = [r for r in front["rows"] if r["target"] == target and _finite(r["kp"]) and _finite(r["retention"])]
     fig, ax = plt.subplots(figsize=(9.6, 5.4), layout="constrained")
     for k, n in enumerate(sorted({r["n"] for r in rows})):
@@ -162,10 +165,7 @@ def front_figure(front: dict, target: str = "base"):
                         fontsize=7, color=color)
         ax.axvline(line[0]["kp_single_cat"], color=color, linewidth=0.8, linestyle=":")
     ax.plot([], [], color="0.4", linewidth=0.8, linestyle=":", label="each N's single CAT LoRAs, mean KP")
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    _log_kp_axis(ax)
     ax.set_xlabel("knowledge preservation of the merged model on prompts without a trigger\n"
                   "E‖ε̂_merged − ε̂_base‖² / E‖ε‖² (log scale; lower keeps the base better)")
     ax.set_ylabel("retention, mean over the N concepts\n(bars down to the worst concept)")
