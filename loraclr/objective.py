@@ -127,7 +127,9 @@ class Problem:
         if pres.X is not None:
             self.X0 = _fresh(pres.X.to(acc))
         self.G0 = _fresh(pres.gram.to(acc))
-        self.base0 = float(((W0.to(torch.float64) @ self.G0.to(torch.float64)) * W0.to(torch.float64)).sum())
+        # in the statistics' own precision, summed in float64: a ratio's denominator, where float64
+        # copies of G_0 and W0 would cost 250 MB on SD1.5's widest layers (the merge's peak)
+        self.base0 = float(((W0 @ self.G0) * W0).sum(dtype=torch.float64))
 
     def set_preservation_target(self, T: torch.Tensor | None):
         """The preservation rows' target as a delta: None (or 0) keeps the base output there; the

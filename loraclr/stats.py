@@ -267,17 +267,22 @@ class PairedGram:
             self.buf[a:b, :b] += P
         self.rows_lower += X0.shape[0]
 
+    # Both are made as normal tensors even under inference mode (how ComfyUI runs nodes): the
+    # merge differentiates through them, and an inference tensor would have to be copied once more
+    # (in × in: 100 MB on SD1.5's widest layers).
     def upper(self) -> torch.Tensor:
         """ΣG, full (a new in × in tensor)."""
-        S = self.buf.triu()
-        return S.add_(self.buf.triu(1).T)
+        with torch.inference_mode(False):
+            S = self.buf.triu()
+            return S.add_(self.buf.triu(1).T)
 
     def lower(self) -> torch.Tensor:
         """G_0, full (a new in × in tensor)."""
-        L = self.buf.tril(-1)
-        S = L + L.T
-        S.diagonal().copy_(self.diag0)
-        return S
+        with torch.inference_mode(False):
+            L = self.buf.tril(-1)
+            S = L + L.T
+            S.diagonal().copy_(self.diag0)
+            return S
 
     def to(self, device) -> "PairedGram":
         out = PairedGram.__new__(PairedGram)

@@ -2,7 +2,34 @@
 the peak allocated CUDA memory, above what was in use when the measurement started."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
+
 import torch
+
+_LIBC = None
+
+
+def return_freed_memory() -> bool:
+    """Hand memory the process has freed back to the system (glibc's malloc_trim): tensors under
+    glibc's mmap threshold (which grows to 32 MB as large blocks are freed) live on the heap, and
+    what they leave free stays in the resident set until trimmed. The merge calls this between
+    layers, where each layer frees its statistics and its solve's in × in temporaries. False
+    where there is nothing to call (not Linux with glibc)."""
+    global _LIBC
+    if not sys.platform.startswith("linux"):
+        return False
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
 
 
 def _status_kib(field: str) -> int | None:

@@ -13,6 +13,7 @@ from ..loraclr.stats import NeedsExactStatistics
 from . import _comfy
 from .collection import collect_stage
 from .display import shown
+from .memory import return_freed_memory
 from .stages.settings import DEFAULT_MEMORY_BUDGET_GIB, CollectSettings
 from .stages.spatial_exact import exact_layer_bytes
 
@@ -88,6 +89,7 @@ def _merge_each_layer(merger: _Merger, release: bool, progress) -> dict:
             pending[layer.key] = e
         if release and (layer.key not in pending or pending[layer.key].candidate is None):
             layer.stats = None
+        return_freed_memory()  # the layer's freed statistics and temporaries, before the next solve
         if progress:
             progress.step()
     return pending

@@ -54,6 +54,11 @@ def _prompt_text(prompt: dict) -> str:
     return " ".join(texts)
 
 
+def base_directory(args) -> str:
+    """The server's ComfyUI base directory: only this pack installed, as a new user has it."""
+    return os.path.join(args.output, "comfyui-base")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfy", required=True)
@@ -65,7 +70,7 @@ def main(argv=None):
     t0 = time.time()
     # a ComfyUI base directory with only this pack installed, as a new user has it; the merged LoRA
     # lands in its models/loras
-    base = os.path.join(args.output, "comfyui-base")
+    base = base_directory(args)
     os.makedirs(os.path.join(base, "custom_nodes"), exist_ok=True)
     link = os.path.join(base, "custom_nodes", "comfyui-loraclr")
     if not os.path.islink(link):
@@ -98,7 +103,7 @@ def _report(prompt, hist, args, log):
         for text in out.get("text", []):
             for line in str(text).splitlines():
                 if line.startswith("file: "):  # relative to the server's base directory when inside it
-                    print("merged LoRA: " + os.path.join(base, line[len("file: "):]))
+                    print("merged LoRA: " + os.path.join(base_directory(args), line[len("file: "):]))
     return 0
 
 

@@ -157,3 +157,28 @@ def test_exact_distances_certify_what_the_bounds_cannot_with_wired_inputs(both, 
             others = torch.cat([row[:i], row[i + 1:]])
             assert c["nearest_negative"] == pytest.approx(float(others.min()), rel=1e-3)
             assert c["positive"] == pytest.approx(float(row[i]), rel=1e-3)
+
+
+def test_freed_memory_goes_back_to_the_system(pack):
+    """What the merge calls between layers: heap blocks (under glibc's mmap threshold) that the
+    process has freed leave the resident set once it is called, and not before."""
+    import sys
+
+    from comfyui_loraclr.nodes.memory import return_freed_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("malloc_trim is glibc's")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    return_freed_memory()
+    blocks = [torch.ones(16 * 1024) for _ in range(8192)]  # 64 KiB each: heap, 512 MiB in all
+    keep = blocks[::64]  # one in 64 stays, so the heap's top cannot simply shrink
+    del blocks
+    before = rss()
+    assert return_freed_memory() is True
+    after = rss()
+    assert before - after > 256 * 2 ** 20, (before, after)
+    assert all(float(b[0]) == 1.0 for b in keep)

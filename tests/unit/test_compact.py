@@ -151,6 +151,12 @@ def test_paired_gram_holds_both_grams_in_one_buffer(monkeypatch, block):
     assert pg.nbytes() == 8 * (49 + 7)
     # the preservation statistics read G_0 from the buffer
     assert torch.equal(PreservationStats(9, paired=pg).gram, pg.lower())
+    # under inference mode (how ComfyUI runs nodes) both come out as normal tensors, equal to the
+    # above: the merge differentiates through them without copying them once more
+    with torch.inference_mode():
+        upper, lower = pg.upper(), pg.lower()
+    assert not upper.is_inference() and not lower.is_inference()
+    assert torch.equal(upper, pg.upper()) and torch.equal(lower, pg.lower())
 
 
 def test_compact_accumulator_keeps_preservation_rows_in_the_same_buffer():

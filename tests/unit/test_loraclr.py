@@ -513,3 +513,18 @@ def test_low_rank_factors_from_the_gram_matrix_match_a_full_svd(shape, rank, tru
     assert e == pytest.approx(1.0 if total == 0 else float(S[:rank].pow(2).sum()) / total, rel=1e-9)
     err = float(((up.double() @ down.double()) - best).norm())
     assert err <= 1e-5 * max(1.0, float(best.norm())), err
+
+
+def test_eigh_consuming_matches_the_float64_decomposition():
+    """The in-place eigen-decomposition the hinge-free solve uses on the CPU: ascending
+    eigenvalues equal to torch's, and orthonormal vectors that rebuild the matrix."""
+    from comfyui_loraclr.loraclr.solvers import eigh_consuming
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 25, dtype=torch.float64, generator=g)
+    G = X.T @ X
+    expected = torch.linalg.eigh(G.clone()).eigenvalues
+    w, V = eigh_consuming(G.clone())
+    assert torch.allclose(w, expected, rtol=1e-12, atol=1e-10)
+    assert torch.allclose(V.T @ V, torch.eye(25, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose((V * w) @ V.T, G, rtol=1e-10, atol=1e-10)
