@@ -89,9 +89,11 @@ def shown_path(path: str) -> str:
     in a shared screenshot), absolute when the loras folder is configured elsewhere."""
     base = os.path.realpath(folder_paths.base_path)
     real = os.path.realpath(path)
-    if os.path.commonpath([base, real]) == base:
-        return os.path.relpath(real, base).replace(os.sep, "/")
-    return real
+    try:
+        inside = os.path.commonpath([base, real]) == base
+    except ValueError:  # Windows: on another drive than the base directory
+        inside = False
+    return os.path.relpath(real, base).replace(os.sep, "/") if inside else real
 
 
 def resolve_output_file(node: str, filename: str, if_exists: str) -> tuple[str, str]:
