@@ -133,13 +133,11 @@ class WherePeak:
     be missed; the frames are those of the highest sample seen."""
 
     def __init__(self, interval=0.005):
+        from comfyui_loraclr.nodes.memory import resident_bytes
+
         self.interval, self.peak, self.frames, self._stop = interval, 0, [], threading.Event()
         self._main = threading.main_thread().ident
-
-    @staticmethod
-    def _rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        self._rss = resident_bytes
 
     def _run(self):
         while not self._stop.wait(self.interval):

@@ -32,6 +32,12 @@ def return_freed_memory() -> bool:
     return True
 
 
+def resident_bytes() -> int | None:
+    """The process's resident set now, in bytes (Linux; None elsewhere)."""
+    rss = _status_kib("VmRSS")
+    return None if rss is None else rss * 1024
+
+
 def _status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -66,8 +72,7 @@ class PeakMemory:
                 f.write("5")
         except OSError:
             self.exact = False  # the peak may predate this block
-        rss = _status_kib("VmRSS")
-        self.start_bytes = None if rss is None else rss * 1024
+        self.start_bytes = resident_bytes()
         return self
 
     def __exit__(self, *exc):

@@ -164,14 +164,11 @@ def test_freed_memory_goes_back_to_the_system(pack):
     process has freed leave the resident set once it is called, and not before."""
     import sys
 
+    from comfyui_loraclr.nodes.memory import resident_bytes as rss
     from comfyui_loraclr.nodes.memory import return_freed_memory
 
     if not sys.platform.startswith("linux"):
         pytest.skip("malloc_trim is glibc's")
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
 
     return_freed_memory()
     blocks = [torch.ones(16 * 1024) for _ in range(8192)]  # 64 KiB each: heap, 512 MiB in all
