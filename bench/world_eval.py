@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMFY = os.environ.get("COMFYUI_PATH", os.path.join(ROOT, ".comfyui"))
@@ -53,29 +54,46 @@ def with_lora(model, clip, name: str, strength: float = 1.0):
     return nodes.LoraLoader().load_lora(model, clip, name, strength, strength)
 
 
-def sample(model, clip, vae, prompt: str, n: int = 16, seed: int = 0, steps: int = 20, cfg: float = 4.0,
-           negative: str = "", size: int = 64):
-    """n pictures (n, size, size, 3) in [0, 1] of one prompt, as KSampler makes them."""
+@dataclass(frozen=True)
+class Sampling:
+    """How the world's pictures are sampled: ``n`` pictures from ``seed``, KSampler's Euler with
+    the normal schedule at ``steps`` and guidance ``cfg``, ``size`` px square (side by side: two
+    such squares on one canvas)."""
+    n: int = 16
+    seed: int = 0
+    steps: int = 20
+    cfg: float = 4.0
+    negative: str = ""
+    size: int = 64
+
+
+def _ksample(model, how: Sampling, positive, negative, width: int):
     import torch
 
     import nodes
 
-    pos = nodes.CLIPTextEncode().encode(clip, prompt)[0]
-    neg = nodes.CLIPTextEncode().encode(clip, negative)[0]
-    latent = {"samples": torch.zeros(n, 4, size // 8, size // 8)}
-    out = nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", pos, neg, latent, denoise=1.0)[0]
+    latent = {"samples": torch.zeros(how.n, 4, how.size // 8, width // 8)}
+    return nodes.common_ksampler(model, how.seed, how.steps, how.cfg, "euler", "normal", positive, negative, latent,
+                                 denoise=1.0)[0]
+
+
+def sample(model, clip, vae, prompt: str, how: Sampling = Sampling()):
+    """``how.n`` pictures (n, size, size, 3) in [0, 1] of one prompt, as KSampler makes them."""
+    import nodes
+
+    encode = nodes.CLIPTextEncode().encode
+    out = _ksample(model, how, encode(clip, prompt)[0], encode(clip, how.negative)[0], how.size)
     return nodes.VAEDecode().decode(vae, out)[0]
 
 
-def sample_side_by_side(model, clip, vae, left: str, right: str, n: int = 16, seed: int = 0, steps: int = 20,
-                        cfg: float = 4.0, negative: str = "", size: int = 64):
-    """n pictures (n, size, 2 * size, 3) composed of two areas, as a ComfyUI user composes two subjects:
-    each half has its own prompt (and its own copy of the negative) through the stock
+def sample_side_by_side(model, clip, vae, left: str, right: str, how: Sampling = Sampling()):
+    """``how.n`` pictures (n, size, 2 * size, 3) composed of two areas, as a ComfyUI user composes
+    two subjects: each half has its own prompt (and its own copy of the negative) through the stock
     ConditioningSetArea, so each half is sampled like a picture of its own prompt, side by side
     on one canvas from one seed."""
-    import torch
-
     import nodes
+
+    size = how.size
 
     def halves(text_left, text_right):
         left_c = nodes.CLIPTextEncode().encode(clip, text_left)[0]
@@ -83,9 +101,7 @@ def sample_side_by_side(model, clip, vae, left: str, right: str, n: int = 16, se
         area = nodes.ConditioningSetArea()
         return (area.append(left_c, size, size, 0, 0, 1.0)[0] + area.append(right_c, size, size, size, 0, 1.0)[0])
 
-    latent = {"samples": torch.zeros(n, 4, size // 8, 2 * size // 8)}
-    out = nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", halves(left, right),
-                                halves(negative, negative), latent, denoise=1.0)[0]
+    out = _ksample(model, how, halves(left, right), halves(how.negative, how.negative), 2 * size)
     return nodes.VAEDecode().decode(vae, out)[0]
 
 
@@ -98,7 +114,7 @@ def base_report(n: int, cfgs, steps: int, seed: int = 0) -> dict:
     for cfg in cfgs:
         per = {}
         for cls in render.CLASSES:
-            found = verdicts(sample(model, clip, vae, render.caption([(cls, None)]), n, seed, steps, cfg))
+            found = verdicts(sample(model, clip, vae, render.caption([(cls, None)]), Sampling(n, seed, steps, cfg)))
             per[cls] = sum(cls in f.classes for f in found) / n
         report[f"cfg {cfg}"] = per
     return report
@@ -114,7 +130,7 @@ def lora_report(names, n: int, steps: int, cfg: float, seed: int = 0) -> dict:
         stem = os.path.basename(name).split("_")[0]
         concept = render.concept_from_label(stem)
         m, c = with_lora(model, clip, name)
-        found = verdicts(sample(m, c, vae, concept.prompt(), n, seed, steps, cfg))
+        found = verdicts(sample(m, c, vae, concept.prompt(), Sampling(n, seed, steps, cfg)))
         out[name] = {"identity": sum(f.has_concept(concept) for f in found) / n,
                      "class": sum(concept.cls in f.classes for f in found) / n}
     return out

@@ -85,7 +85,7 @@ class Judge:
         self.pictures = {}
 
     def draw(self, model, clip, prompt, seed, tag=None, n=None):
-        images = world_eval.sample(model, clip, self.vae, prompt, n or self.samples, seed)
+        images = world_eval.sample(model, clip, self.vae, prompt, world_eval.Sampling(n or self.samples, seed))
         if tag is not None:
             self.pictures[(tag, prompt, seed)] = images[0]
         return self.verdicts(images)
@@ -113,7 +113,8 @@ class Judge:
 
     def side_by_side(self, model, clip, a, b):
         def share(seed):
-            images = world_eval.sample_side_by_side(model, clip, self.vae, a.prompt(), b.prompt(), self.samples, seed)
+            images = world_eval.sample_side_by_side(model, clip, self.vae, a.prompt(), b.prompt(),
+                                                    world_eval.Sampling(self.samples, seed))
             return both_sides(self.verdicts(images[:, :, :64]), self.verdicts(images[:, :, 64:]), a, b)
 
         return self.per_seed(share)
@@ -357,7 +358,7 @@ def hero(out_path: str, seed: int = 42, n: int = 16):
         for label, overrides in (("loraclr", dict(method="loraclr")), ("sum", dict(method="sum"))):
             m, c, _, _ = merge_all_stages(model, clip, [pack_concept(a), pack_concept(b)],
                                           AllStagesSettings("all", MergeConfig(**overrides), world_collect()))
-            images = world_eval.sample_side_by_side(m, c, vae, a.prompt(), b.prompt(), n, seed)
+            images = world_eval.sample_side_by_side(m, c, vae, a.prompt(), b.prompt(), world_eval.Sampling(n, seed))
             left, right = verdicts(images[:, :, :64]), verdicts(images[:, :, 64:])
             shown = ["both" if left[k].has_concept(a) and right[k].has_concept(b) else "not both" for k in range(4)]
             lines.append(f"{label}: both found in {both_sides(left, right, a, b) * n:.0f} of {n} (seed {seed}); "

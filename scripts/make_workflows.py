@@ -191,8 +191,13 @@ def save_merged(g, merges, filename, col, rank=32):
                  inputs, [("lora_name", "STRING"), ("report", "STRING")], col=col, size=(420, 0))
 
 
-def _ksample_decode_save(g, model_src, vae_src, pos, neg, latent, prefix, seed, ks_col, save_col):
-    """KSampler (euler, 20 steps, cfg 4) → VAE Decode → Save Image, the end of every sampling chain."""
+def _ksample_decode_save(g, srcs, conds, latent, prefix, seed, cols):
+    """KSampler (euler, 20 steps, cfg 4) → VAE Decode → Save Image, the end of every sampling chain;
+    ``srcs`` the (model, clip, vae) outputs, ``conds`` the (positive, negative) nodes, ``cols`` the
+    KSampler's column and the decode and save column."""
+    model_src, _, vae_src = srcs
+    pos, neg = conds
+    ks_col, save_col = cols
     ks = g.add("KSampler", {"seed": seed, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
                             "denoise": 1.0},
                [("model", "MODEL", model_src), ("positive", "CONDITIONING", (pos, 0)),
@@ -203,20 +208,23 @@ def _ksample_decode_save(g, model_src, vae_src, pos, neg, latent, prefix, seed, 
     g.add("SaveImage", {"filename_prefix": prefix}, [("images", "IMAGE", (dec, 0))], [], col=save_col, size=(340, 320))
 
 
-def sample_and_save(g, model_src, clip_src, vae_src, text, prefix, col, seed=42):
+def sample_and_save(g, srcs, text, prefix, col, seed=42):
+    clip_src = srcs[1]
     pos = g.add("CLIPTextEncode", {"text": text}, [("clip", "CLIP", clip_src)], [("CONDITIONING", "CONDITIONING")],
                 col=col, size=(340, 100), title="Prompt")
     neg = g.add("CLIPTextEncode", {"text": ""}, [("clip", "CLIP", clip_src)],
                 [("CONDITIONING", "CONDITIONING")], col=col, size=(340, 100), title="Negative prompt")
     latent = g.add("EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 4}, [], [("LATENT", "LATENT")],
                    col=col)
-    _ksample_decode_save(g, model_src, vae_src, pos, neg, latent, prefix, seed, col + 1, col + 1)
+    _ksample_decode_save(g, srcs, (pos, neg), latent, prefix, seed, (col + 1, col + 1))
 
 
-def sample_side_by_side(g, model_src, clip_src, vae_src, texts, prefix, col, seed=42, size=64):
+def sample_side_by_side(g, srcs, texts, prefix, col, seed=42, size=64):
     """Two subjects on one canvas, as ComfyUI composes them: each half of a (2·size) × size picture
     has its own prompt (Conditioning (Set Area)), and the negative prompt covers each half the same
     way, so each half is sampled like a picture of its own prompt."""
+    clip_src = srcs[1]
+
     def halves(title, left, right):
         parts = []
         for k, text in enumerate((left, right)):
@@ -235,7 +243,7 @@ def sample_side_by_side(g, model_src, clip_src, vae_src, texts, prefix, col, see
     neg = halves("Negative", "", "")
     latent = g.add("EmptyLatentImage", {"width": 2 * size, "height": size, "batch_size": 4}, [],
                    [("LATENT", "LATENT")], col=col + 2)
-    _ksample_decode_save(g, model_src, vae_src, pos, neg, latent, prefix, seed, col + 2, col + 3)
+    _ksample_decode_save(g, srcs, (pos, neg), latent, prefix, seed, (col + 2, col + 3))
 
 
 TRAIN_STEPS, TRAIN_LR = 100, 1e-3  # the training templates: a short run that still shows the concept
@@ -283,7 +291,7 @@ def merge_two_concepts() -> Graph:
     b = world_concept(g, ZWX, prev=a)
     allm = merge_all_stages_node(g, ckpt, (b, 0), col=1, record_steps=5)
     save_merged(g, [(allm, 2)], "loraclr/example_merge", col=1, rank=0)  # output 2: the merged ΔW
-    sample_side_by_side(g, (allm, 0), (allm, 1), (ckpt, 2), ("a photo of a sks creature", "a photo of a zwx robot"),
+    sample_side_by_side(g, ((allm, 0), (allm, 1), (ckpt, 2)), ("a photo of a sks creature", "a photo of a zwx robot"),
                         "loraclr/merge", col=2)
     return g
 
@@ -307,7 +315,7 @@ def merge_three_concepts_all_stages() -> Graph:
         model_src, clip_src = (ap, 0), (ap, 1)
         merges.append(m)
     save_merged(g, merges, "loraclr/three_concepts_{method}", col=4, rank=64)
-    sample_and_save(g, model_src, clip_src, (ckpt, 2), "a photo of a qrt creature and a zwx robot", "loraclr/three",
+    sample_and_save(g, (model_src, clip_src, (ckpt, 2)), "a photo of a qrt creature and a zwx robot", "loraclr/three",
                     col=4)
     return g
 
@@ -370,7 +378,7 @@ def cat_train_sprite() -> Graph:
     ckpt = checkpoint(g)
     _, train, _ = train_concept(g, ckpt, VLM, col=0)
     g.add("PreviewImage", {}, [("images", "IMAGE", (train, 4))], [], col=2, size=(380, 320), title="Loss plot")
-    sample_and_save(g, (train, 0), (ckpt, 1), (ckpt, 2), "a photo of a vlm robot in a kitchen", "loraclr/cat", col=3)
+    sample_and_save(g, ((train, 0), (ckpt, 1), (ckpt, 2)), "a photo of a vlm robot in a kitchen", "loraclr/cat", col=3)
     return g
 
 
@@ -384,7 +392,7 @@ def cat_train_two_then_merge() -> Graph:
     m = merge(g, coll, col=4)
     ap = apply(g, (ckpt, 0), (ckpt, 1), m, col=5)
     save_merged(g, [m], "loraclr/cat_pair_{method}", col=5, rank=0)
-    sample_and_save(g, (ap, 0), (ap, 1), (ckpt, 2), "a photo of a vlm robot and a pxo mushroom on a beach",
+    sample_and_save(g, ((ap, 0), (ap, 1), (ckpt, 2)), "a photo of a vlm robot and a pxo mushroom on a beach",
                     "loraclr/cat_pair", col=7)
     return g
 
