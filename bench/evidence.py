@@ -357,6 +357,8 @@ def main(argv=None):
                        "fidelity": s["fidelity"], "kp": s["knowledge_preservation"], "iterations": iters,
                        "seconds": time.time() - t0, "concepts": s["concepts"]}
                 results["merges"].append(row)
+                with open(os.path.join(args.out, "results.partial.json"), "w") as f:  # a killed run keeps its rows
+                    json.dump(results, f, indent=1, default=str)
                 log(f"{preset} n={n} {label}: retention {fmt(s['retention']['mean'])} ± "
                     f"{fmt(s['retention']['std'])}, fidelity {fmt(s['fidelity']['mean'])} ± "
                     f"{fmt(s['fidelity']['std'])}, KP {fmt(s['knowledge_preservation'])}, {iters} it")
