@@ -23,7 +23,9 @@ the spatial statistics held.
                                                       # at 64 px, 2 steps; its figures measure nothing
     python bench/merge_scale.py --ns 12 --where       # also where the peak is: the pack's frames at
                                                       # the highest resident set sampled (CPU)
-Last line: merge_scale: n=12 peak_gib=<x> seconds=<y> device=<cpu|cuda> px=<size>
+    python bench/merge_scale.py --attention pytorch   # the sampling pass with ComfyUI's
+                                                      # --use-pytorch-cross-attention
+Last line: merge_scale: n=12 peak_gib=<x> seconds=<y> device=<cpu|cuda> px=<size> attention=<function>
 """
 from __future__ import annotations
 
@@ -50,10 +52,16 @@ SD15_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatia
                  use_temporal_resblock=False)
 
 
-def setup_comfy(comfy_path, device):
+# ComfyUI's attention choices, as its launch flags name them; "default" is what ComfyUI picks
+# itself (on the CPU: sub-quadratic attention, whose chunks grow with the free memory)
+ATTENTION_FLAGS = {"default": {}, "pytorch": {"use_pytorch_cross_attention": True},
+                   "split": {"use_split_cross_attention": True}, "quad": {"use_quad_cross_attention": True}}
+
+
+def setup_comfy(comfy_path, device, attention="default"):
     from _setup import import_pack
 
-    return import_pack(comfy_path, device)
+    return import_pack(comfy_path, device, **ATTENTION_FLAGS[attention])
 
 
 def full_sd15(device, channels=320):
@@ -175,13 +183,16 @@ def main(argv=None):
                          "measures nothing (scripts/gpu_check.py --dry-run)")
     ap.add_argument("--ns", default="2,5,12")
     ap.add_argument("--where", action="store_true", help="also print where the peak is (CPU; see WherePeak)")
+    ap.add_argument("--attention", choices=tuple(ATTENTION_FLAGS), default="default",
+                    help="ComfyUI's attention for the sampling pass, as its launch flag would set it "
+                         "(default: ComfyUI's own choice)")
     args = ap.parse_args(argv)
     if args.full and args.tiny:
         ap.error("--full and --tiny exclude each other")
     px, steps = (512, 20) if args.full else (64, 2) if args.tiny else (256, 4)
     channels, sub = (32, SUB + "_tiny") if args.tiny else (320, SUB)
     ns = [int(x) for x in args.ns.split(",")]
-    pack = setup_comfy(args.comfy, args.device)
+    pack = setup_comfy(args.comfy, args.device, args.attention)
 
     import torch
 
@@ -231,7 +242,10 @@ def main(argv=None):
         last = (n, peak_gib, seconds)
         del merged
     n, peak_gib, seconds = last
-    print(f"merge_scale: n={n} peak_gib={peak_gib:.2f} seconds={seconds:.1f} device={args.device} px={px}")
+    import comfy.ldm.modules.attention as attention
+
+    print(f"merge_scale: n={n} peak_gib={peak_gib:.2f} seconds={seconds:.1f} device={args.device} px={px} "
+          f"attention={attention.optimized_attention.__name__}")
 
 
 if __name__ == "__main__":
