@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -189,6 +188,19 @@ def press_run(page, timeout_s: float) -> dict:
     return {"pressed": pressed, "outcome": end["type"], "detail": end["detail"], "seconds": round(time.time() - t0, 1)}
 
 
+def docs_screenshot(page, path: str):
+    """The whole graph after its run, as the docs show it: the view fitted to every node, the
+    minimap hidden (it would cover the outputs in the corner); the minimap setting is put back."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    setting = "Comfy.Minimap.Visible"
+    shown = page.evaluate("(k) => app.extensionManager.setting.get(k)", setting)
+    page.evaluate("(k) => app.extensionManager.setting.set(k, false)", setting)
+    _command(page, "Comfy.Canvas.FitView")
+    page.wait_for_timeout(1000)
+    page.screenshot(path=path)
+    page.evaluate("([k, v]) => app.extensionManager.setting.set(k, v)", [setting, shown])
+
+
 def switch_tab_and_back(page):
     _command(page, "Comfy.NewBlankWorkflow")
     page.wait_for_timeout(800)
@@ -265,8 +277,7 @@ def main(argv=None):
                 page.evaluate(READ_RESULTS, charts[0])
             page.screenshot(path=os.path.join(args.out, f"{key}_run.png"))
             if args.update_docs:
-                os.makedirs(os.path.join(ROOT, "docs", "screenshots"), exist_ok=True)
-                shutil.copy(os.path.join(args.out, f"{key}_run.png"), os.path.join(ROOT, "docs", "screenshots", f"{key}.png"))
+                docs_screenshot(page, os.path.join(ROOT, "docs", "screenshots", f"{key}.png"))
             rec["blank_tab_nodes"] = switch_tab_and_back(page)
             rec["after_tab_switch"] = {i: page.evaluate(READ_RESULTS, i) for i in ids}
         browser.close()
