@@ -68,8 +68,41 @@ def initial_latent(model, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Ten
     return ms.noise_scaling(sigma.reshape(1), noise, torch.zeros_like(noise), max_denoise=True)
 
 
+# The pack's own passes evaluate many prompts as one batch (12 concepts: 12 samples). ComfyUI's CPU
+# attention (sub-quadratic) forms a call's whole score matrix, batch × heads × tokens², when free
+# memory allows, so the batch multiplies the peak (at 256 px, 12 samples: 768 MiB with the softmax).
+# Attention therefore runs ATTENTION_BATCH samples per call: the batch of one KSampler step at batch
+# size 1 with guidance (cond and uncond). Each sample attends only to itself, so the output is the
+# same; only the memory of the scores is bounded.
+ATTENTION_BATCH = 2
+
+
+def _split_batch(value, b: int, lo: int, hi: int):
+    """``value`` cut to samples lo..hi when it is a tensor with one row per sample, else as is."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[0] == b:
+        return value[lo:hi]
+    return value
+
+
+def attention_by_samples(func, q, k, v, heads, *args, **kwargs):
+    """An ``optimized_attention_override`` for ComfyUI's attention: ``func`` (the attention ComfyUI
+    chose) on at most ATTENTION_BATCH samples at a time, the outputs joined. A mask with one entry
+    per sample is cut with them; a shared mask (2-D, or a batch of one) is passed whole."""
+    b = q.shape[0]
+    if b <= ATTENTION_BATCH or k.shape[0] != b or v.shape[0] != b:
+        return func(q, k, v, heads, *args, **kwargs)
+    outs = []
+    for lo in range(0, b, ATTENTION_BATCH):
+        hi = min(b, lo + ATTENTION_BATCH)
+        part_args = [_split_batch(a, b, lo, hi) for a in args]
+        part_kwargs = {key: _split_batch(a, b, lo, hi) for key, a in kwargs.items()}
+        outs.append(func(q[lo:hi], k[lo:hi], v[lo:hi], heads, *part_args, **part_kwargs))
+    return torch.cat(outs)
+
+
 def _denoised(model, x: torch.Tensor, sigma: torch.Tensor, cond, y: torch.Tensor | None = None) -> torch.Tensor:
-    """The denoised estimate at ``sigma`` on the model's device, float32."""
+    """The denoised estimate at ``sigma`` on the model's device, float32. The attention runs a few
+    samples at a time (``attention_by_samples``; ComfyUI versions without the override run it whole)."""
     if isinstance(cond, Cond):
         cond, y = cond.cross, cond.y if y is None else y
     dev = comfy.model_management.get_torch_device()
@@ -77,7 +110,9 @@ def _denoised(model, x: torch.Tensor, sigma: torch.Tensor, cond, y: torch.Tensor
     inner = model.model
     s = sigma.reshape(1).expand(x.shape[0]).to(dev)
     extra = {} if y is None else {"y": y.to(dev, dtype)}
-    return inner.apply_model(x.to(dev), s, c_crossattn=cond.to(dev, dtype), **extra).float()
+    options = {"optimized_attention_override": attention_by_samples}
+    return inner.apply_model(x.to(dev), s, c_crossattn=cond.to(dev, dtype), transformer_options=options,
+                             **extra).float()
 
 
 @torch.no_grad()
