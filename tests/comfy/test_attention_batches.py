@@ -80,3 +80,19 @@ def test_the_pack_pass_runs_attention_by_samples_with_the_same_result(sampling, 
     assert n_attention > 0 and calls == 3 * n_attention
     assert set(seen[:calls]) == {2} and set(seen[calls:]) == {6}
     assert torch.equal(split, whole)
+
+
+def test_keys_shared_by_every_sample_are_passed_whole(sampling):
+    """An attention that broadcasts one set of keys and values over the samples (batch 1) gets
+    them whole, with all the queries: cutting them by samples would leave later chunks none."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(5, 8, 16, generator=g), torch.randn(1, 3, 16, generator=g), torch.randn(1, 3, 16, generator=g)
+
+    def broadcasting(q, k, v, heads, **kwargs):
+        return torch.nn.functional.scaled_dot_product_attention(q, k.expand(q.shape[0], -1, -1),
+                                                                v.expand(q.shape[0], -1, -1))
+
+    seen = []
+    out = sampling.attention_by_samples(_recording(broadcasting, seen), q, k, v, 1)
+    assert seen == [5]
+    torch.testing.assert_close(out, broadcasting(q, k, v, 1), rtol=0, atol=0)
