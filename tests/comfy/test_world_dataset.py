@@ -41,5 +41,12 @@ def test_unknown_world_concept_names_node_and_field(executor):
     with pytest.raises(PromptError) as info:
         executor.run({"1": {"class_type": "LoRACLRWorldDataset", "inputs": {
             "concept": "nope", "count": 2, "size": 64, "seed": 0}}}, outputs=["1"])
-    text = info.value.details.get("exception_message", str(info.value))
-    assert "LoRACLR Sprite World Concept" in text and "field 'concept'" in text, text
+    details = info.value.details
+    if isinstance(details, dict):  # ComfyUI 0.3.75 lets the value through: the node's own error
+        text = details["exception_message"]
+        assert "LoRACLR Sprite World Concept" in text and "field 'concept'" in text, text
+    else:  # 0.33 checks a combo's value first: its error names the field, on node "1"
+        errors = details[1]
+        assert [(e["type"], e["extra_info"]["input_name"]) for e in errors] == [
+            ("value_not_in_list", "concept")] and "'nope'" in errors[0]["details"], details
+        assert str(info.value).startswith("invalid prompt: node 1:"), str(info.value)
