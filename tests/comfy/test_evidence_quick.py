@@ -25,6 +25,9 @@ def test_evidence_quick_run(tmp_path):
     results = json.load(open(tmp_path / "results.json"))
     methods = {r["method"] for r in results["merges"]}
     assert {"sum", "average", "least_squares", "loraclr_official", "loraclr"} <= methods
+    pairs = {(r["preset"], r["method"]) for r in results["merges"]}
+    assert {("all", m) for m in ("sum", "average", "least_squares", "loraclr_official", "loraclr")} <= pairs
+    assert {("cross_attention", f"loraclr_norm_m{m}") for m in ("0.1", "0.5", "1")} <= pairs  # quick: not in "all"
     official = [r for r in results["merges"] if r["method"] == "loraclr_official"]
     assert all(r["iterations"] > 0 for r in official)  # the original start really iterates
     for name in ("cat_vs_plain.png", "retention_vs_n_cross_attention.png", "retention_vs_n_all.png"):
