@@ -105,7 +105,7 @@ def steps() -> list[Step]:
       the CPU reference takes about a minute on this machine's 2 cores, about 15 s on 16; the
       CUDA modes about 10-15 s each (start-up dominates; lowvram/novram cast weights per layer):
       90 s.
-    executor_cuda: 21 tests on the micro model, most a few 64-px sampling passes and merges of up
+    executor_cuda: 19 tests on the micro model, most a few 64-px sampling passes and merges of up
       to 50 iterations on layers up to 3072 wide; several minutes on 2 CPU cores, on a GPU the
       ComfyUI import and the model loads dominate: 60 s.
     merge_speed: about 4e13 FLOP of the reference's AdamW (36 layers, 50 iterations: 215 s on 2
