@@ -79,6 +79,12 @@ METHODS = (
 )
 
 
+def methods_for(preset, cfg):
+    """The (label, overrides) of METHODS merged with ``preset`` (the quick run leaves some out of "all")."""
+    skip = cfg.get("all_preset_skip", ()) if preset == "all" else ()
+    return [(label, overrides) for label, overrides in METHODS if label not in skip]
+
+
 def _stamp(cfg, k, lam) -> str:
     keys = ("train_images", "size", "steps", "rank", "alpha", "lr", "batch")
     return json.dumps({"concept": k, "lambda_cat": lam, **{key: cfg[key] for key in keys}, "version": 1},
@@ -353,9 +359,7 @@ def main(argv=None):
     first = FirstStages(model, clip, cfg)
     for preset in ("cross_attention", "all"):
         for n in cfg["ns"]:
-            for label, overrides in METHODS:
-                if preset == "all" and label in cfg.get("all_preset_skip", ()):
-                    continue
+            for label, overrides in methods_for(preset, cfg):
                 t0 = time.time()
                 s, iters = merge_and_score(model, clip, concepts[:n], subset(refs["cat"], n), preset, overrides, cfg,
                                            first=first)
@@ -410,9 +414,7 @@ def main(argv=None):
         print(f"\nMerges, preset {preset}: retention mean ± std / fidelity mean ± std / KP (over concepts)")
         print("| method | " + " | ".join(f"N={n}" for n in cfg["ns"]) + " |")
         print("| --- | " + " | ".join("---" for _ in cfg["ns"]) + " |")
-        for label, _ in METHODS:
-            if preset == "all" and label in cfg.get("all_preset_skip", ()):
-                continue
+        for label, _ in methods_for(preset, cfg):
             cells = []
             for n in cfg["ns"]:
                 r = next(r for r in results["merges"] if r["preset"] == preset and r["n"] == n and r["method"] == label)
